@@ -1,0 +1,11 @@
+"""weightzoo.zoo: build model zoos (populations of small trained networks) and read them back."""
+__version__ = "0.1.0"
+
+from ._config import UsageError
+from .config import MemberSpec, ZooConfig, expand_members
+from .data import ImageData, load_dataset
+from .models import create_model, init_weights, list_models, register, unflatten
+from .population import Population
+
+__all__ = ["UsageError", "MemberSpec", "ZooConfig", "expand_members", "ImageData", "load_dataset", "create_model",
+           "init_weights", "list_models", "register", "unflatten", "Population", "__version__"]

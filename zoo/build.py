@@ -1,0 +1,197 @@
+"""Build a model zoo: train populations of small networks into one HDF5 zoo + Parquet table.
+
+Full size, one GPU (Model Zoos' MNIST hyperparameter zoo, 2,560 members x 50 epochs):
+    python -m zoo.build --config configs/zoo/mnist_cnn_s_hyp.yaml --device cuda
+Several hosts / a SLURM array: one slice each, then join them:
+    python -m zoo.build --config ... --shard 0/4 --out data/zoos/hyp.0.h5   (… 3/4)
+    python -m zoo.merge data/zoos/hyp.h5 data/zoos/hyp.*.h5
+Tiny CPU run (seconds):
+    python -m zoo.build epochs=2 checkpoints=[0,1,2] grid.activation=[tanh] --out /tmp/tiny.h5
+No arguments: the embedded default (digits, 256 members, 5 checkpoints) on the CPU in about a minute.
+An interrupted build resumes from NAME.h5.partial: finished populations are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from ._config import UsageError, load_config, run_cli, to_yaml
+from .config import MemberSpec, ZooConfig, expand_members
+from .data import ImageData, load_dataset
+from .models import create_model, n_params, param_layout
+from .population import Population, member_bytes
+from .store import AsyncWriter, config_of, create_partial, write_table
+
+DEFAULT_ZOO = {
+    "name": "digits_default", "dataset": "digits", "architecture": "cnn_gap", "epochs": 8,
+    "checkpoints": [0, 1, 2, 4, 8], "seeds": 2,
+    "grid": {"init": ["kaiming_uniform", "xavier_normal", "orthogonal", "uniform"],
+             "activation": ["tanh", "relu", "sigmoid", "gelu"], "optimizer": ["adam", "sgd"],
+             "lr": [0.001, 0.01], "dropout": [0.0, 0.3]},
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device '{name}' requested but no CUDA GPU is visible; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UsageError(f"unknown device '{name}'; use cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def _template(cfg: ZooConfig, data: ImageData, activation: str) -> torch.nn.Module:
+    C, H, W = data.input_shape
+    if H != W:
+        raise UsageError(f"images are {H}x{W}; architectures take square images: set resize=N")
+    return create_model(cfg.architecture, in_channels=C, input_size=H, num_classes=data.num_classes,
+                        activation=activation, dropout=0.0, **cfg.architecture_kwargs)
+
+
+def plan_populations(members: Sequence[MemberSpec], ids: np.ndarray, cfg: ZooConfig, data: ImageData,
+                     device: torch.device) -> np.ndarray:
+    """Population id per member (-1 outside `ids`): groups of equal (activation, optimizer, batch size)
+    in member order, cut to the population size that fits the memory budget."""
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] * cfg.memory_fraction
+    else:
+        budget = 8 * 2**30 * cfg.memory_fraction
+    plan, next_id = np.full(len(members), -1, np.int64), 0
+    groups: dict[tuple, list[int]] = {}
+    for i in ids:
+        m = members[i]
+        groups.setdefault((m.activation, m.optimizer, m.batch_size), []).append(int(i))
+    for (activation, _, batch), group in groups.items():
+        cap = cfg.population_size or max(1, int(budget // member_bytes(_template(cfg, data, activation),
+                                                                        data.input_shape, batch)))
+        n_pop = math.ceil(len(group) / cap)
+        for chunk in np.array_split(np.asarray(group), n_pop):  # even sizes, no tiny tail
+            plan[chunk] = next_id
+            next_id += 1
+    return plan
+
+
+def _metric_names(cfg: ZooConfig) -> list[str]:
+    names = ["train_loss", "train_acc", "test_loss", "test_acc"]
+    names += ["val_loss", "val_acc"] if cfg.val_fraction > 0 else []
+    return names + (["sparsity"] if cfg.prune_epochs else [])
+
+
+def _zoo_attrs(cfg: ZooConfig, data: ImageData, layout: list[dict], shard: tuple[int, int]) -> dict:
+    return {"architecture": cfg.architecture, "architecture_kwargs": json.dumps(cfg.architecture_kwargs),
+            "dataset": cfg.dataset, "input_shape": json.dumps(list(data.input_shape)),
+            "num_classes": data.num_classes, "layout": json.dumps(layout),
+            "input_mean": json.dumps(data.mean.tolist()), "input_std": json.dumps(data.std.tolist()),
+            "shard": f"{shard[0]}/{shard[1]}"}
+
+
+def _open_partial(partial: Path, cfg: ZooConfig, cfg_yaml: str, members, ids, data, layout, shard, device):
+    """Create the partial file, or check that an existing one is this build's; returns (plan, done)."""
+    if partial.exists():
+        try:
+            same = config_of(partial) == yaml.safe_load(cfg_yaml)
+            with h5py.File(partial, "r") as f:
+                same = same and f.attrs.get("shard") == f"{shard[0]}/{shard[1]}"
+                return f["models/population"][:], f["models/done"][:], same
+        except (OSError, KeyError):
+            raise UsageError(f"{partial} is not a readable partial zoo; delete it or pass --overwrite") from None
+    plan = plan_populations(members, ids, cfg, data, device)
+    create_partial(partial, cfg_yaml, _zoo_attrs(cfg, data, layout, shard), members, cfg.checkpoints,
+                   n_params(layout), _metric_names(cfg), plan)
+    return plan, np.zeros(len(members), bool), True
+
+
+def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: AsyncWriter, bar: tqdm) -> None:
+    slots = {e: k for k, e in enumerate(cfg.checkpoints)}
+    for epoch in range(cfg.epochs + 1):
+        if epoch > 0:
+            pop.train_epoch(epoch)
+            bar.update(len(ids) / cfg.epochs)
+        if epoch in slots:
+            metrics = {k: v.cpu().numpy() for k, v in pop.evaluate().items()}
+            writer.checkpoint(ids, slots[epoch], pop.flat_weights().cpu().numpy(), metrics)
+    writer.done(ids, pop.diverged.cpu().numpy())
+
+
+def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False, shard: tuple[int, int] = (0, 1),
+          max_populations: int | None = None, progress: bool = True) -> Path | None:
+    """Build (or resume) the zoo; returns its path, or None when stopped early by `max_populations`."""
+    out = Path(out or cfg.out or f"data/zoos/{cfg.name}.h5")
+    if out.suffix != ".h5":
+        raise UsageError(f"output path {out} must end in .h5 (the Parquet table goes beside it)")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to rebuild it or choose another --out")
+    partial = out.with_name(out.name + ".partial")
+    if overwrite and partial.exists():
+        partial.unlink()
+    device = resolve_device(cfg.device)
+    members = expand_members(cfg)
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.grayscale, cfg.resize, cfg.val_fraction, device)
+    layout = param_layout(_template(cfg, data, members[0].activation))
+    i, n = shard
+    ids = np.arange(len(members))[i * len(members) // n:(i + 1) * len(members) // n]
+    cfg_yaml = to_yaml(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan, done, same = _open_partial(partial, cfg, cfg_yaml, members, ids, data, layout, shard, device)
+    if not same:
+        raise UsageError(f"{partial} holds an interrupted build with another config or shard; "
+                         f"pass --overwrite to discard it, or rerun with the same config to resume")
+    todo = [p for p in np.unique(plan[plan >= 0]) if not done[plan == p].all()]
+    writer = AsyncWriter(partial)
+    bar = tqdm(total=int(sum((plan == p).sum() for p in todo)), unit="member", disable=not progress,
+               desc=f"{cfg.name} on {device.type}", smoothing=0.1)
+    try:
+        for p in todo[:max_populations]:
+            pids = np.flatnonzero(plan == p)
+            pop = Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in pids], data,
+                             cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile)
+            _train_population(pop, pids, cfg, writer, bar)
+    finally:
+        bar.close()
+        writer.close()
+    if max_populations is not None and len(todo) > max_populations:
+        return None
+    os.replace(partial, out)
+    write_table(out, out.with_suffix(".parquet"))
+    return out
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise UsageError(f"--shard must be i/n with 0 <= i < n, e.g. 0/4; got '{text}'") from None
+    return i, n
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m zoo.build", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="YAML config (configs/zoo/*.yaml); default: the embedded digits zoo")
+    ap.add_argument("--out", help="output .h5 path (default data/zoos/<name>.h5)")
+    ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing zoo / discard a partial build")
+    ap.add_argument("--shard", default="0/1", help="build only slice i of n of the members")
+    ap.add_argument("--max-populations", type=int, help="stop after this many populations (resume later)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. epochs=5 grid.lr=[0.01]")
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    cfg = load_config(ZooConfig, args.config, overrides, None if args.config else DEFAULT_ZOO)
+    path = build(cfg, args.out, args.overwrite, _parse_shard(args.shard), args.max_populations, not args.quiet)
+    print(f"zoo written to {path}" if path else "stopped early; rerun the same command to resume")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,152 @@
+"""The zoo stage's typed config and the per-member hyperparameters it expands into."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._config import UsageError, _coerce
+from .models import ACTIVATIONS, INITS
+
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """Everything that can differ between two members of a zoo (one column each in the table)."""
+    seed: int = 0
+    init: str = "kaiming_uniform"
+    init_scale: float = 1.0
+    activation: str = "tanh"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    dropout: float = 0.0
+    batch_size: int = 64
+    prune_fraction: float = 0.0
+    train_fraction: float = 1.0
+    label_noise: float = 0.0
+    class_subset: str = ""  # comma-separated class ids; "" = all classes
+
+    def __post_init__(self):
+        checks = [
+            (self.init in INITS, "init", f"one of {', '.join(INITS)}"),
+            (self.activation in ACTIVATIONS, "activation", f"one of {', '.join(ACTIVATIONS)}"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}"),
+            (0 <= self.seed < 2**31, "seed", "in [0, 2^31)"),
+            (self.lr > 0, "lr", "> 0"), (self.weight_decay >= 0, "weight_decay", ">= 0"),
+            (0 <= self.dropout < 1, "dropout", "in [0, 1)"), (self.batch_size >= 1, "batch_size", ">= 1"),
+            (0 <= self.prune_fraction < 1, "prune_fraction", "in [0, 1)"),
+            (0 < self.train_fraction <= 1, "train_fraction", "in (0, 1]"),
+            (0 <= self.label_noise <= 1, "label_noise", "in [0, 1]"), (self.init_scale > 0, "init_scale", "> 0"),
+        ]
+        for ok, key, what in checks:
+            if not ok:
+                raise UsageError(f"hyperparameter '{key}' must be {what}, got {getattr(self, key)!r}")
+        if self.class_subset and not all(c.strip().isdigit() for c in self.class_subset.split(",")):
+            raise UsageError(f"class_subset must be comma-separated class ids like '0,1,2', got {self.class_subset!r}")
+
+    def classes(self) -> list[int] | None:
+        return [int(c) for c in self.class_subset.split(",")] if self.class_subset else None
+
+
+HPARAMS = tuple(f.name for f in dataclasses.fields(MemberSpec))
+_HP_TYPES = typing.get_type_hints(MemberSpec)
+DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """`python -m zoo.build` config. Members = `fixed` hparams, then the `grid` product (or `n_random`
+    draws from `random`), each repeated for `seeds` consecutive seeds starting at `seed`."""
+    name: str = "digits_default"
+    dataset: str = "digits"
+    data_root: str = "data/datasets"
+    download: bool = False
+    grayscale: bool = False
+    resize: int | None = None
+    val_fraction: float = 0.0
+    architecture: str = "cnn_gap"
+    architecture_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 8
+    checkpoints: list[int] = (0, 1, 2, 4, 8)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list] = field(default_factory=dict)
+    random: dict[str, dict[str, list]] = field(default_factory=dict)
+    n_random: int = 0
+    seeds: int = 1
+    seed: int = 0
+    prune_epochs: list[int] = ()
+    population_size: int = 0  # 0: as many as fit the device memory budget
+    memory_fraction: float = 0.6  # of free GPU memory (CPU: of 8 GiB) a population may use
+    train_eval_samples: int = 0  # train metrics on this many training samples per member; 0 = all
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    out: str = ""  # default data/zoos/<name>.h5
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise UsageError(f"epochs must be >= 1, got {self.epochs}")
+        bad = [c for c in self.checkpoints if not 0 <= c <= self.epochs]
+        if bad or not self.checkpoints or list(self.checkpoints) != sorted(set(self.checkpoints)):
+            raise UsageError(f"checkpoints must be increasing epochs in [0, epochs={self.epochs}], got {list(self.checkpoints)}")
+        if any(not 1 <= e <= self.epochs for e in self.prune_epochs):
+            raise UsageError(f"prune_epochs must lie in [1, epochs={self.epochs}], got {list(self.prune_epochs)}")
+        for key, table in (("fixed", self.fixed), ("grid", self.grid), ("random", self.random)):
+            for hp in table:
+                if hp not in HPARAMS:
+                    raise UsageError(f"unknown hyperparameter '{hp}' in {key}; valid: {', '.join(HPARAMS)}")
+        for hp, spec in self.random.items():
+            if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+                raise UsageError(f"random.{hp} must be one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
+        if self.random and self.n_random < 1:
+            raise UsageError("random sampling needs n_random >= 1 (number of members to draw)")
+        if self.grid and self.random:
+            raise UsageError("set either grid or random, not both")
+        if self.precision not in ("fp32", "bf16"):
+            raise UsageError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.seeds < 1:
+            raise UsageError(f"seeds must be >= 1, got {self.seeds}")
+
+
+def _hp(name: str, value: Any, where: str) -> Any:
+    return _coerce(value, _HP_TYPES[name], f"{where}.{name}")
+
+
+def _draw(name: str, spec: dict[str, list], rng: np.random.Generator) -> Any:
+    (dist, args), = spec.items()
+    if dist == "choice":
+        return args[int(rng.integers(len(args)))]
+    lo, hi = args
+    if dist == "uniform":
+        return float(rng.uniform(lo, hi))
+    if dist == "log_uniform":
+        return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    return int(rng.integers(lo, hi + 1))
+
+
+def expand_members(cfg: ZooConfig) -> list[MemberSpec]:
+    """Deterministic member list: grid product (last key fastest) or seeded random draws, times seeds."""
+    base = {k: _hp(k, v, "fixed") for k, v in cfg.fixed.items()}
+    if cfg.random:
+        rng = np.random.default_rng(cfg.seed)
+        combos = [{k: _hp(k, _draw(k, s, rng), "random") for k, s in cfg.random.items()} for _ in range(cfg.n_random)]
+    else:
+        keys = list(cfg.grid)
+        values = [[_hp(k, v, "grid") for v in cfg.grid[k]] for k in keys]
+        combos = [dict(zip(keys, vs)) for vs in itertools.product(*values)]
+    members = []
+    for i, combo in enumerate(combos):
+        for s in range(cfg.seeds):
+            hp = {**base, **combo}
+            hp.setdefault("seed", cfg.seed + i * cfg.seeds + s)
+            if "seed" in combo or "seed" in base:
+                hp["seed"] = hp["seed"] + s
+            members.append(MemberSpec(**hp))
+    return members

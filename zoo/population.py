@@ -1,0 +1,377 @@
+"""Population trainer: M members of one architecture trained at once as one vectorized computation.
+
+Parameters are stacked, `(M, *shape)`. Activations are laid out `(B, M, *features)`: convolutions run
+as one grouped convolution (groups = M), linear layers as one batched matmul, so one step costs a few
+kernel launches whatever M is. Each member has its own seed-determined init, data order, dropout
+masks, lr, weight decay, dropout rate, pruning mask and data factors; nothing per-member runs in Python
+inside the step loop. A member's data order comes from a counter-based hash of (seed, epoch, index),
+so the same member sees the same batches alone (`zoo.solo`), in any population, and on any device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._config import UsageError
+from .config import MemberSpec
+from .data import ImageData
+from .models import (Activation, ClassToken, GlobalAvgPool, PatchEmbed, Residual, SelfAttention, create_model,
+                     init_weights)
+
+_MASK32 = 0xFFFFFFFF
+TAG_SUBSET, TAG_NOISE, TAG_NOISE_LABEL, TAG_EVAL = -1, -2, -3, -4
+
+
+def hash32(seed: torch.Tensor, tag: int, idx: torch.Tensor) -> torch.Tensor:
+    """Counter-based hash -> int64 in [0, 2^32). Integer ops only: identical on every device."""
+    h = (seed * 0x9E3779B1 + (tag + 16) * 0x85EBCA77 + idx * 0x2545F491) & _MASK32
+    for _ in range(2):
+        h = ((h >> 16) ^ h) * 0x45D9F3B & _MASK32
+    return (h >> 16) ^ h
+
+
+def member_order(seeds: torch.Tensor, epoch: int, n: int, pool: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, n) int64: each member's shuffled sample order for `epoch`; members' pools come first."""
+    idx = torch.arange(n, device=seeds.device)
+    keys = hash32(seeds[:, None], epoch, idx[None, :])  # (M, n)
+    if pool is not None:
+        keys = torch.where(pool, keys, keys + (1 << 40))
+    return torch.sort(keys, dim=1, stable=True).indices
+
+
+def member_pools(members: Sequence[MemberSpec], y_train: torch.Tensor) -> torch.Tensor | None:
+    """(M, N) bool: the training samples each member may use (train_fraction, class_subset); None = all."""
+    if all(m.train_fraction == 1.0 and not m.class_subset for m in members):
+        return None
+    n, dev = len(y_train), y_train.device
+    seeds = torch.tensor([m.seed for m in members], device=dev)
+    rank = torch.argsort(torch.sort(hash32(seeds[:, None], TAG_SUBSET, torch.arange(n, device=dev)), 1,
+                                    stable=True).indices, 1)  # rank of each sample in the member's draw
+    keep = torch.tensor([int(math.floor(m.train_fraction * n)) for m in members], device=dev)
+    pool = rank < keep[:, None]
+    for i, m in enumerate(members):  # once per population, not per step
+        if m.classes():
+            pool[i] &= torch.isin(y_train, torch.tensor(m.classes(), device=dev))
+    return pool
+
+
+def noisy_labels(y: torch.Tensor, idx: torch.Tensor, seeds: torch.Tensor, noise: torch.Tensor,
+                 num_classes: int) -> torch.Tensor:
+    """Labels each member trains on: a seeded fraction `noise` of samples gets a uniform random label."""
+    flip = hash32(seeds[:, None], TAG_NOISE, idx).double() / 2**32 < noise[:, None]
+    rand = hash32(seeds[:, None], TAG_NOISE_LABEL, idx) % num_classes
+    return torch.where(flip, rand, y[idx])
+
+
+# ---- the population forward pass: one function per layer type of the registry ----
+
+@dataclass
+class _Ctx:
+    params: dict[str, torch.Tensor]  # name -> (M, *shape)
+    dropout: torch.Tensor | None  # (M,) rates while training, None when off
+    generator: torch.Generator | None
+
+
+def _member_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(M,) per-member values, broadcast against a (B, M, *features) activation of `ndim` dims."""
+    return v.view(1, -1, *[1] * (ndim - 2))
+
+
+def _conv(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]  # (M, O, C, k, k), (M, O)
+    M, O = w.shape[:2]
+    B, Mx, C, H, W = x.shape
+    kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation)
+    if Mx == 1 and M > 1:  # every member sees the same images (evaluation): one dense conv
+        y = F.conv2d(x[:, 0], w.reshape(M * O, C, *w.shape[3:]), b.reshape(-1), **kw)
+    else:  # (B, M*C, H, W) * (M*O, C, k, k), groups = M
+        y = F.conv2d(x.reshape(B, M * C, H, W), w.reshape(M * O, C, *w.shape[3:]), b.reshape(-1), groups=M, **kw)
+    return y.view(B, M, O, *y.shape[-2:])
+
+
+def _linear(m: nn.Linear, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]  # (M, O, I), (M, O)
+    if x.shape[1] == 1 and w.shape[0] > 1:  # shared input (evaluation)
+        y = torch.einsum("b...i,moi->bm...o", x[:, 0], w)
+    else:
+        y = torch.einsum("bm...i,moi->bm...o", x, w)
+    return y + b.view(1, b.shape[0], *[1] * (y.dim() - 3), b.shape[1])
+
+
+def _pool(m: nn.MaxPool2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    y = F.max_pool2d(x.flatten(1, 2), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    return y.view(*x.shape[:3], *y.shape[-2:])
+
+
+def _dropout(m: nn.Dropout, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    if ctx.dropout is None:
+        return x
+    keep = _member_view(1.0 - ctx.dropout, x.dim())
+    mask = torch.rand(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype) < keep
+    return x * mask / keep
+
+
+def _layer_norm(m: nn.LayerNorm, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]  # (M, D)
+    y = F.layer_norm(x, m.normalized_shape, eps=m.eps)
+    shape = (1, w.shape[0], *[1] * (x.dim() - 3), w.shape[1])
+    return y * w.view(shape) + b.view(shape)
+
+
+def _patch_embed(m: PatchEmbed, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    t = _conv(m.proj, p + "proj.", x, ctx).flatten(3).transpose(2, 3)  # (B, M, P, D)
+    cls, pos = ctx.params[p + "cls"], ctx.params[p + "pos"]  # (M, 1, 1, D), (M, 1, P+1, D)
+    t = torch.cat([cls.transpose(0, 1).expand(len(t), -1, -1, -1), t], dim=2)
+    return t + pos.transpose(0, 1)
+
+
+def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    B, M, T, D = x.shape
+    q, k, v = _linear(m.qkv, p + "qkv.", x, ctx).reshape(B * M, T, 3, m.heads, D // m.heads).permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(q, k, v)  # (B*M, heads, T, D/heads)
+    return _linear(m.out, p + "out.", y.transpose(1, 2).reshape(B, M, T, D), ctx)
+
+
+def _sequential(m: nn.Sequential, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    for name, child in m.named_children():
+        x = run_layer(child, f"{p}{name}.", x, ctx)
+    return x
+
+
+_OPS: dict[type, Callable] = {
+    nn.Sequential: _sequential, nn.Conv2d: _conv, nn.Linear: _linear, nn.MaxPool2d: _pool,
+    nn.Dropout: _dropout, nn.LayerNorm: _layer_norm, PatchEmbed: _patch_embed, SelfAttention: _attention,
+    nn.Flatten: lambda m, p, x, ctx: x.flatten(2),
+    Activation: lambda m, p, x, ctx: m.fn(x),
+    GlobalAvgPool: lambda m, p, x, ctx: x.mean(dim=(-2, -1)),
+    Residual: lambda m, p, x, ctx: x + _sequential(m.body, p + "body.", x, ctx),
+    ClassToken: lambda m, p, x, ctx: x[..., 0, :],
+}
+
+
+def run_layer(m: nn.Module, prefix: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    op = _OPS.get(type(m))
+    if op is None:
+        raise TypeError(f"population trainer has no rule for layer type {type(m).__name__} at '{prefix}'")
+    return op(m, prefix, x, ctx)
+
+
+# ---- vectorized optimizers: torch.optim's update rules with per-member lr and weight decay ----
+
+def _opt_state(name: str, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    n_buffers = {"adam": 2, "sgd": 1, "rmsprop": 1}[name]
+    return [[torch.zeros_like(p) for p in params] for _ in range(n_buffers)]
+
+
+def _update(name: str, p, g, bufs, lr, wd, t):
+    """One parameter tensor's update; lr, wd, t broadcast as (M, 1, ...). Returns (new p, new buffers)."""
+    g = g + wd * p
+    if name == "adam":  # torch.optim.Adam, betas (0.9, 0.999), eps 1e-8, L2 weight decay
+        m, v = bufs
+        m = m.lerp(g, 0.1)
+        v = v * 0.999 + 0.001 * g * g
+        denom = v.sqrt() / (1 - 0.999 ** t).sqrt() + 1e-8
+        return p - lr / (1 - 0.9 ** t) * m / denom, [m, v]
+    if name == "sgd":  # momentum 0.9, buffer starts at the first gradient
+        buf = torch.where(t == 1, g, bufs[0] * 0.9 + g)
+        return p - lr * buf, [buf]
+    sq = bufs[0] * 0.99 + 0.01 * g * g  # rmsprop: alpha 0.99, eps 1e-8
+    return p - lr * g / (sq.sqrt() + 1e-8), [sq]
+
+
+# ---- the population ----
+
+def _activation_numel(template: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(sum, max) over leaf layers of output elements for one input sample."""
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: sizes.append(o.numel()))
+             for m in template.modules() if not list(m.children())]
+    with torch.no_grad():
+        template.eval()(torch.zeros(1, *shape))
+    for h in hooks:
+        h.remove()
+    return sum(sizes), max(sizes)
+
+
+def member_bytes(template: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:
+    """Rough device memory one member needs while training: params, grads, optimizer state, activations."""
+    n_par = sum(p.numel() for p in template.parameters())
+    total, _ = _activation_numel(template, input_shape)
+    return 4 * (6 * n_par + 3 * batch_size * total + batch_size * math.prod(input_shape))
+
+
+def init_member(template_fn: Callable[[], nn.Module], m: MemberSpec) -> nn.Module:
+    g = torch.Generator().manual_seed(m.seed)
+    return init_weights(template_fn(), m.init, m.init_scale, g)
+
+
+class Population:
+    """M members sharing architecture, activation, optimizer and batch size."""
+
+    def __init__(self, architecture: str, architecture_kwargs: dict, members: Sequence[MemberSpec], data: ImageData,
+                 prune_epochs: Sequence[int] = (), train_eval_samples: int = 0, precision: str = "fp32",
+                 compile: bool = False, eval_bytes: int = 1 << 30):
+        keys = {(m.activation, m.optimizer, m.batch_size) for m in members}
+        if len(keys) != 1:
+            raise ValueError(f"a population shares activation, optimizer and batch size; got {sorted(keys)}")
+        self.members, self.data, self.device = list(members), data, data.x_train.device
+        self.optimizer, self.batch_size = members[0].optimizer, members[0].batch_size
+        C, H, W = data.input_shape
+        build = lambda: create_model(architecture, in_channels=C, input_size=H, num_classes=data.num_classes,
+                                     activation=members[0].activation, dropout=0.0, **architecture_kwargs)
+        self.template = build()
+        states = [init_member(build, m).state_dict() for m in members]
+        self.names = list(states[0])
+        self.params = [torch.stack([s[n] for s in states]).to(self.device) for n in self.names]
+        prunable = {f"{n}.weight" for n, mod in self.template.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+        self.prunable = [i for i, n in enumerate(self.names) if n in prunable]
+        self.masks: dict[int, torch.Tensor] = {}
+        self.state = _opt_state(self.optimizer, self.params)
+        hp = lambda k, dt=torch.float32: torch.tensor([getattr(m, k) for m in members], dtype=dt, device=self.device)
+        self.lr, self.wd, self.dropout, self.noise = hp("lr"), hp("weight_decay"), hp("dropout"), hp("label_noise")
+        self.prune_target = hp("prune_fraction")
+        self.has_dropout = any(m.dropout > 0 for m in members)
+        self.seeds = hp("seed", torch.int64)
+        self.t = torch.zeros(len(members), device=self.device)
+        self.diverged = torch.zeros(len(members), dtype=torch.bool, device=self.device)
+        self.pool = member_pools(members, data.y_train)
+        n_pool = self.pool.sum(1) if self.pool is not None else torch.full_like(self.seeds, len(data.y_train))
+        self.n_steps = n_pool // self.batch_size  # (M,) drop_last, as a DataLoader with drop_last=True
+        if int(self.n_steps.min()) < 1:
+            raise UsageError(f"a member has {int(n_pool.min())} training samples, fewer than batch_size="
+                             f"{self.batch_size}; raise train_fraction or lower batch_size")
+        self.prune_epochs = sorted(prune_epochs)
+        self.train_eval_samples = train_eval_samples
+        self.precision = precision
+        _, act_max = _activation_numel(self.template, data.input_shape)
+        self.eval_chunk = max(1, eval_bytes // (4 * len(members) * act_max * 3))
+        seed_all = int(hash32(self.seeds, 0, torch.zeros_like(self.seeds)).sum()) % 2**31
+        self.generator = torch.Generator(self.device).manual_seed(seed_all)
+        self._step_fn = torch.compile(self._step) if compile else self._step
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def forward(self, x: torch.Tensor, train: bool, params: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """(B, M or 1, C, H, W) float -> (B, M, num_classes) logits."""
+        params = self.params if params is None else params
+        ctx = _Ctx(dict(zip(self.names, params)), self.dropout if train and self.has_dropout else None, self.generator)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            return run_layer(self.template, "", x, ctx).float()
+
+    def _step(self, x, y, active, params, state, t):
+        """One SGD step for every member. x (B, M, C, H, W) float, y (B, M), active (M,) bool."""
+        params = [p.detach().requires_grad_(True) for p in params]
+        B, M = y.shape
+        loss = F.cross_entropy(self.forward(x, True, params).flatten(0, 1), y.flatten(), reduction="none")
+        loss = loss.view(B, M).mean(0)  # (M,) each member's own mean batch loss
+        grads = torch.autograd.grad(torch.where(torch.isfinite(loss), loss, 0.0).sum(), params)
+        diverged = self.diverged | ~torch.isfinite(loss)
+        active = active & ~diverged
+        t = t + active.float()
+        new_params, new_state = [], [[] for _ in state]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            view = lambda v: v.view(-1, *[1] * (p.dim() - 1))
+            a = view(active)
+            p_new, bufs = _update(self.optimizer, p.detach(), g, [s[i] for s in state], view(self.lr), view(self.wd),
+                                  view(t.clamp(min=1)))
+            if i in self.masks:
+                p_new = p_new * self.masks[i]
+            p_new = torch.where(view(diverged), 0.0, torch.where(a, p_new, p.detach()))
+            new_params.append(p_new)
+            for j, b in enumerate(bufs):
+                new_state[j].append(torch.where(a, b, state[j][i]))
+        return new_params, new_state, t, diverged
+
+    def train_epoch(self, epoch: int) -> None:
+        """Epoch `epoch` (1-based): every member passes once over its own shuffled pool."""
+        B, n = self.batch_size, len(self.data.y_train)
+        order = member_order(self.seeds, epoch, n, self.pool)  # (M, n)
+        uneven = bool((self.n_steps != self.n_steps.max()).any())
+        for s in range(int(self.n_steps.max())):
+            idx = order[:, s * B:(s + 1) * B]  # (M, B)
+            x = self.data.normalize(self.data.x_train[idx.T])  # (B, M, C, H, W)
+            y = noisy_labels(self.data.y_train, idx, self.seeds, self.noise, self.data.num_classes).T
+            active = (s < self.n_steps) if uneven else torch.ones_like(self.diverged)
+            self.params, self.state, self.t, self.diverged = self._step_fn(x, y, active, self.params, self.state, self.t)
+        self.params = [p.detach() for p in self.params]
+        if epoch in self.prune_epochs:
+            self.prune((self.prune_epochs.index(epoch) + 1) / len(self.prune_epochs) * self.prune_target)
+
+    @torch.no_grad()
+    def prune(self, fraction: torch.Tensor) -> None:
+        """Global magnitude pruning per member to `fraction` (M,) of conv/linear weights; masks persist."""
+        flat = torch.cat([self.params[i].reshape(self.size, -1).abs() for i in self.prunable], 1)  # (M, P_w)
+        k = (fraction * flat.shape[1]).round().long()
+        rank = torch.argsort(torch.argsort(flat, dim=1, stable=True), dim=1)
+        keep = rank >= k[:, None]
+        offset = 0
+        for i in self.prunable:
+            n = self.params[i][0].numel()
+            mask = keep[:, offset: offset + n].view_as(self.params[i]).float()
+            self.masks[i] = mask if i not in self.masks else mask * self.masks[i]
+            self.params[i] = self.params[i] * self.masks[i]
+            offset += n
+
+    @torch.no_grad()
+    def sparsity(self) -> torch.Tensor:
+        zeros = sum((self.params[i].reshape(self.size, -1) == 0).sum(1) for i in self.prunable)
+        return zeros.float() / sum(self.params[i][0].numel() for i in self.prunable)
+
+    def _split(self, split: str):
+        """(x uint8, labels (M, N) or (N,), weights (M, N) bool or None) for evaluation."""
+        d = self.data
+        if split == "train":
+            n = len(d.y_train)
+            idx = torch.arange(n, device=self.device)
+            if 0 < self.train_eval_samples < n:  # a fixed subsample, the same for every member
+                idx = torch.sort(torch.argsort(hash32(torch.tensor(0, device=self.device), TAG_EVAL, idx))
+                                 [: self.train_eval_samples]).values
+            y = noisy_labels(d.y_train, idx.expand(self.size, -1), self.seeds, self.noise, d.num_classes)
+            w = self.pool[:, idx] if self.pool is not None else None
+            return d.x_train[idx], y, w
+        x, y = (d.x_test, d.y_test) if split == "test" else (d.x_val, d.y_val)
+        w = None
+        if any(m.class_subset for m in self.members):
+            w = torch.stack([torch.isin(y, torch.tensor(m.classes() or range(d.num_classes), device=self.device))
+                             for m in self.members])
+        return x, y, w
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, torch.Tensor]:
+        """Loss and accuracy of every member on train (its own pool and labels), test and val: (M,) each."""
+        out = {}
+        splits = ["train", "test"] + (["val"] if self.data.x_val is not None else [])
+        for split in splits:
+            x, y, w = self._split(split)
+            loss_sum = torch.zeros(self.size, device=self.device, dtype=torch.float64)
+            correct, count = torch.zeros_like(loss_sum), torch.zeros_like(loss_sum)
+            for a in range(0, len(x), self.eval_chunk):
+                logits = self.forward(self.data.normalize(x[a: a + self.eval_chunk])[:, None], train=False)
+                if y.dim() == 2:  # per-member labels (M, N)
+                    yc = y[:, a: a + self.eval_chunk].T
+                else:
+                    yc = y[a: a + self.eval_chunk, None].expand(-1, self.size)  # (b, M)
+                wc = w[:, a: a + self.eval_chunk].T.double() if w is not None else torch.ones_like(yc, dtype=torch.float64)
+                ce = F.cross_entropy(logits.flatten(0, 1), yc.flatten(), reduction="none").view_as(wc)
+                loss_sum += (ce.double() * wc).sum(0)
+                correct += ((logits.argmax(-1) == yc).double() * wc).sum(0)
+                count += wc.sum(0)
+            out[f"{split}_loss"] = (loss_sum / count).float()
+            out[f"{split}_acc"] = (correct / count).float()
+        if self.prunable and self.prune_epochs:
+            out["sparsity"] = self.sparsity()
+        bad = self.diverged | ~torch.isfinite(self.flat_weights()).all(1)
+        return {k: torch.where(bad, float("nan"), v) for k, v in out.items()}
+
+    @torch.no_grad()
+    def flat_weights(self) -> torch.Tensor:
+        """(M, n_params) float32 in state_dict order; diverged members are NaN."""
+        flat = torch.cat([p.detach().reshape(self.size, -1) for p in self.params], 1).float()
+        return torch.where(self.diverged[:, None], float("nan"), flat)

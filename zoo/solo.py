@@ -1,0 +1,63 @@
+"""The plain per-model PyTorch loop: one `nn.Module`, one `torch.optim` optimizer, one member.
+
+It is the reference the population trainer must match (same seed, same batches) and the baseline
+the benchmarks compare against. It draws batches from the same counter-based order as the
+population, so dropout aside (torch's own RNG here), the two compute the same thing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MemberSpec
+from .data import ImageData
+from .models import create_model
+from .population import init_member, member_order, member_pools, noisy_labels
+
+_OPTIMIZERS = {
+    "adam": lambda ps, m: torch.optim.Adam(ps, lr=m.lr, weight_decay=m.weight_decay),
+    "sgd": lambda ps, m: torch.optim.SGD(ps, lr=m.lr, momentum=0.9, weight_decay=m.weight_decay),
+    "rmsprop": lambda ps, m: torch.optim.RMSprop(ps, lr=m.lr, weight_decay=m.weight_decay),
+}
+
+
+def build_member(architecture: str, architecture_kwargs: dict, m: MemberSpec, data: ImageData) -> nn.Module:
+    C, H, _ = data.input_shape
+    build = lambda: create_model(architecture, in_channels=C, input_size=H, num_classes=data.num_classes,
+                                 activation=m.activation, dropout=m.dropout, **architecture_kwargs)
+    return init_member(build, m).to(data.x_train.device)
+
+
+def train_solo(architecture: str, architecture_kwargs: dict, m: MemberSpec, data: ImageData, epochs: int,
+               max_steps: int | None = None) -> nn.Module:
+    """Train one member for `epochs` epochs (or `max_steps` steps) with a plain loop."""
+    model = build_member(architecture, architecture_kwargs, m, data).train()
+    opt = _OPTIMIZERS[m.optimizer](model.parameters(), m)
+    seed = torch.tensor([m.seed], device=data.x_train.device)
+    pool = member_pools([m], data.y_train)
+    n_steps = int(pool.sum() if pool is not None else len(data.y_train)) // m.batch_size
+    steps = 0
+    for epoch in range(1, epochs + 1):
+        order = member_order(seed, epoch, len(data.y_train), pool)[0]
+        for s in range(n_steps):
+            idx = order[s * m.batch_size:(s + 1) * m.batch_size]
+            y = noisy_labels(data.y_train, idx[None], seed, torch.tensor([m.label_noise], device=seed.device),
+                             data.num_classes)[0]
+            loss = F.cross_entropy(model(data.normalize(data.x_train[idx])), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                return model
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: ImageData, split: str = "test", batch: int = 1024) -> float:
+    x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
+    model.eval()
+    correct = sum(int((model(data.normalize(x[a:a + batch])).argmax(1) == y[a:a + batch]).sum())
+                  for a in range(0, len(x), batch))
+    return correct / len(x)
