@@ -186,7 +186,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--max-populations", type=int, help="stop after this many populations (resume later)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. epochs=5 grid.lr=[0.01]")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
     cfg = load_config(ZooConfig, args.config, overrides, None if args.config else DEFAULT_ZOO)
     path = build(cfg, args.out, args.overwrite, _parse_shard(args.shard), args.max_populations, not args.quiet)

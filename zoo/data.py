@@ -66,7 +66,7 @@ def _read_idx(path: Path) -> np.ndarray:
     if zero != 0 or dtype_code != 0x08:
         raise UsageError(f"{path} is not an unsigned-byte IDX file")
     dims = struct.unpack(f">{ndim}I", raw[4: 4 + 4 * ndim])
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
 def _find(root: Path, stem: str, dataset: str) -> Path:

@@ -24,7 +24,7 @@ from .models import (Activation, ClassToken, GlobalAvgPool, PatchEmbed, Residual
                      init_weights)
 
 _MASK32 = 0xFFFFFFFF
-TAG_SUBSET, TAG_NOISE, TAG_NOISE_LABEL, TAG_EVAL = -1, -2, -3, -4
+TAG_SUBSET, TAG_NOISE, TAG_NOISE_LABEL, TAG_EVAL, TAG_DROPOUT = -1, -2, -3, -4, -5
 
 
 def hash32(seed: torch.Tensor, tag: int, idx: torch.Tensor) -> torch.Tensor:
@@ -50,10 +50,10 @@ def member_pools(members: Sequence[MemberSpec], y_train: torch.Tensor) -> torch.
         return None
     n, dev = len(y_train), y_train.device
     seeds = torch.tensor([m.seed for m in members], device=dev)
-    rank = torch.argsort(torch.sort(hash32(seeds[:, None], TAG_SUBSET, torch.arange(n, device=dev)), 1,
-                                    stable=True).indices, 1)  # rank of each sample in the member's draw
+    draw = torch.sort(hash32(seeds[:, None], TAG_SUBSET, torch.arange(n, device=dev)), dim=1, stable=True).indices
     keep = torch.tensor([int(math.floor(m.train_fraction * n)) for m in members], device=dev)
-    pool = rank < keep[:, None]
+    pool = torch.zeros(len(members), n, dtype=torch.bool, device=dev)
+    pool.scatter_(1, draw, torch.arange(n, device=dev).expand(len(members), -1) < keep[:, None])
     for i, m in enumerate(members):  # once per population, not per step
         if m.classes():
             pool[i] &= torch.isin(y_train, torch.tensor(m.classes(), device=dev))
@@ -74,7 +74,8 @@ def noisy_labels(y: torch.Tensor, idx: torch.Tensor, seeds: torch.Tensor, noise:
 class _Ctx:
     params: dict[str, torch.Tensor]  # name -> (M, *shape)
     dropout: torch.Tensor | None  # (M,) rates while training, None when off
-    generator: torch.Generator | None
+    step_key: torch.Tensor | None  # (M,) int64, a member's key for this step's dropout masks
+    n_dropout: int = 0  # dropout layers seen so far in this forward pass
 
 
 def _member_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -109,11 +110,17 @@ def _pool(m: nn.MaxPool2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
 
 
 def _dropout(m: nn.Dropout, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """Inverted dropout with per-member rates. Masks hash (member key, layer, element): a member's
+    masks do not depend on which other members share its population."""
     if ctx.dropout is None:
         return x
+    ctx.n_dropout += 1
+    B, M = x.shape[:2]
+    key = hash32(ctx.step_key, ctx.n_dropout, torch.zeros_like(ctx.step_key)) & 0x7FFFFFFF  # (M,)
+    elem = torch.arange(B * x[0, 0].numel(), device=x.device).view(B, 1, *x.shape[2:])
+    u = hash32(_member_view(key, x.dim()), 0, elem)  # (B, M, ...) uniform in [0, 2^32)
     keep = _member_view(1.0 - ctx.dropout, x.dim())
-    mask = torch.rand(x.shape, generator=ctx.generator, device=x.device, dtype=x.dtype) < keep
-    return x * mask / keep
+    return x * (u >= _member_view(ctx.dropout.double() * 2**32, x.dim())) / keep
 
 
 def _layer_norm(m: nn.LayerNorm, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
@@ -250,26 +257,27 @@ class Population:
         self.precision = precision
         _, act_max = _activation_numel(self.template, data.input_shape)
         self.eval_chunk = max(1, eval_bytes // (4 * len(members) * act_max * 3))
-        seed_all = int(hash32(self.seeds, 0, torch.zeros_like(self.seeds)).sum()) % 2**31
-        self.generator = torch.Generator(self.device).manual_seed(seed_all)
         self._step_fn = torch.compile(self._step) if compile else self._step
 
     @property
     def size(self) -> int:
         return len(self.members)
 
-    def forward(self, x: torch.Tensor, train: bool, params: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, M or 1, C, H, W) float -> (B, M, num_classes) logits."""
+    def forward(self, x: torch.Tensor, train: bool, params: list[torch.Tensor] | None = None,
+                step_key: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, M or 1, C, H, W) float -> (B, M, num_classes) logits; dropout on when `train`."""
         params = self.params if params is None else params
-        ctx = _Ctx(dict(zip(self.names, params)), self.dropout if train and self.has_dropout else None, self.generator)
+        on = train and self.has_dropout
+        ctx = _Ctx(dict(zip(self.names, params)), self.dropout if on else None, step_key if on else None)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             return run_layer(self.template, "", x, ctx).float()
 
-    def _step(self, x, y, active, params, state, t):
+    def _step(self, x, y, active, params, state, t, step_key):
         """One SGD step for every member. x (B, M, C, H, W) float, y (B, M), active (M,) bool."""
         params = [p.detach().requires_grad_(True) for p in params]
         B, M = y.shape
-        loss = F.cross_entropy(self.forward(x, True, params).flatten(0, 1), y.flatten(), reduction="none")
+        logits = self.forward(x, True, params, step_key)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         loss = loss.view(B, M).mean(0)  # (M,) each member's own mean batch loss
         grads = torch.autograd.grad(torch.where(torch.isfinite(loss), loss, 0.0).sum(), params)
         diverged = self.diverged | ~torch.isfinite(loss)
@@ -289,17 +297,20 @@ class Population:
                 new_state[j].append(torch.where(a, b, state[j][i]))
         return new_params, new_state, t, diverged
 
-    def train_epoch(self, epoch: int) -> None:
-        """Epoch `epoch` (1-based): every member passes once over its own shuffled pool."""
+    def train_epoch(self, epoch: int, max_steps: int | None = None) -> None:
+        """Epoch `epoch` (1-based): every member passes once over its own shuffled pool
+        (only the first `max_steps` batches of it, if given)."""
         B, n = self.batch_size, len(self.data.y_train)
         order = member_order(self.seeds, epoch, n, self.pool)  # (M, n)
         uneven = bool((self.n_steps != self.n_steps.max()).any())
-        for s in range(int(self.n_steps.max())):
+        for s in range(min(int(self.n_steps.max()), max_steps or n)):
             idx = order[:, s * B:(s + 1) * B]  # (M, B)
             x = self.data.normalize(self.data.x_train[idx.T])  # (B, M, C, H, W)
             y = noisy_labels(self.data.y_train, idx, self.seeds, self.noise, self.data.num_classes).T
             active = (s < self.n_steps) if uneven else torch.ones_like(self.diverged)
-            self.params, self.state, self.t, self.diverged = self._step_fn(x, y, active, self.params, self.state, self.t)
+            step_key = hash32(self.seeds, TAG_DROPOUT, torch.full_like(self.seeds, epoch * 2**20 + s)) & 0x7FFFFFFF
+            self.params, self.state, self.t, self.diverged = self._step_fn(x, y, active, self.params, self.state, self.t,
+                                                                           step_key)
         self.params = [p.detach() for p in self.params]
         if epoch in self.prune_epochs:
             self.prune((self.prune_epochs.index(epoch) + 1) / len(self.prune_epochs) * self.prune_target)

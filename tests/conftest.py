@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from zoo import load_dataset
+from zoo._config import load_config
+from zoo.build import DEFAULT_ZOO
+from zoo.config import ZooConfig
+
+TINY = ["epochs=2", "checkpoints=[0,1,2]", "seeds=1", "grid.init=[kaiming_uniform]", "grid.activation=[tanh,relu]",
+        "grid.optimizer=[adam,sgd]", "grid.lr=[0.003,0.03]", "grid.dropout=[0.0,0.2]"]
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def digits28():
+    return load_dataset("digits", resize=28)
+
+
+def tiny_config(*overrides: str) -> ZooConfig:
+    """16 members on digits, 2 epochs: a zoo in about a second."""
+    return load_config(ZooConfig, None, TINY + list(overrides), DEFAULT_ZOO)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    from zoo.build import build
+    return build(tiny_config(), tmp_path_factory.mktemp("zoo") / "tiny.h5", progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

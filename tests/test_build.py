@@ -1,0 +1,145 @@
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import zoo
+import zoo.merge
+from zoo._config import run_cli
+from zoo.build import build, main
+from zoo.config import HPARAMS
+from zoo.solo import accuracy
+from zoo.store import table_from_h5
+
+from conftest import TINY, tiny_config
+
+
+def test_zoo_file_follows_the_contract(tiny_zoo):
+    with h5py.File(tiny_zoo) as f:
+        w = f["weights"]
+        assert w.dtype == np.float32 and w.shape == (16, 3, 4970) and w.chunks == (1, 1, 4970)
+        assert w.compression == "gzip"
+        assert f["checkpoints/epoch"].dtype == np.int32 and f["checkpoints/epoch"][:].tolist() == [0, 1, 2]
+        for name in ("train_loss", "train_acc", "test_loss", "test_acc"):
+            assert f[f"metrics/{name}"].dtype == np.float32 and f[f"metrics/{name}"].shape == (16, 3)
+        assert f["models/done"][:].all() and f["models/diverged"].dtype == bool
+        for hp in HPARAMS:
+            assert len(f[f"models/{hp}"]) == 16, hp
+        assert f["models/activation"].asstr()[:].tolist().count("tanh") == 8
+        a = f.attrs
+        assert a["format"] == "weightzoo-zoo/1" and a["architecture"] == "cnn_gap" and a["dataset"] == "digits"
+        assert json.loads(a["input_shape"]) == [1, 8, 8] and a["num_classes"] == 10 and a["version"] == zoo.__version__
+        assert yaml.safe_load(a["config"])["epochs"] == 2 and json.loads(a["architecture_kwargs"]) == {}
+        layout = json.loads(a["layout"])
+        assert layout[0] == {"name": "0.weight", "shape": [16, 1, 3, 3], "offset": 0}
+        assert not np.isnan(f["metrics/test_acc"][:]).any()
+
+
+def test_parquet_table_is_derived_from_h5(tiny_zoo):
+    table = pq.read_table(tiny_zoo.with_suffix(".parquet"))
+    assert table.num_rows == 16 * 3
+    for col in ["model_id", "checkpoint", "epoch", *HPARAMS, "train_loss", "test_acc", "diverged", "dataset",
+                "architecture"]:
+        assert col in table.column_names, col
+    with h5py.File(tiny_zoo) as f:
+        assert table.equals(table_from_h5(f))
+    df = table.to_pandas()
+    assert df.groupby("model_id").size().eq(3).all() and set(df.epoch) == {0, 1, 2}
+
+
+def test_loaded_members_reproduce_recorded_accuracy(tiny_zoo):
+    with zoo.open(tiny_zoo) as z:
+        data = z.dataset()
+        recorded = z.metric("test_acc")
+        for member, ckpt in [(0, 0), (5, 1), (15, 2), (9, -1)]:
+            assert accuracy(z.model(member, ckpt), data) == pytest.approx(float(recorded[member, ckpt]), abs=1e-6)
+        assert z.hparams(3).seed == 3 and z.state_dict(3, 0)["0.weight"].shape == (16, 1, 3, 3)
+
+
+def _read_all(path):
+    with h5py.File(path) as f:
+        return f["weights"][:], {k: f[f"metrics/{k}"][:] for k in f["metrics"]}
+
+
+def test_resume_after_interruption_is_bitwise_identical(tmp_path):
+    cfg = tiny_config("population_size=3")  # 16 members -> 8 populations
+    full = build(cfg, tmp_path / "full.h5", progress=False)
+    out = tmp_path / "resumed.h5"
+    assert build(cfg, out, max_populations=3, progress=False) is None
+    assert not out.exists() and out.with_name("resumed.h5.partial").exists()
+    with h5py.File(out.with_name("resumed.h5.partial")) as f:
+        assert 0 < f["models/done"][:].sum() < 16
+    assert build(cfg, out, progress=False) == out
+    (w1, m1), (w2, m2) = _read_all(full), _read_all(out)
+    assert np.array_equal(w1, w2) and all(np.array_equal(m1[k], m2[k]) for k in m1)
+
+
+def test_partial_of_another_config_is_refused(tmp_path):
+    out = tmp_path / "z.h5"
+    build(tiny_config("population_size=3"), out, max_populations=1, progress=False)
+    with pytest.raises(zoo.UsageError, match="another config"):
+        build(tiny_config("population_size=3", "epochs=1", "checkpoints=[0,1]"), out, progress=False)
+
+
+def test_shards_merge_into_the_full_zoo(tmp_path, tiny_zoo):
+    shards = [tmp_path / f"s{i}.h5" for i in range(3)]
+    for i, s in enumerate(shards):
+        assert run_cli(main, TINY + ["--out", str(s), "--shard", f"{i}/3", "--quiet"]) == 0
+    assert run_cli(zoo.merge.main, [str(tmp_path / "m.h5"), *map(str, shards)]) == 0
+    (w1, m1), (w2, m2) = _read_all(tiny_zoo), _read_all(tmp_path / "m.h5")
+    assert np.allclose(w1, w2, rtol=0, atol=1e-5) and np.allclose(m1["test_acc"], m2["test_acc"], atol=1e-3)
+    assert pq.read_table(tmp_path / "m.parquet").num_rows == 48
+    assert run_cli(zoo.merge.main, [str(tmp_path / "m2.h5"), str(shards[0])]) == 2  # incomplete
+
+
+def test_pruned_zoo_records_sparsity(tmp_path):
+    out = build(tiny_config("fixed.prune_fraction=0.6", "prune_epochs=[1,2]"), tmp_path / "p.h5", progress=False)
+    with zoo.open(out) as z:
+        sp = z.metric("sparsity")
+        assert np.allclose(sp[:, 2], 0.6, atol=2e-3) and np.allclose(sp[:, 1], 0.3, atol=2e-3)
+        assert (z.weights(0, 2) == 0).mean() > 0.55
+
+
+BAD_INPUTS = [
+    (["epoch=3"], "unknown config key 'epoch'"),
+    (["architecture=resnet9"], "unknown architecture 'resnet9'"),
+    (["dataset=mnist", "data_root=/nonexistent"], "/nonexistent/mnist/train-images-idx3-ubyte"),
+    (["architecture=cnn_s"], "cannot take input shape (1, 8, 8)"),
+    (["--shard", "3/2"], "--shard must be i/n"),
+    (["--config", "configs/zoo/nope.yaml"], "config file configs/zoo/nope.yaml does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS)
+def test_bad_input_is_one_clear_line(argv, message, tmp_path, capsys):
+    out = tmp_path / "z.h5"
+    assert run_cli(main, argv + ["--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_existing_zoo_is_not_overwritten(tiny_zoo, capsys):
+    before = tiny_zoo.read_bytes()
+    assert run_cli(main, TINY + ["--out", str(tiny_zoo), "--quiet"]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert tiny_zoo.read_bytes() == before
+
+
+def test_overwrite_replaces(tmp_path):
+    out = tmp_path / "z.h5"
+    assert run_cli(main, TINY + ["--out", str(out), "--quiet", "epochs=1", "checkpoints=[0,1]"]) == 0
+    assert run_cli(main, TINY + ["--out", str(out), "--quiet", "--overwrite"]) == 0
+    with zoo.open(out) as z:
+        assert z.n_checkpoints == 3
+
+
+def test_command_line_exit_code_and_no_traceback():
+    r = subprocess.run([sys.executable, "-m", "zoo.build", "lr=0.1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("error: unknown config key 'lr' in override 'lr=0.1'; valid keys: " + r.stderr.split("valid keys: ")[1].strip())

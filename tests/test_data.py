@@ -1,0 +1,72 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from zoo import UsageError, load_dataset
+
+
+def _write_idx(path, arr, gz):
+    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    raw = header + arr.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+
+
+@pytest.fixture
+def fake_mnist(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "mnist"
+    root.mkdir()
+    for part, n, gz in [("train", 120, True), ("t10k", 30, False)]:
+        _write_idx(root / f"{part}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz)
+        _write_idx(root / f"{part}-labels-idx1-ubyte", np.arange(n) % 10, gz)
+    return tmp_path
+
+
+def test_idx_files_gz_and_raw(fake_mnist):
+    d = load_dataset("mnist", fake_mnist)
+    assert d.x_train.shape == (120, 1, 28, 28) and d.x_train.dtype == torch.uint8
+    assert d.x_test.shape == (30, 1, 28, 28) and d.y_train[:12].tolist() == [*range(10), 0, 1]
+    assert d.num_classes == 10
+
+
+def test_resize_grayscale_and_validation_split(fake_mnist, tmp_path):
+    d = load_dataset("mnist", fake_mnist, resize=14, val_fraction=0.25)
+    assert d.x_train.shape == (90, 1, 14, 14) and d.x_val.shape == (30, 1, 14, 14)
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "own.npz", x_train=rgb, y_train=np.arange(10) % 3, x_test=rgb[:4], y_test=np.arange(4) % 3)
+    g = load_dataset(f"npz:{tmp_path / 'own.npz'}", grayscale=True)
+    assert g.x_train.shape == (10, 1, 8, 8) and g.num_classes == 3
+    assert int(g.x_train[0, 0, 0, 0]) == round(rgb[0, 0, 0].mean())
+
+
+def test_normalization_uses_train_statistics():
+    d = load_dataset("digits")
+    x = d.normalize(d.x_train)
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+
+
+def test_cifar_binary_batches(tmp_path):
+    root = tmp_path / "cifar10" / "cifar-10-batches-bin"
+    root.mkdir(parents=True)
+    for name, n in [*[(f"data_batch_{i}", 4) for i in range(1, 6)], ("test_batch", 3)]:
+        rec = np.zeros((n, 3073), np.uint8)
+        rec[:, 0] = np.arange(n)
+        rec[:, 1:] = 7
+        rec.tofile(root / f"{name}.bin")
+    d = load_dataset("cifar10", tmp_path, grayscale=True)
+    assert d.x_train.shape == (20, 1, 32, 32) and int(d.x_train.max()) == 7 and d.y_test.tolist() == [0, 1, 2]
+
+
+def test_missing_files_and_unknown_names_are_clear(tmp_path):
+    with pytest.raises(UsageError, match=r"train-images-idx3-ubyte\[.gz\] not found"):
+        load_dataset("mnist", tmp_path)
+    with pytest.raises(UsageError, match="unknown dataset 'imagenet'"):
+        load_dataset("imagenet")
+    with pytest.raises(UsageError, match="file not found"):
+        load_dataset(f"npz:{tmp_path / 'nope.npz'}")

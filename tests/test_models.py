@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from zoo import UsageError, create_model, init_weights, list_models
+from zoo.models import INITS, flatten_state, param_layout, unflatten
+
+SHAPES = {"cnn_s": (1, 28), "cnn_l": (3, 32), "cnn_gap": (1, 28), "mlp": (1, 8), "vit_t": (3, 28)}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_registry_forward_and_gradients(name):
+    c, size = SHAPES[name]
+    model = create_model(name, in_channels=c, input_size=size, num_classes=7, dropout=0.1)
+    init_weights(model, "kaiming_uniform", 1.0, torch.Generator().manual_seed(0))
+    out = model(torch.randn(5, c, size, size))
+    assert out.shape == (5, 7) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+def test_every_registry_entry_is_covered():
+    assert set(SHAPES) == set(list_models())
+
+
+@pytest.mark.parametrize("name,count", [("cnn_s", 2464), ("cnn_gap", 4970)])
+def test_reference_parameter_counts(name, count):
+    model = create_model(name, in_channels=1, input_size=28, num_classes=10)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_cnn_l_matches_reference_on_32px():
+    model = create_model("cnn_l", in_channels=3, input_size=32, num_classes=10)
+    assert model[13].in_features == 60  # 15 channels x 2 x 2 after three conv+pool stages
+
+
+def test_unknown_name_and_bad_shape_raise():
+    with pytest.raises(UsageError, match="unknown architecture 'cnn_xl'"):
+        create_model("cnn_xl")
+    with pytest.raises(UsageError, match=r"cannot take input shape \(1, 8, 8\)"):
+        create_model("cnn_s", in_channels=1, input_size=8)
+    with pytest.raises(UsageError, match="unknown activation"):
+        create_model("mlp", activation="swish")
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_inits_are_seeded_and_distinct(init):
+    make = lambda seed: flatten_state(init_weights(create_model("cnn_s"), init, 1.0, torch.Generator().manual_seed(seed)))
+    a, b, c = make(1), make(1), make(2)
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.isfinite(a).all()
+
+
+def test_layout_round_trip():
+    model = create_model("vit_t", in_channels=1, input_size=28, num_classes=10)
+    layout = param_layout(model)
+    flat = flatten_state(model)
+    rebuilt = create_model("vit_t", in_channels=1, input_size=28, num_classes=10)
+    rebuilt.load_state_dict(unflatten(flat, layout))
+    assert torch.equal(flatten_state(rebuilt), flat)
