@@ -257,7 +257,8 @@ class Population:
         self.precision = precision
         _, act_max = _activation_numel(self.template, data.input_shape)
         self.eval_chunk = max(1, eval_bytes // (4 * len(members) * act_max * 3))
-        self._step_fn = torch.compile(self._step) if compile else self._step
+        self._loss_fn = torch.compile(self._loss, dynamic=False) if compile else self._loss
+        self._apply_fn = torch.compile(self._apply, dynamic=False) if compile else self._apply
 
     @property
     def size(self) -> int:
@@ -272,30 +273,40 @@ class Population:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             return run_layer(self.template, "", x, ctx).float()
 
-    def _step(self, x, y, active, params, state, t, step_key):
-        """One SGD step for every member. x (B, M, C, H, W) float, y (B, M), active (M,) bool."""
-        params = [p.detach().requires_grad_(True) for p in params]
+    def _loss(self, params, xb, y, step_key):
+        """xb (B, M, C, H, W) uint8, y (B, M) -> (sum of finite member losses, (M,) member losses)."""
         B, M = y.shape
-        logits = self.forward(x, True, params, step_key)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        loss = loss.view(B, M).mean(0)  # (M,) each member's own mean batch loss
-        grads = torch.autograd.grad(torch.where(torch.isfinite(loss), loss, 0.0).sum(), params)
-        diverged = self.diverged | ~torch.isfinite(loss)
-        active = active & ~diverged
+        logits = self.forward(self.data.normalize(xb), True, params, step_key)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(B, M).mean(0)
+        return torch.where(torch.isfinite(loss), loss, 0.0).sum(), loss
+
+    def _apply(self, params, grads, state, t, active, diverged):
+        """Every member's optimizer update; inactive members keep their values, diverged ones are zeroed."""
         t = t + active.float()
         new_params, new_state = [], [[] for _ in state]
         for i, (p, g) in enumerate(zip(params, grads)):
             view = lambda v: v.view(-1, *[1] * (p.dim() - 1))
             a = view(active)
-            p_new, bufs = _update(self.optimizer, p.detach(), g, [s[i] for s in state], view(self.lr), view(self.wd),
+            p_new, bufs = _update(self.optimizer, p, g, [s[i] for s in state], view(self.lr), view(self.wd),
                                   view(t.clamp(min=1)))
             if i in self.masks:
                 p_new = p_new * self.masks[i]
-            p_new = torch.where(view(diverged), 0.0, torch.where(a, p_new, p.detach()))
-            new_params.append(p_new)
+            new_params.append(torch.where(view(diverged), 0.0, torch.where(a, p_new, p)))
             for j, b in enumerate(bufs):
                 new_state[j].append(torch.where(a, b, state[j][i]))
-        return new_params, new_state, t, diverged
+        return new_params, new_state, t
+
+    def step(self, xb: torch.Tensor, y: torch.Tensor, active: torch.Tensor, step_key: torch.Tensor) -> None:
+        """One training step of every member, in place. No host synchronisation (graph-capturable)."""
+        params = [p.detach().requires_grad_(True) for p in self.params]
+        total, loss = self._loss_fn(params, xb, y, step_key)
+        grads = torch.autograd.grad(total, params)
+        self.diverged.logical_or_(~torch.isfinite(loss))
+        with torch.no_grad():
+            new_p, new_s, t = self._apply_fn(self.params, grads, self.state, self.t, active & ~self.diverged,
+                                             self.diverged)
+            for old, new in zip([*self.params, *sum(self.state, []), self.t], [*new_p, *sum(new_s, []), t]):
+                old.copy_(new)
 
     def train_epoch(self, epoch: int, max_steps: int | None = None) -> None:
         """Epoch `epoch` (1-based): every member passes once over its own shuffled pool
@@ -305,13 +316,11 @@ class Population:
         uneven = bool((self.n_steps != self.n_steps.max()).any())
         for s in range(min(int(self.n_steps.max()), max_steps or n)):
             idx = order[:, s * B:(s + 1) * B]  # (M, B)
-            x = self.data.normalize(self.data.x_train[idx.T])  # (B, M, C, H, W)
+            xb = self.data.x_train[idx.T]  # (B, M, C, H, W) uint8
             y = noisy_labels(self.data.y_train, idx, self.seeds, self.noise, self.data.num_classes).T
             active = (s < self.n_steps) if uneven else torch.ones_like(self.diverged)
             step_key = hash32(self.seeds, TAG_DROPOUT, torch.full_like(self.seeds, epoch * 2**20 + s)) & 0x7FFFFFFF
-            self.params, self.state, self.t, self.diverged = self._step_fn(x, y, active, self.params, self.state, self.t,
-                                                                           step_key)
-        self.params = [p.detach() for p in self.params]
+            self.step(xb, y, active, step_key)
         if epoch in self.prune_epochs:
             self.prune((self.prune_epochs.index(epoch) + 1) / len(self.prune_epochs) * self.prune_target)
 
@@ -327,7 +336,7 @@ class Population:
             n = self.params[i][0].numel()
             mask = keep[:, offset: offset + n].view_as(self.params[i]).float()
             self.masks[i] = mask if i not in self.masks else mask * self.masks[i]
-            self.params[i] = self.params[i] * self.masks[i]
+            self.params[i].mul_(self.masks[i])
             offset += n
 
     @torch.no_grad()
