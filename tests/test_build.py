@@ -143,3 +143,14 @@ def test_command_line_exit_code_and_no_traceback():
     r = subprocess.run([sys.executable, "-m", "zoo.build", "lr=0.1"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("error: unknown config key 'lr' in override 'lr=0.1'; valid keys: " + r.stderr.split("valid keys: ")[1].strip())
+
+
+def test_torchrun_splits_members_across_ranks_and_merges(tmp_path, tiny_zoo):
+    out = tmp_path / "z.h5"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "zoo.build",
+           *TINY, "--out", str(out), "--quiet"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.h5", "z.parquet"]  # shard files merged and removed
+    (w1, m1), (w2, m2) = _read_all(tiny_zoo), _read_all(out)
+    assert np.allclose(w1, w2, rtol=0, atol=1e-5) and np.allclose(m1["test_acc"], m2["test_acc"], atol=1e-3)

@@ -48,6 +48,15 @@ def test_population_matches_plain_loop(arch, kw, data_name, opt, request):
             assert _rel(pop.flat_weights()[i], _flat(solo)) < TOL, (arch, opt, i)
 
 
+@pytest.mark.parametrize("arch,data_name", [("cnn_s", "digits28"), ("cnn_gap", "digits")])
+def test_unfold_convolution_matches_grouped(arch, data_name, request):
+    data = request.getfixturevalue(data_name)
+    pops = [Population(arch, {}, _members("adam", 3, dropout=0.2), data, conv=c) for c in ("grouped", "unfold")]
+    for p in pops:
+        p.train_epoch(1, max_steps=5)
+    assert _rel(pops[1].flat_weights(), pops[0].flat_weights()) < TOL
+
+
 def test_member_does_not_depend_on_population_mates(digits):
     a = _members("adam", 4, dropout=0.3)
     p1, p2 = Population("cnn_gap", {}, a, digits), Population("cnn_gap", {}, [a[3], a[0]], digits)

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +31,7 @@ from .config import MemberSpec, ZooConfig, expand_members
 from .data import ImageData, load_dataset
 from .models import create_model, n_params, param_layout
 from .population import Population, member_bytes
-from .store import AsyncWriter, config_of, create_partial, write_table
+from .store import AsyncWriter, config_of, create_partial, merge, write_table
 
 DEFAULT_ZOO = {
     "name": "digits_default", "dataset": "digits", "architecture": "cnn_gap", "epochs": 8,
@@ -149,17 +150,23 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
                          f"pass --overwrite to discard it, or rerun with the same config to resume")
     todo = [p for p in np.unique(plan[plan >= 0]) if not done[plan == p].all()]
     writer = AsyncWriter(partial)
+    t0, trained = time.perf_counter(), 0
     bar = tqdm(total=int(sum((plan == p).sum() for p in todo)), unit="member", disable=not progress,
                desc=f"{cfg.name} on {device.type}", smoothing=0.1)
     try:
         for p in todo[:max_populations]:
             pids = np.flatnonzero(plan == p)
             pop = Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in pids], data,
-                             cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile)
+                             cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile, conv=cfg.conv)
             _train_population(pop, pids, cfg, writer, bar)
+            trained += len(pids)
     finally:
         bar.close()
         writer.close()
+    seconds = time.perf_counter() - t0
+    if progress and trained:
+        print(f"trained {trained} members x {cfg.epochs} epochs in {seconds:.1f} s on {device}: "
+              f"{trained * cfg.epochs / seconds:.2f} model-epochs/s, {trained / seconds:.3f} members/s")
     if max_populations is not None and len(todo) > max_populations:
         return None
     os.replace(partial, out)
@@ -187,10 +194,39 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. epochs=5 grid.lr=[0.01]")
     args = ap.parse_intermixed_args(argv)
-    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if world > 1 and torch.cuda.is_available() else None)
+    overrides = list(args.overrides) + ([f"device={device}"] if device else [])
     cfg = load_config(ZooConfig, args.config, overrides, None if args.config else DEFAULT_ZOO)
+    if world > 1:
+        return _main_distributed(cfg, args, rank, world)
     path = build(cfg, args.out, args.overwrite, _parse_shard(args.shard), args.max_populations, not args.quiet)
     print(f"zoo written to {path}" if path else "stopped early; rerun the same command to resume")
+
+
+def _main_distributed(cfg: ZooConfig, args, rank: int, world: int) -> None:
+    """Under torchrun: rank r builds shard r/world (one GPU each), then rank 0 merges the shards."""
+    import torch.distributed as dist
+
+    if args.shard != "0/1":
+        raise UsageError("--shard and torchrun both split members; use one of them")
+    out = Path(args.out or cfg.out or f"data/zoos/{cfg.name}.h5")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to rebuild it or choose another --out")
+    shard_path = out.with_name(f"{out.stem}.shard{rank}of{world}.h5")
+    dist.init_process_group("gloo")
+    try:
+        done = build(cfg, shard_path, args.overwrite, (rank, world), args.max_populations, not args.quiet and rank == 0)
+        dist.barrier()
+        if rank == 0 and done is not None:
+            shards = [out.with_name(f"{out.stem}.shard{r}of{world}.h5") for r in range(world)]
+            merge(out, shards, args.overwrite)
+            for s in shards:
+                s.unlink()
+                s.with_suffix(".parquet").unlink()
+            print(f"zoo written to {out}")
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

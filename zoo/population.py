@@ -75,12 +75,17 @@ class _Ctx:
     params: dict[str, torch.Tensor]  # name -> (M, *shape)
     dropout: torch.Tensor | None  # (M,) rates while training, None when off
     step_key: torch.Tensor | None  # (M,) int64, a member's key for this step's dropout masks
+    conv: str = "grouped"  # "grouped": one grouped convolution; "unfold": im2col + batched matmul
     n_dropout: int = 0  # dropout layers seen so far in this forward pass
 
 
 def _member_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
     """(M,) per-member values, broadcast against a (B, M, *features) activation of `ndim` dims."""
     return v.view(1, -1, *[1] * (ndim - 2))
+
+
+def _out_size(size: int, k: int, pad: int, dil: int, stride: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
 def _conv(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
@@ -90,6 +95,12 @@ def _conv(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation)
     if Mx == 1 and M > 1:  # every member sees the same images (evaluation): one dense conv
         y = F.conv2d(x[:, 0], w.reshape(M * O, C, *w.shape[3:]), b.reshape(-1), **kw)
+    elif ctx.conv == "unfold":  # (1, M, O, C*k*k) @ (B, M, C*k*k, L): batched matmul on tensor cores
+        cols = F.unfold(x.reshape(B, M * C, H, W), w.shape[3:], m.dilation, m.padding, m.stride)
+        y = (w.reshape(1, M, O, -1) @ cols.view(B, M, -1, cols.shape[-1])) + b.view(1, M, O, 1)
+        h2, w2 = (_out_size(s, k, p_, d, st) for s, k, p_, d, st in
+                  zip((H, W), w.shape[3:], m.padding, m.dilation, m.stride))
+        return y.view(B, M, O, h2, w2)
     else:  # (B, M*C, H, W) * (M*O, C, k, k), groups = M
         y = F.conv2d(x.reshape(B, M * C, H, W), w.reshape(M * O, C, *w.shape[3:]), b.reshape(-1), groups=M, **kw)
     return y.view(B, M, O, *y.shape[-2:])
@@ -140,7 +151,9 @@ def _patch_embed(m: PatchEmbed, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Ten
 def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     B, M, T, D = x.shape
     q, k, v = _linear(m.qkv, p + "qkv.", x, ctx).reshape(B * M, T, 3, m.heads, D // m.heads).permute(2, 0, 3, 1, 4)
-    y = F.scaled_dot_product_attention(q, k, v)  # (B*M, heads, T, D/heads)
+    # explicit softmax attention: T is tiny, and fused kernels reject batch B*M in the 10^5 range
+    att = torch.softmax((q @ k.transpose(-1, -2)) * (D // m.heads) ** -0.5, dim=-1)
+    y = att @ v  # (B*M, heads, T, D/heads)
     return _linear(m.out, p + "out.", y.transpose(1, 2).reshape(B, M, T, D), ctx)
 
 
@@ -222,7 +235,7 @@ class Population:
 
     def __init__(self, architecture: str, architecture_kwargs: dict, members: Sequence[MemberSpec], data: ImageData,
                  prune_epochs: Sequence[int] = (), train_eval_samples: int = 0, precision: str = "fp32",
-                 compile: bool = False, eval_bytes: int = 1 << 30):
+                 compile: bool = False, eval_bytes: int = 1 << 30, conv: str = "grouped"):
         keys = {(m.activation, m.optimizer, m.batch_size) for m in members}
         if len(keys) != 1:
             raise ValueError(f"a population shares activation, optimizer and batch size; got {sorted(keys)}")
@@ -255,6 +268,9 @@ class Population:
         self.prune_epochs = sorted(prune_epochs)
         self.train_eval_samples = train_eval_samples
         self.precision = precision
+        if conv not in ("grouped", "unfold"):
+            raise UsageError(f"conv must be grouped or unfold, got {conv!r}")
+        self.conv = conv
         _, act_max = _activation_numel(self.template, data.input_shape)
         self.eval_chunk = max(1, eval_bytes // (4 * len(members) * act_max * 3))
         self._loss_fn = torch.compile(self._loss, dynamic=False) if compile else self._loss
@@ -269,7 +285,7 @@ class Population:
         """(B, M or 1, C, H, W) float -> (B, M, num_classes) logits; dropout on when `train`."""
         params = self.params if params is None else params
         on = train and self.has_dropout
-        ctx = _Ctx(dict(zip(self.names, params)), self.dropout if on else None, step_key if on else None)
+        ctx = _Ctx(dict(zip(self.names, params)), self.dropout if on else None, step_key if on else None, self.conv)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             return run_layer(self.template, "", x, ctx).float()
 
@@ -308,19 +324,27 @@ class Population:
             for old, new in zip([*self.params, *sum(self.state, []), self.t], [*new_p, *sum(new_s, []), t]):
                 old.copy_(new)
 
-    def train_epoch(self, epoch: int, max_steps: int | None = None) -> None:
-        """Epoch `epoch` (1-based): every member passes once over its own shuffled pool
-        (only the first `max_steps` batches of it, if given)."""
-        B, n = self.batch_size, len(self.data.y_train)
-        order = member_order(self.seeds, epoch, n, self.pool)  # (M, n)
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """(M, N) each member's shuffled sample order for `epoch` (its pool first)."""
+        return member_order(self.seeds, epoch, len(self.data.y_train), self.pool)
+
+    def run_steps(self, order: torch.Tensor, epoch: int, steps: range) -> None:
+        """Steps `steps` of `epoch`, batches cut from `order`: gathered by index, no DataLoader."""
+        B = self.batch_size
         uneven = bool((self.n_steps != self.n_steps.max()).any())
-        for s in range(min(int(self.n_steps.max()), max_steps or n)):
+        for s in steps:
             idx = order[:, s * B:(s + 1) * B]  # (M, B)
             xb = self.data.x_train[idx.T]  # (B, M, C, H, W) uint8
             y = noisy_labels(self.data.y_train, idx, self.seeds, self.noise, self.data.num_classes).T
             active = (s < self.n_steps) if uneven else torch.ones_like(self.diverged)
             step_key = hash32(self.seeds, TAG_DROPOUT, torch.full_like(self.seeds, epoch * 2**20 + s)) & 0x7FFFFFFF
             self.step(xb, y, active, step_key)
+
+    def train_epoch(self, epoch: int, max_steps: int | None = None) -> None:
+        """Epoch `epoch` (1-based): every member passes once over its own shuffled pool
+        (only the first `max_steps` batches of it, if given); pruning follows at scheduled epochs."""
+        n_steps = int(self.n_steps.max())
+        self.run_steps(self.epoch_order(epoch), epoch, range(min(n_steps, max_steps or n_steps)))
         if epoch in self.prune_epochs:
             self.prune((self.prune_epochs.index(epoch) + 1) / len(self.prune_epochs) * self.prune_target)
 

@@ -1,0 +1,171 @@
+"""Zoo-engine throughput against the plain per-model PyTorch loop, same recipe, one run.
+
+Device run (MNIST copied to data/datasets/mnist, carried):
+    python benchmarks/zoo_throughput.py --archs cnn_s,cnn_gap,vit_t --members 4096
+CPU smoke run (seconds):
+    python benchmarks/zoo_throughput.py --dataset digits --archs cnn_gap --members 16 --steps 3 --variants fp32
+
+Prints model-epochs/s for the plain loop (`zoo/solo.py`: one nn.Module, torch.optim.Adam) and for each
+engine variant, the ratio, peak GPU memory, and the test accuracy after one epoch of a few members
+trained both ways (they must agree). Model-epochs/s = members x steps / steps_per_epoch / seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo import MemberSpec, Population, load_dataset  # noqa: E402
+from zoo.population import member_order  # noqa: E402
+from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
+
+ARCH_KWARGS = {"cnn_s": {}, "cnn_l": {}, "cnn_gap": {}, "mlp": {}, "vit_t": {"patch": 7, "dim": 32, "depth": 2}}
+VARIANTS = {"fp32": ("fp32", False, "grouped"), "bf16": ("bf16", False, "grouped"),
+            "fp32+compile": ("fp32", True, "grouped"), "bf16+compile": ("bf16", True, "grouped"),
+            "bf16+unfold": ("bf16", False, "unfold"), "bf16+compile+unfold": ("bf16", True, "unfold")}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def members(n: int, batch: int) -> list[MemberSpec]:
+    # the recipe of issue 4: Adam, tanh; lr varies per member so members really differ
+    return [MemberSpec(seed=i, activation="tanh", optimizer="adam", lr=(1e-3, 3e-4, 3e-3)[i % 3], batch_size=batch,
+                       init="kaiming_uniform") for i in range(n)]
+
+
+def time_solo(arch, data, batch, steps) -> float:
+    """Seconds per step of the plain loop (gather batch on device, forward, backward, Adam)."""
+    m = members(1, batch)[0]
+    model = build_member(arch, ARCH_KWARGS[arch], m, data).train()
+    opt = torch.optim.Adam(model.parameters(), lr=m.lr)
+    order = member_order(torch.tensor([m.seed], device=data.x_train.device), 1, len(data.y_train))[0]
+    def run(n):
+        for s in range(n):
+            idx = order[s * batch:(s + 1) * batch]
+            loss = F.cross_entropy(model(data.normalize(data.x_train[idx])), data.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    run(10)
+    sync(data.x_train.device)
+    t0 = time.perf_counter()
+    run(steps)
+    sync(data.x_train.device)
+    return (time.perf_counter() - t0) / steps
+
+
+def time_engine(arch, data, n_members, batch, steps, precision, compile_, conv) -> tuple[float, float, float]:
+    """(seconds per step, seconds per epoch order, peak GiB) for one population of n_members."""
+    dev = data.x_train.device
+    pop = Population(arch, ARCH_KWARGS[arch], members(n_members, batch), data, precision=precision, compile=compile_,
+                     conv=conv)
+    sync(dev)
+    t0 = time.perf_counter()
+    order = pop.epoch_order(1)
+    sync(dev)
+    t_order = time.perf_counter() - t0
+    pop.run_steps(order, 1, range(3))  # warm-up (and compilation)
+    sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    pop.run_steps(order, 1, range(3, 3 + steps))
+    sync(dev)
+    t_step = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    return t_step, t_order, peak
+
+
+def agreement(arch, data, n, batch, precision, compile_, conv) -> list[tuple[float, float]]:
+    """Test accuracy after one epoch: (engine, plain loop) for n members."""
+    ms = members(n, batch)
+    pop = Population(arch, ARCH_KWARGS[arch], ms, data, precision=precision, compile=compile_, conv=conv)
+    pop.train_epoch(1)
+    eng = pop.evaluate()["test_acc"].tolist()
+    return [(e, accuracy(train_solo(arch, ARCH_KWARGS[arch], m, data, 1), data)) for e, m in zip(eng, ms)]
+
+
+def profile(arch, data, n_members, batch, precision, compile_, conv, rows=12) -> str:
+    pop = Population(arch, ARCH_KWARGS[arch], members(n_members, batch), data, precision=precision, compile=compile_,
+                     conv=conv)
+    order = pop.epoch_order(1)
+    pop.run_steps(order, 1, range(3))
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                   if data.x_train.device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        pop.run_steps(order, 1, range(3, 8))
+        sync(data.x_train.device)
+    key = "cuda_time_total" if data.x_train.device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--data-root", default="data/datasets")
+    ap.add_argument("--archs", default="cnn_s,cnn_gap,vit_t")
+    ap.add_argument("--members", default="4096", help="population sizes, comma-separated")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--solo-steps", type=int, default=200)
+    ap.add_argument("--variants", default="fp32,bf16,bf16+compile")
+    ap.add_argument("--check", type=int, default=3, help="members trained one epoch both ways")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    rows = []
+    for arch in args.archs.split(","):
+        data = load_dataset(args.dataset, args.data_root, device=dev)
+        spe = len(data.y_train) // args.batch
+        solo = time_solo(arch, data, args.batch, args.solo_steps)
+        solo_rate = 1 / (solo * spe)
+        print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
+        rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
+        for variant in args.variants.split(","):
+            for m in (int(v) for v in args.members.split(",")):
+                try:
+                    t, t_order, peak = time_engine(arch, data, m, args.batch, args.steps, *VARIANTS[variant])
+                except torch.OutOfMemoryError:
+                    print(f"{arch} {variant} {m}: out of memory", flush=True)
+                    torch.cuda.empty_cache()
+                    continue
+                rate = m / (t * spe + t_order)  # the per-epoch shuffle counted once per epoch
+                rows.append({"arch": arch, "path": variant, "members": m, "rate": rate, "ms_step": t * 1e3,
+                             "order_s": t_order, "peak_gib": peak, "ratio": rate / solo_rate})
+                print(f"{arch} {variant} M={m}: {t * 1e3:.1f} ms/step, order {t_order:.2f} s/epoch, "
+                      f"{rate:.1f} model-epochs/s ({rate / solo_rate:.0f}x), peak {peak:.1f} GiB", flush=True)
+                torch.cuda.empty_cache() if dev.type == "cuda" else None
+        if args.check:
+            for variant in ("fp32", args.variants.split(",")[-1]):
+                pairs = agreement(arch, data, args.check, args.batch, *VARIANTS[variant])
+                diff = max(abs(a - b) for a, b in pairs)
+                print(f"{arch} {variant}: test acc after 1 epoch engine vs plain loop "
+                      f"{[(round(a, 4), round(b, 4)) for a, b in pairs]} max |diff| {diff:.4f}", flush=True)
+                rows.append({"arch": arch, "check": variant, "pairs": pairs, "max_diff": diff})
+        if args.profile:
+            print(profile(arch, data, int(args.members.split(",")[-1]), args.batch, *VARIANTS[args.variants.split(",")[-1]]))
+    print("\n| arch | path | members | model-epochs/s | ms/step | ratio | peak GiB |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "rate" in r:
+            print(f"| {r['arch']} | {r['path']} | {r['members']} | {r['rate']:.2f} | {r['ms_step']:.2f} | "
+                  f"{r.get('ratio', 1):.0f} | {r.get('peak_gib', float('nan')):.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
