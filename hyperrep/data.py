@@ -1,0 +1,101 @@
+"""Weights from a zoo file, read lazily: member splits, normalisation statistics, and a DataModule."""
+from __future__ import annotations
+
+import math
+
+import h5py
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from zoo import UsageError
+from zoo.store import Zoo
+
+from .augment import Permuter
+
+TRAIN, VAL, TEST, EXCLUDED = 0, 1, 2, -1
+
+
+def split_members(usable: np.ndarray, fractions, seed: int) -> np.ndarray:
+    """int8 split per member (0 train, 1 val, 2 test, -1 excluded): all checkpoints of a member share it."""
+    ids = np.flatnonzero(usable)
+    ids = ids[np.random.default_rng(seed).permutation(len(ids))]
+    n_train, n_val = int(round(fractions[0] * len(ids))), int(round(fractions[1] * len(ids)))
+    split = np.full(len(usable), EXCLUDED, np.int8)
+    split[ids[:n_train]], split[ids[n_train:n_train + n_val]], split[ids[n_train + n_val:]] = TRAIN, VAL, TEST
+    return split
+
+
+def usable_members(z: Zoo, slots: list[int]) -> np.ndarray:
+    """Members that finished, did not diverge, and have finite weights at every used checkpoint."""
+    done, diverged = z.file["models/done"][:], z.file["models/diverged"][:]
+    finite = np.isfinite(z.file["metrics/test_loss"][:][:, slots]).all(1)
+    return done & ~diverged & finite
+
+
+def layer_stats(z: Zoo, members: np.ndarray, slots: list[int], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor mean and std over the given members and slots, expanded to (P,) vectors."""
+    total = np.zeros(z.n_params)
+    total_sq = np.zeros(z.n_params)
+    n = 0
+    for a in range(0, len(members), chunk):
+        w = z.file["weights"][np.sort(members[a:a + chunk])][:, slots].astype(np.float64)  # (m, s, P)
+        total += w.sum((0, 1))
+        total_sq += (w ** 2).sum((0, 1))
+        n += w.shape[0] * w.shape[1]
+    mean, std = np.zeros(z.n_params), np.ones(z.n_params)
+    for e in z.layout:
+        sl = slice(e["offset"], e["offset"] + math.prod(e["shape"]))
+        m = total[sl].sum() / (n * (sl.stop - sl.start))
+        v = total_sq[sl].sum() / (n * (sl.stop - sl.start)) - m * m
+        mean[sl], std[sl] = m, math.sqrt(max(v, 0.0)) + 1e-8
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
+class WeightViews(Dataset):
+    """(member, slot) items -> two views of the flat weight vector (independently permuted)."""
+
+    def __init__(self, path: str, items: np.ndarray, permuter: Permuter | None, reference: torch.Tensor | None):
+        self.path, self.items, self.permuter, self.reference = path, items, permuter, reference
+        self.file = None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if self.file is None:  # opened per worker process
+            self.file = h5py.File(self.path, "r")
+        m, s = self.items[i]
+        flat = torch.from_numpy(self.file["weights"][m, s])
+        if self.reference is not None:
+            flat = self.permuter.align(flat, self.reference)
+        if self.permuter is None:
+            return flat, flat
+        return tuple(flat[self.permuter.random_index(torch.default_generator)] for _ in range(2))
+
+
+class ZooDataModule(L.LightningDataModule):
+    def __init__(self, path: str, split: np.ndarray, slots: list[int], batch_size: int, num_workers: int,
+                 permuter: Permuter | None, reference: torch.Tensor | None = None):
+        super().__init__()
+        self.path, self.split, self.slots = path, split, slots
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.permuter, self.reference = permuter, reference
+
+    def items(self, which: int) -> np.ndarray:
+        members = np.flatnonzero(self.split == which)
+        return np.array([(m, s) for m in members for s in self.slots], dtype=np.int64).reshape(-1, 2)
+
+    def _loader(self, which: int, shuffle: bool) -> DataLoader:
+        ds = WeightViews(self.path, self.items(which), self.permuter if which == TRAIN else None, self.reference)
+        if len(ds) == 0:
+            raise UsageError(f"the {['train', 'val', 'test'][which]} split is empty; use a larger zoo or other splits")
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          drop_last=shuffle and len(ds) > self.batch_size, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader(TRAIN, True)
+
+    def val_dataloader(self):
+        return self._loader(VAL, False)
