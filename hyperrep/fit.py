@@ -52,8 +52,9 @@ def _trainer(cfg: FitConfig, out: Path) -> L.Trainer:
     return L.Trainer(
         max_epochs=cfg.epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
         strategy="ddp" if cfg.devices > 1 else "auto", precision=precision,
-        logger=L.pytorch.loggers.CSVLogger(out, name="logs"), log_every_n_steps=10,
-        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0)],
+        logger=L.pytorch.loggers.CSVLogger(out, name="logs"), log_every_n_steps=1,
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=1,
+                                                     every_n_epochs=1)],
         enable_model_summary=False, enable_progress_bar=os.environ.get("WEIGHTZOO_QUIET") is None)
 
 
@@ -100,8 +101,10 @@ def fit(cfg: FitConfig, overwrite: bool = False) -> Path:
         last.unlink()
     trainer = _trainer(cfg, out)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers|LeafSpec).*")
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers|LeafSpec|exists and is not empty).*")
         trainer.fit(module, dm, ckpt_path=str(last) if last.exists() else None)
+    if trainer.interrupted:
+        raise UsageError(f"fit interrupted; rerun the same command to resume from {last}")
     if trainer.global_rank == 0:
         _export(out, module, cfg, z, split, slots, trainer)
     return out

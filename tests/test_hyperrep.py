@@ -1,0 +1,163 @@
+import os
+
+import h5py
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import zoo
+from hyperrep import FitConfig, Permuter, Tokenizer, find_couplings, fit, load_run, nt_xent, split_members
+from hyperrep.data import layer_stats
+from hyperrep.embed import embed_zoo
+from hyperrep.fit import main as fit_main
+from zoo._config import load_config, run_cli
+from zoo.models import flatten_state, init_weights, list_models, param_layout, unflatten
+
+from test_models import SHAPES
+
+os.environ["WEIGHTZOO_QUIET"] = "1"
+TINY_FIT = ["epochs=3", "d_model=32", "n_layers=1", "n_heads=2", "d_latent=8", "d_proj=8", "batch_size=8",
+            "token_size=32", "splits=[0.5,0.25,0.25]"]
+
+
+def _net(name, seed=0):
+    c, s = SHAPES[name]
+    m = zoo.create_model(name, in_channels=c, input_size=s, num_classes=10)
+    return init_weights(m, "kaiming_uniform", 1.0, torch.Generator().manual_seed(seed)).eval(), (c, s, s)
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("token_size", [7, 64])
+def test_tokenization_round_trip_is_bitwise(name, token_size):
+    net, _ = _net(name)
+    layout = param_layout(net)
+    tok = Tokenizer.from_layout(layout, token_size)
+    flat = torch.stack([flatten_state(net), torch.randn_like(flatten_state(net)) * 1e30, torch.randn_like(flatten_state(net))])
+    tokens = tok.tokenize(flat)
+    assert tokens.shape == (3, tok.n_tokens, token_size)
+    assert torch.equal(tok.detokenize(tokens), flat)
+    assert (tokens[:, ~tok.mask] == 0).all()
+    assert tok.positions[:, 0].tolist() == list(range(tok.n_tokens))  # global index
+    assert tok.positions[:, 1].max() + 1 == len({(p[1]) for p in tok.positions.tolist()})
+
+
+def test_token_is_one_unit_incoming_weights_and_bias():
+    net, _ = _net("cnn_s")
+    tok = Tokenizer.from_layout(param_layout(net), 256)
+    tokens = tok.tokenize(flatten_state(net))
+    conv2 = net[4]  # conv(8, 6, 5): a unit has 8*25 weights + 1 bias
+    row = tokens[8 + 2]  # 8 conv1 tokens come first; unit 2 of conv2
+    assert torch.equal(row[:200], conv2.weight[2].reshape(-1)) and row[200] == conv2.bias[2]
+    assert tok.positions[10].tolist() == [10, 1, 2]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_permutation_augmentation_preserves_function(name):
+    net, shape = _net(name)
+    layout, flat = param_layout(net), flatten_state(net)
+    perm = Permuter(layout, find_couplings(net, shape))
+    assert perm.couplings, name
+    idx = perm.random_index(torch.Generator().manual_seed(3))
+    other, _ = _net(name, seed=1)
+    other.load_state_dict(unflatten(flat[idx], layout))
+    x = torch.randn(6, *shape)
+    with torch.no_grad():
+        assert torch.allclose(other(x), net(x), atol=1e-5, rtol=1e-4)
+    assert not torch.equal(flat[idx], flat)
+    assert torch.equal(perm.align(flat[idx], flat), flat)  # weight matching undoes it
+
+
+def test_split_is_by_member_without_overlap():
+    usable = np.ones(100, bool)
+    usable[[3, 50]] = False
+    split = split_members(usable, (0.6, 0.2, 0.2), seed=0)
+    assert (split[[3, 50]] == -1).all() and np.bincount(split[split >= 0]).tolist() == [59, 20, 19]
+    assert np.array_equal(split, split_members(usable, (0.6, 0.2, 0.2), seed=0))
+
+
+def test_layer_stats_match_numpy(tiny_zoo):
+    with zoo.open(tiny_zoo) as z:
+        members = np.array([0, 2, 5])
+        mean, std = layer_stats(z, members, [0, 2], chunk=2)
+        w = z.file["weights"][members][:, [0, 2]].reshape(-1, z.n_params)
+        e = z.layout[2]
+        sl = slice(e["offset"], e["offset"] + int(np.prod(e["shape"])))
+        assert np.allclose(mean[sl], w[:, sl].mean(), atol=1e-6) and np.allclose(std[sl], w[:, sl].std(), rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_zoo, tmp_path_factory):
+    cfg = load_config(FitConfig, None, TINY_FIT + [f"zoo={tiny_zoo}", f"out={tmp_path_factory.mktemp('hr') / 'run'}"])
+    return fit(cfg)
+
+
+def test_fit_loss_decreases_and_records_split(tiny_run, tiny_zoo):
+    df = pd.read_csv(next(tiny_run.glob("logs/version_*/metrics.csv")))
+    train = df["train_loss"].dropna().tolist()
+    assert len(train) == 3 and train[-1] < train[0]
+    module, meta = load_run(tiny_run)
+    assert sorted(np.bincount(meta["split"]).tolist()) == [4, 4, 8] and meta["slots"] == [0, 1, 2]
+    assert (tiny_run / "loss.png").stat().st_size > 1000
+    with zoo.open(tiny_zoo) as z:  # normalisation is undone on decode
+        flat = torch.from_numpy(z.weights(0, 1))[None]
+        assert torch.allclose(module.to_weights(module.to_tokens(flat)), flat, atol=1e-5)
+
+
+def test_embed_writes_every_member_and_checkpoint(tiny_run, tiny_zoo, tmp_path):
+    out = embed_zoo(tiny_zoo, tiny_run, tmp_path / "e.h5", progress=False)
+    with h5py.File(out) as f:
+        assert f["embeddings"].shape == (16, 3, 8) and np.isfinite(f["embeddings"][:]).all()
+        assert f.attrs["format"] == "weightzoo-embeddings/1" and len(f["split"]) == 16
+    keys = pq.read_table(out.with_suffix(".parquet")).to_pandas()
+    assert len(keys) == 48 and set(keys.columns) >= {"model_id", "checkpoint", "epoch", "split"}
+
+
+def test_windowed_embedding_covers_the_model(tiny_run, tiny_zoo):
+    module, _ = load_run(tiny_run)
+    with zoo.open(tiny_zoo) as z:
+        flat = torch.from_numpy(np.stack([z.weights(0, 2), z.weights(1, 2)]))
+    full = module.embed(flat)
+    object.__setattr__(module.cfg, "window", 40)  # smaller than the 186 tokens: covered by 5 windows
+    windowed = module.embed(flat)
+    assert windowed.shape == full.shape == (2, 8) and torch.isfinite(windowed).all()
+    assert not torch.allclose(windowed, full)
+
+
+def test_fit_resumes_from_last_checkpoint(tiny_zoo, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = load_config(FitConfig, None, TINY_FIT + [f"zoo={tiny_zoo}", f"out={out}"])
+
+    def stop_after_first_epoch(self):
+        if self.current_epoch == 1:
+            raise KeyboardInterrupt  # what Ctrl-C or a preemption signal does
+    monkeypatch.setattr("hyperrep.module.HyperRepModule.on_train_epoch_start", stop_after_first_epoch, raising=False)
+    with pytest.raises((SystemExit, zoo.UsageError)):  # Lightning ends the process on an interrupt
+        fit(cfg)
+    assert (out / "checkpoints" / "last.ckpt").exists() and not (out / "model.pt").exists()
+    monkeypatch.undo()
+    fit(cfg)
+    second = pd.read_csv(out / "logs" / "version_1" / "metrics.csv")
+    assert second["epoch"].dropna().unique().tolist() == [1, 2]  # only the remaining epochs ran
+    assert (out / "model.pt").exists()
+
+
+def test_nt_xent_prefers_matching_views():
+    a = torch.randn(16, 8)
+    assert nt_xent(a, a + 0.01 * torch.randn_like(a), 0.1) < nt_xent(a, torch.randn(16, 8), 0.1)
+
+
+def test_bad_inputs(tmp_path, capsys, tiny_zoo):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = [1]
+    cases = [(["--zoo", str(tmp_path / "missing.h5")], "does not exist; build one"),
+             (["--zoo", str(other)], "is not a weightzoo zoo"),
+             (["--zoo", str(tiny_zoo), "widht=3"], "unknown config key 'widht'"),
+             (["--zoo", str(tiny_zoo), "checkpoints=[7]"], "out of range")]
+    for argv, message in cases:
+        assert run_cli(fit_main, argv + ["--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
