@@ -1,0 +1,125 @@
+"""Probe inputs from zoo files: rows = (member, checkpoint) pairs; features W, s(W), embeddings; targets.
+
+s(W) follows Unterthiner et al. 2020: for every layer tensor (weights and biases separately) the mean,
+variance and the 0/25/50/75/100 % quantiles.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+import zoo
+from zoo import UsageError
+from zoo.config import HPARAMS
+
+STAT_NAMES = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
+METRIC_TARGETS = ("test_acc", "train_acc", "gen_gap", "epoch", "test_loss", "train_loss", "sparsity")
+HPARAM_TARGETS = ("lr", "weight_decay", "dropout", "init", "init_scale", "activation", "optimizer", "batch_size",
+                  "prune_fraction", "train_fraction", "label_noise", "class_subset")
+ALL_TARGETS = METRIC_TARGETS + HPARAM_TARGETS + ("dataset",)
+
+
+@dataclass
+class ProbeData:
+    rows: pd.DataFrame  # one row per usable (zoo, member, checkpoint): ids, targets
+    W: np.ndarray  # (n_rows, n_params) float32
+    sW: np.ndarray  # (n_rows, n_stats) float32
+    emb: np.ndarray | None  # (n_rows, d_latent) or None
+    emb_split: np.ndarray | None  # per row: the hyperrep fit's member split (0 train, 1 val, 2 test)
+    stat_names: list[str]
+
+
+def weight_stats(W: np.ndarray, layout: list[dict]) -> tuple[np.ndarray, list[str]]:
+    """(n, P) -> (n, 7 x n_tensors) statistics per layer tensor."""
+    cols, names = [], []
+    for e in layout:
+        block = W[:, e["offset"]: e["offset"] + math.prod(e["shape"])].astype(np.float64)
+        q = np.quantile(block, [0, 0.25, 0.5, 0.75, 1.0], axis=1).T
+        cols.append(np.column_stack([block.mean(1), block.var(1), q]))
+        names += [f"{e['name']}.{s}" for s in STAT_NAMES]
+    return np.concatenate(cols, 1).astype(np.float32), names
+
+
+def _rows_of(z: zoo.Zoo, zoo_index: int) -> pd.DataFrame:
+    t = z.table.to_pandas()
+    t = t[~t["diverged"] & np.isfinite(t["test_acc"]) & np.isfinite(t["train_acc"])]
+    done = z.file["models/done"][:]
+    t = t[done[t["model_id"].to_numpy()]].copy()
+    t["gen_gap"] = t["train_acc"] - t["test_acc"]
+    t["zoo"] = zoo_index
+    t["member"] = zoo_index * 10**7 + t["model_id"]  # unique across zoos, for member splits
+    return t.reset_index(drop=True)
+
+
+def _embeddings(path: Path, z: zoo.Zoo, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise UsageError(f"embeddings file {path} does not exist; run python -m hyperrep.embed --zoo {z.path} first")
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != "weightzoo-embeddings/1":
+            raise UsageError(f"{path} is not a weightzoo embeddings file (format {f.attrs.get('format')!r})")
+        e = f["embeddings"]
+        if e.shape[:2] != (z.n_models, z.n_checkpoints):
+            raise UsageError(f"{path} holds embeddings for {e.shape[0]} x {e.shape[1]} (member, checkpoint) pairs "
+                             f"but {z.path} has {z.n_models} x {z.n_checkpoints}: embeddings of another zoo")
+        emb = e[:][rows["model_id"].to_numpy(), rows["checkpoint"].to_numpy()]
+        split = f["split"][:][rows["model_id"].to_numpy()]
+    return emb, split
+
+
+def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Path] | None = None,
+                    checkpoints: list[int] | None = None) -> ProbeData:
+    """Rows, features and targets of one or several zoos of one architecture."""
+    if embedding_paths and len(embedding_paths) != len(zoo_paths):
+        raise UsageError(f"got {len(embedding_paths)} --embeddings for {len(zoo_paths)} --zoo; give one per zoo")
+    frames, Ws, embs, splits, layout, arch = [], [], [], [], None, None
+    for i, p in enumerate(zoo_paths):
+        with zoo.open(p) as z:
+            if arch is not None and (z.architecture, z.layout) != (arch, layout):
+                raise UsageError(f"{p} holds {z.architecture} members; probing several zoos needs one architecture ({arch})")
+            arch, layout = z.architecture, z.layout
+            rows = _rows_of(z, i)
+            if checkpoints:
+                rows = rows[rows["checkpoint"].isin(checkpoints)].reset_index(drop=True)
+            w = z.file["weights"]
+            Ws.append(np.stack([w[m, c] for m, c in zip(rows["model_id"], rows["checkpoint"])]) if len(rows)
+                      else np.zeros((0, z.n_params), np.float32))
+            if embedding_paths:
+                e, s = _embeddings(Path(embedding_paths[i]), z, rows)
+                embs.append(e)
+                splits.append(s)
+            frames.append(rows)
+    rows = pd.concat(frames, ignore_index=True)
+    W = np.concatenate(Ws)
+    ok = np.isfinite(W).all(1)
+    if embedding_paths:
+        emb, split = np.concatenate(embs), np.concatenate(splits)
+        ok &= np.isfinite(emb).all(1)
+    rows, W = rows[ok].reset_index(drop=True), W[ok]
+    sW, names = weight_stats(W, layout)
+    return ProbeData(rows, W, sW, emb[ok] if embedding_paths else None, split[ok] if embedding_paths else None, names)
+
+
+def target_kind(values: pd.Series, name: str) -> str | None:
+    """'continuous', 'categorical', or None when the target does not vary."""
+    if values.nunique(dropna=True) < 2:
+        return None
+    if name in METRIC_TARGETS:
+        return "continuous"
+    if values.dtype.kind in "OSUb" or values.nunique() <= 10:
+        return "categorical"
+    return "continuous"
+
+
+def target_values(rows: pd.DataFrame, name: str, kind: str) -> np.ndarray:
+    v = rows[name]
+    if kind == "categorical":
+        return v.astype(str).to_numpy()
+    v = v.to_numpy(np.float64)
+    if name in HPARAMS and (v > 0).all() and v.max() / v.min() > 100:  # log-uniform ranges: regress log10
+        return np.log10(v)
+    return v
