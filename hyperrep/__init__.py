@@ -2,8 +2,8 @@
 from .augment import Coupling, Permuter, add_noise, erase_tokens, find_couplings
 from .config import FitConfig
 from .data import ZooDataModule, layer_stats, split_members
-from .embed import embed_zoo
-from .fit import fit, load_run
+from ._embed import embed_zoo
+from ._fit import fit, load_run
 from .model import AEShape, HyperAE, masked_mse, nt_xent, sane_loss
 from .module import HyperRepModule
 from .tokens import Tokenizer

@@ -10,7 +10,7 @@ import torch
 import zoo
 from hyperrep import FitConfig, Permuter, Tokenizer, find_couplings, fit, load_run, nt_xent, split_members
 from hyperrep.data import layer_stats
-from hyperrep.embed import embed_zoo
+from hyperrep import embed_zoo
 from hyperrep.fit import main as fit_main
 from zoo._config import load_config, run_cli
 from zoo.models import flatten_state, init_weights, list_models, param_layout, unflatten

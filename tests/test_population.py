@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from zoo import MemberSpec, Population, load_dataset
+from zoo import MemberSpec, Population
 from zoo.population import _Ctx, _dropout, member_order, member_pools, noisy_labels
 from zoo.solo import accuracy, train_solo
 

@@ -1,0 +1,201 @@
+"""Probes on frozen weight features: splits, fits, scores, tables and plots (CLI: probes.evaluate)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.linalg import LinAlgWarning
+from scipy.stats import kendalltau
+from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, GroupKFold
+from sklearn.preprocessing import StandardScaler
+
+
+from .features import ProbeData, target_kind, target_values
+
+COLUMNS = ("W linear", "s(W) linear", "s(W) gbm", "emb linear")
+PRIMARY = {"continuous": "r2", "categorical": "accuracy"}
+
+
+def member_split(data: ProbeData, seed: int, test_fraction: float) -> np.ndarray:
+    """Bool per row: in the test split. Whole members only; the hyperrep fit's test members when known."""
+    members = data.rows["member"].to_numpy()
+    if data.emb_split is not None and (data.emb_split == 2).any() and (data.emb_split != 2).any():
+        return data.emb_split == 2
+    uniq = np.unique(members)
+    test = np.random.default_rng(seed).permutation(uniq)[: max(1, int(round(test_fraction * len(uniq))))]
+    return np.isin(members, test)
+
+
+class _RidgeCV:
+    """Ridge with alpha chosen by grouped K-fold CV: one SVD per fold serves every alpha."""
+    alphas = np.logspace(-3, 5, 17)
+
+    def fit(self, X, y, groups, n_splits):
+        err = np.zeros(len(self.alphas))
+        for tr, va in GroupKFold(n_splits=n_splits).split(X, y, groups):
+            coefs, b = self._path(X[tr], y[tr])
+            err += ((X[va] @ coefs + b - y[va][:, None]) ** 2).sum(0)
+        self.alpha_ = self.alphas[int(np.argmin(err))]
+        coefs, self.intercept_ = self._path(X, y, [self.alpha_])
+        self.coef_ = coefs[:, 0]
+        return self
+
+    def _path(self, X, y, alphas=None):
+        """Coefficients (p, n_alphas) and intercepts of ridge on centred data, for every alpha."""
+        alphas = self.alphas if alphas is None else np.asarray(alphas)
+        mx, my = X.mean(0), y.mean()
+        u, sv, vt = np.linalg.svd(X - mx, full_matrices=False)
+        coefs = vt.T @ ((sv / (sv ** 2 + alphas[:, None]))[:, :, None] * (u.T @ (y - my))[None, :, None])[..., 0].T
+        return coefs, my - mx @ coefs
+
+    def predict(self, X):
+        return X @ self.coef_ + self.intercept_
+
+
+def _linear(kind: str, X, y, groups, seed: int):
+    n_splits = min(5 if kind == "continuous" else 3, len(np.unique(groups)))
+    if kind == "continuous":
+        return _RidgeCV().fit(X, y, groups, n_splits)
+    search = GridSearchCV(LogisticRegression(max_iter=300, tol=1e-3), {"C": [0.01, 0.1, 1.0]},
+                          cv=GroupKFold(n_splits=n_splits))
+    return search.fit(X, y, groups=groups).best_estimator_
+
+
+def prepare(column: str, data: ProbeData, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) inputs of a probe. Linear probes: s(W) through sign(x) log(1 + |x|) (variances and
+    extremes span orders of magnitude), standardised on the training rows, and, when there are more
+    features than training rows, expressed in the row space of the training rows (X V from its SVD):
+    exact for L2-penalised linear models, whose solutions lie in that space, and far cheaper."""
+    X = {"W": data.W, "s(W)": data.sW, "emb": data.emb}[column.split(" ")[0]].astype(np.float64)
+    if column.endswith("gbm"):
+        return X[~test], X[test]
+    if column.startswith("s(W)"):
+        X = np.sign(X) * np.log1p(np.abs(X))
+    scaler = StandardScaler().fit(X[~test])
+    Xtr, Xte = scaler.transform(X[~test]), scaler.transform(X[test])
+    if Xtr.shape[1] > Xtr.shape[0]:
+        _, _, vt = np.linalg.svd(Xtr, full_matrices=False)
+        Xtr, Xte = Xtr @ vt.T, Xte @ vt.T
+    return Xtr, Xte
+
+
+def fit_predict(column: str, kind: str, data: ProbeData, y, test, seed: int, inputs=None) -> np.ndarray:
+    """Fit one probe on the training rows, predict the test rows. Regression predictions are clipped
+    to the range of the training targets (a linear map must not extrapolate an accuracy above 1)."""
+    Xtr, Xte = inputs if inputs is not None else prepare(column, data, test)
+    if column.endswith("gbm"):
+        cls = HistGradientBoostingRegressor if kind == "continuous" else HistGradientBoostingClassifier
+        return cls(max_iter=200, random_state=seed).fit(Xtr, y[~test]).predict(Xte)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe that did not converge is still a probe
+        warnings.simplefilter("ignore", LinAlgWarning)  # ill-conditioned at the smallest alphas; CV avoids them
+        model = _linear(kind, Xtr, y[~test], data.rows["member"].to_numpy()[~test], seed)
+    pred = model.predict(Xte)
+    return np.clip(pred, y[~test].min(), y[~test].max()) if kind == "continuous" else pred
+
+
+def _metrics(kind: str, y, pred) -> dict[str, float]:
+    if kind == "continuous":
+        sst = ((y - y.mean()) ** 2).sum()
+        r2 = 1 - ((y - pred) ** 2).sum() / sst if sst > 0 else np.nan
+        tau = kendalltau(y, pred).statistic if np.ptp(pred) > 0 and np.ptp(y) > 0 else 0.0
+        return {"r2": float(r2), "kendall_tau": float(tau)}
+    hit = y == pred
+    recalls = [hit[y == c].mean() for c in np.unique(y)]
+    return {"accuracy": float(hit.mean()), "balanced_accuracy": float(np.mean(recalls))}
+
+
+def score(kind: str, y, pred, members, n_boot: int, seed: int) -> dict[str, float]:
+    """Metrics with 95 % intervals from a bootstrap over test members (all of a member's rows together)."""
+    out = _metrics(kind, y, pred)
+    uniq, inverse = np.unique(members, return_inverse=True)
+    rows_of = [np.flatnonzero(inverse == i) for i in range(len(uniq))]
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a resample with a single class or constant target gives NaN
+        boots = [_metrics(kind, y[idx], pred[idx]) for idx in
+                 (np.concatenate([rows_of[i] for i in rng.integers(0, len(uniq), len(uniq))]) for _ in range(n_boot))]
+    for k in list(out):
+        vals = np.array([b[k] for b in boots], float)
+        out[f"{k}_lo"], out[f"{k}_hi"] = (np.nanpercentile(vals, [2.5, 97.5]) if n_boot else (np.nan, np.nan))
+    return out
+
+
+def evaluate(data: ProbeData, targets: list[str], seed: int = 0, test_fraction: float = 0.2, n_boot: int = 200):
+    """-> (long results table, predictions {target: {column: (y_test, pred)}}, test mask)."""
+    test = member_split(data, seed, test_fraction)
+    members = data.rows["member"].to_numpy()
+    assert not set(members[test]) & set(members[~test])  # no member on both sides
+    columns = [c for c in COLUMNS if data.emb is not None or not c.startswith("emb")]
+    results, predictions, inputs = [], {}, {}
+    for name in targets:
+        kind = target_kind(data.rows[name], name)
+        if kind is None:
+            continue
+        y = target_values(data.rows, name, kind)
+        predictions[name] = {}
+        for col in columns:
+            if col not in inputs:
+                inputs[col] = prepare(col, data, test)
+            pred = fit_predict(col, kind, data, y, test, seed, inputs[col])
+            predictions[name][col] = (y[test], pred)
+            results.append({"target": name, "kind": kind, "column": col,
+                            **score(kind, y[test], pred, members[test], n_boot, seed)})
+    return pd.DataFrame(results), predictions, test
+
+
+def markdown_table(results: pd.DataFrame) -> str:
+    cols = [c for c in COLUMNS if c in set(results["column"])]
+    lines = ["| target | metric | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for target, g in results.groupby("target", sort=False):
+        kind = g["kind"].iloc[0]
+        m = PRIMARY[kind]
+        cells = []
+        for c in cols:
+            r = g[g["column"] == c].iloc[0]
+            cells.append(f"{r[m]:.3f} [{r[m + '_lo']:.3f}, {r[m + '_hi']:.3f}]")
+        lines.append(f"| {target} | {'R²' if kind == 'continuous' else 'acc'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_predictions(predictions: dict, results: pd.DataFrame, out: Path) -> list[Path]:
+    """One PNG per target: predicted vs true (continuous) or a confusion matrix (categorical), per probe."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for target, cols in predictions.items():
+        kind = results[results["target"] == target]["kind"].iloc[0]
+        fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2), squeeze=False)
+        for ax, (col, (y, pred)) in zip(axes[0], cols.items()):
+            m = results[(results["target"] == target) & (results["column"] == col)].iloc[0]
+            if kind == "continuous":
+                ax.scatter(y, pred, s=6, alpha=0.5)
+                lims = [min(y.min(), pred.min()), max(y.max(), pred.max())]
+                ax.plot(lims, lims, "k--", lw=0.8)
+                ax.set(xlabel=f"true {target}", ylabel="predicted", title=f"{col}\nR² {m['r2']:.3f}")
+            else:
+                labels = sorted(set(y))
+                cm = pd.crosstab(pd.Categorical(y, labels), pd.Categorical(pred, labels), dropna=False).to_numpy()
+                ax.imshow(cm, cmap="Blues")
+                ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+                ax.set_yticks(range(len(labels)), labels, fontsize=7)
+                ax.set(xlabel="predicted", ylabel="true", title=f"{col}\nacc {m['accuracy']:.3f}")
+        fig.tight_layout()
+        path = out / "plots" / f"{target}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _default_embeddings(zoos: list[str]) -> list[str] | None:
+    paths = [str(Path(z).with_suffix(".embeddings.h5")) for z in zoos]
+    return paths if all(Path(p).is_file() for p in paths) else None
