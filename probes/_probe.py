@@ -12,7 +12,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, GroupKFold
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
 
 from .features import ProbeData, target_kind, target_values
@@ -67,15 +67,19 @@ def _linear(kind: str, X, y, groups, seed: int):
 
 
 def prepare(column: str, data: ProbeData, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) inputs of a probe. Linear probes: s(W) through sign(x) log(1 + |x|) (variances and
-    extremes span orders of magnitude), standardised on the training rows, and, when there are more
-    features than training rows, expressed in the row space of the training rows (X V from its SVD):
-    exact for L2-penalised linear models, whose solutions lie in that space, and far cheaper."""
+    """(train, test) inputs of a probe. Linear probes see standardised features; s(W) is first
+    rank-Gaussianised per feature (a quantile transform fitted on the training rows: its variances and
+    extremes are heavy-tailed, and a member whose weights blew up must not dominate a linear fit).
+    With more features than training rows, inputs are expressed in the row space of the training rows
+    (X V from its SVD): exact for L2-penalised linear models, whose solutions lie in that space, and cheaper."""
     X = {"W": data.W, "s(W)": data.sW, "emb": data.emb}[column.split(" ")[0]].astype(np.float64)
     if column.endswith("gbm"):
         return X[~test], X[test]
     if column.startswith("s(W)"):
-        X = np.sign(X) * np.log1p(np.abs(X))
+        q = QuantileTransformer(n_quantiles=min(1000, int((~test).sum())), output_distribution="normal")
+        q.fit(X[~test])
+        X = np.empty_like(X)
+        X[~test], X[test] = q.transform(data.sW[~test]), q.transform(data.sW[test])
     scaler = StandardScaler().fit(X[~test])
     Xtr, Xte = scaler.transform(X[~test]), scaler.transform(X[test])
     if Xtr.shape[1] > Xtr.shape[0]:

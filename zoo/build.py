@@ -35,10 +35,10 @@ from .store import AsyncWriter, config_of, create_partial, merge, write_table
 
 DEFAULT_ZOO = {
     "name": "digits_default", "dataset": "digits", "architecture": "cnn_gap", "epochs": 8,
-    "checkpoints": [0, 1, 2, 4, 8], "seeds": 2,
-    "grid": {"init": ["kaiming_uniform", "xavier_normal", "orthogonal", "uniform"],
+    "checkpoints": [0, 1, 2, 3, 4, 6, 8], "seeds": 2,
+    "grid": {"init": ["kaiming_uniform", "kaiming_normal", "xavier_uniform", "orthogonal"],
              "activation": ["tanh", "relu", "sigmoid", "gelu"], "optimizer": ["adam", "sgd"],
-             "lr": [0.001, 0.01], "dropout": [0.0, 0.3]},
+             "lr": [0.01, 0.05], "dropout": [0.0, 0.3]},
 }
 
 
