@@ -34,3 +34,18 @@ def tiny_zoo(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def default_pipeline(tmp_path_factory):
+    """The README's first command in a temporary directory: default zoo -> default hyperrep -> embeddings."""
+    import os
+
+    from hyperrep import FitConfig, embed_zoo, fit
+    from zoo.build import build
+
+    os.environ["WEIGHTZOO_QUIET"] = "1"
+    root = tmp_path_factory.mktemp("pipeline")
+    zoo_path = build(load_config(ZooConfig, None, [], DEFAULT_ZOO), root / "digits_default.h5", progress=False)
+    run = fit(load_config(FitConfig, "configs/hyperrep/default.yaml", [f"zoo={zoo_path}", f"out={root / 'hr'}"]))
+    return zoo_path, embed_zoo(zoo_path, run, progress=False)

@@ -1,0 +1,106 @@
+import json
+import os
+from pathlib import Path
+
+import h5py
+import nbclient
+import nbformat
+import numpy as np
+import pytest
+
+from probes import evaluate, load_probe_data, member_split, score, weight_stats
+from probes.evaluate import main
+from zoo import create_model, list_models
+from zoo._config import run_cli
+from zoo.models import flatten_state, param_layout
+
+from test_models import SHAPES
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_weight_statistics_on_every_architecture(name):
+    c, s = SHAPES[name]
+    layout = param_layout(create_model(name, in_channels=c, input_size=s))
+    W = np.random.default_rng(0).normal(size=(4, flatten_state(create_model(name, in_channels=c, input_size=s)).numel()))
+    sW, names = weight_stats(W, layout)
+    assert sW.shape == (4, 7 * len(layout)) and len(names) == sW.shape[1] and np.isfinite(sW).all()
+    e = layout[0]
+    block = W[:, :int(np.prod(e["shape"]))]
+    assert np.allclose(sW[:, :7], np.column_stack([block.mean(1), block.var(1),
+                                                   *np.quantile(block, [0, .25, .5, .75, 1], axis=1)]), atol=1e-5)
+
+
+def test_split_never_puts_a_member_on_both_sides(tiny_zoo):
+    data = load_probe_data([tiny_zoo])
+    for seed in range(5):
+        test = member_split(data, seed, 0.25)
+        members = data.rows["member"].to_numpy()
+        assert test.any() and (~test).any() and not set(members[test]) & set(members[~test])
+    data.emb_split = np.where(data.rows["model_id"] % 4 == 0, 2, 0)  # a hyperrep split is reused
+    assert np.array_equal(member_split(data, 0, 0.25), data.rows["model_id"].to_numpy() % 4 == 0)
+
+
+def test_pure_noise_target_cannot_be_predicted(tiny_zoo):
+    data = load_probe_data([tiny_zoo])
+    rng = np.random.default_rng(0)
+    data.rows["test_acc"] = rng.normal(size=len(data.rows))  # a target unrelated to the weights
+    results, _, _ = evaluate(data, ["test_acc"], seed=0, n_boot=100)
+    for _, r in results.iterrows():
+        assert r["r2"] < 0.1 and r["r2_lo"] < 0, r["column"]
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=200)
+    out = score("continuous", y, y + 0.5 * rng.normal(size=200), np.repeat(np.arange(50), 4), 300, 0)
+    assert out["r2_lo"] < out["r2"] < out["r2_hi"] and 0.6 < out["r2"] < 0.9 and out["kendall_tau"] > 0.5
+
+
+def test_cli_table_files_and_plots(default_pipeline, tmp_path, capsys):
+    zoo_path, emb = default_pipeline
+    out = tmp_path / "probes"
+    assert run_cli(main, ["--zoo", str(zoo_path), "--embeddings", str(emb), "--targets", "test_acc", "init",
+                          "--out", str(out), "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "| target | metric | W linear | s(W) linear | s(W) gbm | emb linear |" in printed
+    assert "| test_acc | R² |" in printed and "| init | acc |" in printed
+    assert {p.name for p in out.iterdir()} >= {"results.csv", "results.json", "table.md", "split.json", "plots"}
+    assert (out / "plots" / "test_acc.png").stat().st_size > 5000
+    assert len(json.loads((out / "results.json").read_text())["results"]) == 8
+
+
+def test_quality_bars_on_the_default_zoo(default_pipeline):
+    """s(W) ridge R^2 for test accuracy >= 0.8; the embedding probe not below the raw-weights probe."""
+    zoo_path, emb = default_pipeline
+    results, _, _ = evaluate(load_probe_data([zoo_path], [emb]), ["test_acc"], seed=0, n_boot=50)
+    r2 = dict(zip(results["column"], results["r2"]))
+    assert r2["s(W) linear"] >= 0.8, r2
+    assert r2["emb linear"] >= r2["W linear"], r2
+
+
+@pytest.mark.parametrize("notebook", ["01_probe_zoo", "02_embedding_space"])
+def test_notebooks_run_headless(notebook, default_pipeline, monkeypatch):
+    monkeypatch.setenv("WEIGHTZOO_ZOO", str(default_pipeline[0]))
+    nb = nbformat.read(Path("probes/notebooks") / f"{notebook}.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": "probes/notebooks"}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_bad_inputs(tiny_zoo, tmp_path, capsys):
+    other = tmp_path / "other.embeddings.h5"
+    with h5py.File(other, "w") as f:
+        f.attrs["format"] = "weightzoo-embeddings/1"
+        f["embeddings"] = np.zeros((3, 2, 4), np.float32)
+        f["split"] = np.zeros(3, np.int8)
+    cases = [(["--embeddings", str(tmp_path / "none.h5")], "does not exist; run python -m hyperrep.embed"),
+             (["--targets", "accuracy"], "unknown target 'accuracy'"),
+             (["--embeddings", str(other)], "embeddings of another zoo"),
+             (["--targets", "dataset"], "target 'dataset' needs several zoos")]
+    for argv, message in cases:
+        assert run_cli(main, ["--zoo", str(tiny_zoo), "--out", str(tmp_path / "o")] + argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
