@@ -164,7 +164,7 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
         bar.close()
         writer.close()
     seconds = time.perf_counter() - t0
-    if progress and trained:
+    if trained:
         print(f"trained {trained} members x {cfg.epochs} epochs in {seconds:.1f} s on {device}: "
               f"{trained * cfg.epochs / seconds:.2f} model-epochs/s, {trained / seconds:.3f} members/s")
     if max_populations is not None and len(todo) > max_populations:
