@@ -119,7 +119,7 @@ def load_run(run: str | Path, device: str = "cpu") -> tuple[HyperRepModule, dict
         raise UsageError(f"{run} is not a fitted hyperrep run (no model.pt / hyperrep.yaml); run python -m hyperrep.fit")
     meta = yaml.safe_load((run / "hyperrep.yaml").read_text())
     cfg = load_config(FitConfig, None, [], meta["config"])
-    blob = torch.load(run / "model.pt", map_location=device, weights_only=True)
+    blob = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     sd = blob["state_dict"]
     module = HyperRepModule(cfg, json.loads(meta["layout"]), sd["mean"], sd["std"])
     module.load_state_dict(sd)
