@@ -71,7 +71,8 @@ def plot_losses(out: Path) -> Path | None:
     return out / "loss.png"
 
 
-def fit(cfg: FitConfig, overwrite: bool = False) -> Path:
+def fit(cfg: FitConfig, overwrite: bool = False) -> Path | None:
+    """Fit and export a run; returns its directory (None on DDP ranks other than 0)."""
     z = zoo.open_zoo(cfg.zoo)
     out = Path(cfg.out or f"data/hyperrep/{cfg.name}")
     if (out / "model.pt").exists() and not overwrite:
@@ -95,8 +96,9 @@ def fit(cfg: FitConfig, overwrite: bool = False) -> Path:
         trainer.fit(module, dm, ckpt_path=str(last) if last.exists() else None)
     if trainer.interrupted:
         raise UsageError(f"fit interrupted; rerun the same command to resume from {last}")
-    if trainer.global_rank == 0:
-        _export(out, module, cfg, z, split, slots, trainer)
+    if trainer.global_rank != 0:
+        return None
+    _export(out, module, cfg, z, split, slots, trainer)
     return out
 
 

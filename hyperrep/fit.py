@@ -28,7 +28,9 @@ def main(argv: list[str]) -> None:
     args = ap.parse_intermixed_args(argv)
     extra = [f"zoo={args.zoo}"] * bool(args.zoo) + [f"out={args.out}"] * bool(args.out)
     cfg = load_config(FitConfig, args.config, list(args.overrides) + extra)
-    print(f"hyper-representation written to {fit(cfg, args.overwrite)}")
+    out = fit(cfg, args.overwrite)
+    if out is not None:
+        print(f"hyper-representation written to {out}")
 
 
 if __name__ == "__main__":

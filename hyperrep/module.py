@@ -57,12 +57,13 @@ class HyperRepModule(L.LightningModule):
     def training_step(self, batch, _):
         loss, mse, con = self._losses(batch, True)
         self.log_dict({"train_loss": loss, "train_mse": mse, "train_ntxent": con}, prog_bar=True, on_epoch=True,
-                      on_step=False, batch_size=len(batch[0]))
+                      on_step=False, batch_size=len(batch[0]), sync_dist=True)
         return loss
 
     def validation_step(self, batch, _):
         loss, mse, con = self._losses(batch, False)
-        self.log_dict({"val_loss": loss, "val_mse": mse, "val_ntxent": con}, prog_bar=True, batch_size=len(batch[0]))
+        self.log_dict({"val_loss": loss, "val_mse": mse, "val_ntxent": con}, prog_bar=True, batch_size=len(batch[0]),
+                      sync_dist=True)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)

@@ -79,6 +79,16 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path):
     assert np.array_equal(w1, w2) and all(np.array_equal(m1[k], m2[k]) for k in m1)
 
 
+def test_resume_on_another_device_and_merge_of_per_device_shards_are_allowed(tmp_path):
+    cfg = tiny_config("population_size=8")
+    out = tmp_path / "z.h5"
+    assert build(cfg, out, max_populations=1, progress=False) is None
+    assert build(tiny_config("population_size=8", "device=cpu"), out, progress=False) == out  # was device=auto
+    shards = [build(tiny_config(f"device={d}"), tmp_path / f"s{i}.h5", shard=(i, 2), progress=False)
+              for i, d in enumerate(["auto", "cpu"])]
+    assert zoo.merge.main([str(tmp_path / "m.h5"), *map(str, shards)]) is None
+
+
 def test_partial_of_another_config_is_refused(tmp_path):
     out = tmp_path / "z.h5"
     build(tiny_config("population_size=3"), out, max_populations=1, progress=False)

@@ -70,3 +70,16 @@ def test_missing_files_and_unknown_names_are_clear(tmp_path):
         load_dataset("imagenet")
     with pytest.raises(UsageError, match="file not found"):
         load_dataset(f"npz:{tmp_path / 'nope.npz'}")
+
+
+def test_svhn_mat_files(tmp_path):
+    from scipy.io import savemat
+
+    root = tmp_path / "svhn"
+    root.mkdir()
+    for part, n in [("train", 6), ("test", 4)]:
+        x = np.random.default_rng(0).integers(0, 256, (32, 32, 3, n), dtype=np.uint8)  # SVHN's HWCN layout
+        savemat(root / f"{part}_32x32.mat", {"X": x, "y": (np.arange(n) % 10 + 1)[:, None]})  # label 10 means 0
+    d = load_dataset("svhn", tmp_path)
+    assert d.x_train.shape == (6, 3, 32, 32) and d.y_train.tolist() == [1, 2, 3, 4, 5, 6]
+    assert d.y_test.tolist() == [1, 2, 3, 4]

@@ -161,3 +161,17 @@ def test_bad_inputs(tmp_path, capsys, tiny_zoo):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_ddp_on_two_processes(tiny_zoo, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "hyperrep.fit", "--zoo", str(tiny_zoo), "--out", str(out),
+                        "accelerator=cpu", "devices=2", *TINY_FIT[:1], "epochs=1", *TINY_FIT[1:]],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("hyper-representation written to") == 1  # rank 0 exports
+    module, meta = load_run(out)
+    assert sorted(np.bincount(meta["split"]).tolist()) == [4, 4, 8]

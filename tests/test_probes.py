@@ -104,3 +104,18 @@ def test_bad_inputs(tiny_zoo, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_dataset_is_probed_across_zoos(tiny_zoo, tmp_path):
+    from conftest import tiny_config
+    from zoo.build import build
+
+    rng = np.random.default_rng(0)  # a second dataset: noise images of the same shape as digits
+    x = rng.integers(0, 256, (600, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", x_train=x[:500], y_train=rng.integers(0, 10, 500), x_test=x[500:],
+             y_test=rng.integers(0, 10, 100))
+    other = build(tiny_config(f"dataset=npz:{tmp_path / 'noise.npz'}"), tmp_path / "noise.h5", progress=False)
+    data = load_probe_data([tiny_zoo, other], checkpoints=[1, 2])  # at slot 0 both zoos hold the same inits
+    assert set(data.rows["dataset"]) == {"digits", f"npz:{tmp_path / 'noise.npz'}"}
+    results, _, _ = evaluate(data, ["dataset"], seed=0, n_boot=20)
+    assert results["accuracy"].max() > 0.8, results[["column", "accuracy"]]

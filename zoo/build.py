@@ -31,7 +31,7 @@ from .config import MemberSpec, ZooConfig, expand_members
 from .data import ImageData, load_dataset
 from .models import create_model, n_params, param_layout
 from .population import Population, member_bytes
-from .store import AsyncWriter, config_of, create_partial, merge, write_table
+from .store import AsyncWriter, config_of, create_partial, merge, same_zoo_config, write_table
 
 DEFAULT_ZOO = {
     "name": "digits_default", "dataset": "digits", "architecture": "cnn_gap", "epochs": 8,
@@ -101,7 +101,7 @@ def _open_partial(partial: Path, cfg: ZooConfig, cfg_yaml: str, members, ids, da
     """Create the partial file, or check that an existing one is this build's; returns (plan, done)."""
     if partial.exists():
         try:
-            same = config_of(partial) == yaml.safe_load(cfg_yaml)
+            same = same_zoo_config(config_of(partial), yaml.safe_load(cfg_yaml))
             with h5py.File(partial, "r") as f:
                 same = same and f.attrs.get("shard") == f"{shard[0]}/{shard[1]}"
                 return f["models/population"][:], f["models/done"][:], same

@@ -213,7 +213,7 @@ def merge(out: Path, shards: Sequence[Path], overwrite: bool = False) -> Path:
         base_cfg = yaml.safe_load(first.attrs["config"])
         done = np.zeros(first["weights"].shape[0], bool)
         for p, s in zip(shards, srcs):
-            if s.attrs.get("format") != FORMAT or yaml.safe_load(s.attrs["config"]) != base_cfg:
+            if s.attrs.get("format") != FORMAT or not same_zoo_config(yaml.safe_load(s.attrs["config"]), base_cfg):
                 raise UsageError(f"shard {p} is not a shard of the same zoo as {shards[0]} (config differs)")
             done |= s["models/done"][:]
         if not done.all():
@@ -239,6 +239,14 @@ def merge(out: Path, shards: Sequence[Path], overwrite: bool = False) -> Path:
     os.replace(partial, out)
     write_table(out, out.with_suffix(".parquet"))
     return out
+
+
+PLACEMENT_KEYS = ("device",)  # where a build ran, not what it built: shards and resumes may differ here
+
+
+def same_zoo_config(a: dict, b: dict) -> bool:
+    drop = lambda c: {k: v for k, v in c.items() if k not in PLACEMENT_KEYS}
+    return drop(a) == drop(b)
 
 
 def config_of(path: Path) -> dict:
