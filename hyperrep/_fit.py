@@ -71,7 +71,7 @@ def plot_losses(out: Path) -> Path | None:
     return out / "loss.png"
 
 
-def fit(cfg: FitConfig, overwrite: bool = False) -> Path | None:
+def fit_run(cfg: FitConfig, overwrite: bool = False) -> Path | None:
     """Fit and export a run; returns its directory (None on DDP ranks other than 0)."""
     z = zoo.open_zoo(cfg.zoo)
     out = Path(cfg.out or f"data/hyperrep/{cfg.name}")

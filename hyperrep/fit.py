@@ -14,7 +14,7 @@ import argparse
 
 from zoo._config import load_config, run_cli
 
-from ._fit import fit
+from ._fit import fit_run
 from .config import FitConfig
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> None:
     args = ap.parse_intermixed_args(argv)
     extra = [f"zoo={args.zoo}"] * bool(args.zoo) + [f"out={args.out}"] * bool(args.out)
     cfg = load_config(FitConfig, args.config, list(args.overrides) + extra)
-    out = fit(cfg, args.overwrite)
+    out = fit_run(cfg, args.overwrite)
     if out is not None:
         print(f"hyper-representation written to {out}")
 

@@ -130,7 +130,7 @@ def score(kind: str, y, pred, members, n_boot: int, seed: int) -> dict[str, floa
     return out
 
 
-def evaluate(data: ProbeData, targets: list[str], seed: int = 0, test_fraction: float = 0.2, n_boot: int = 200):
+def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fraction: float = 0.2, n_boot: int = 200):
     """-> (long results table, predictions {target: {column: (y_test, pred)}}, test mask)."""
     test = member_split(data, seed, test_fraction)
     members = data.rows["member"].to_numpy()

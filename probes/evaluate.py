@@ -20,7 +20,7 @@ import numpy as np
 import zoo
 from zoo._config import UsageError, run_cli
 
-from ._probe import _default_embeddings, evaluate, markdown_table, plot_predictions
+from ._probe import _default_embeddings, evaluate_probes, markdown_table, plot_predictions
 from .features import ALL_TARGETS, load_probe_data, target_kind
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str]) -> None:
         raise UsageError("target 'dataset' needs several zoos (--zoo A.h5 B.h5) of one architecture")
     data = load_probe_data(args.zoo, args.embeddings or _default_embeddings(args.zoo), args.checkpoints)
     targets = args.targets or [t for t in ALL_TARGETS if t in data.rows and target_kind(data.rows[t], t)]
-    results, predictions, test = evaluate(data, targets, args.seed, args.test_fraction, args.bootstrap)
+    results, predictions, test = evaluate_probes(data, targets, args.seed, args.test_fraction, args.bootstrap)
     out = Path(args.out or f"data/probes/{Path(args.zoo[0]).stem}")
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)

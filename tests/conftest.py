@@ -41,11 +41,11 @@ def default_pipeline(tmp_path_factory):
     """The README's first command in a temporary directory: default zoo -> default hyperrep -> embeddings."""
     import os
 
-    from hyperrep import FitConfig, embed_zoo, fit
+    from hyperrep import FitConfig, embed_zoo, fit_run
     from zoo.build import build
 
     os.environ["WEIGHTZOO_QUIET"] = "1"
     root = tmp_path_factory.mktemp("pipeline")
     zoo_path = build(load_config(ZooConfig, None, [], DEFAULT_ZOO), root / "digits_default.h5", progress=False)
-    run = fit(load_config(FitConfig, "configs/hyperrep/default.yaml", [f"zoo={zoo_path}", f"out={root / 'hr'}"]))
+    run = fit_run(load_config(FitConfig, "configs/hyperrep/default.yaml", [f"zoo={zoo_path}", f"out={root / 'hr'}"]))
     return zoo_path, embed_zoo(zoo_path, run, progress=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zoo
-from hyperrep import FitConfig, Permuter, Tokenizer, find_couplings, fit, load_run, nt_xent, split_members
+from hyperrep import FitConfig, Permuter, Tokenizer, find_couplings, fit_run, load_run, nt_xent, split_members
 from hyperrep.data import layer_stats
 from hyperrep import embed_zoo
 from hyperrep.fit import main as fit_main
@@ -34,13 +34,15 @@ def test_tokenization_round_trip_is_bitwise(name, token_size):
     net, _ = _net(name)
     layout = param_layout(net)
     tok = Tokenizer.from_layout(layout, token_size)
-    flat = torch.stack([flatten_state(net), torch.randn_like(flatten_state(net)) * 1e30, torch.randn_like(flatten_state(net))])
+    w = flatten_state(net)
+    flat = torch.stack([w, torch.randn_like(w) * 1e30, -torch.rand_like(w) * 1e-30])
     tokens = tok.tokenize(flat)
     assert tokens.shape == (3, tok.n_tokens, token_size)
     assert torch.equal(tok.detokenize(tokens), flat)
+    assert torch.equal(tok.index[tok.mask].sort().values, torch.arange(len(w)))  # every weight exactly once
     assert (tokens[:, ~tok.mask] == 0).all()
     assert tok.positions[:, 0].tolist() == list(range(tok.n_tokens))  # global index
-    assert tok.positions[:, 1].max() + 1 == len({(p[1]) for p in tok.positions.tolist()})
+    assert tok.positions[:, 1].unique().tolist() == list(range(int(tok.positions[:, 1].max()) + 1))
 
 
 def test_token_is_one_unit_incoming_weights_and_bias():
@@ -90,7 +92,7 @@ def test_layer_stats_match_numpy(tiny_zoo):
 @pytest.fixture(scope="module")
 def tiny_run(tiny_zoo, tmp_path_factory):
     cfg = load_config(FitConfig, None, TINY_FIT + [f"zoo={tiny_zoo}", f"out={tmp_path_factory.mktemp('hr') / 'run'}"])
-    return fit(cfg)
+    return fit_run(cfg)
 
 
 def test_fit_loss_decreases_and_records_split(tiny_run, tiny_zoo):
@@ -134,10 +136,10 @@ def test_fit_resumes_from_last_checkpoint(tiny_zoo, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # what Ctrl-C or a preemption signal does
     monkeypatch.setattr("hyperrep.module.HyperRepModule.on_train_epoch_start", stop_after_first_epoch, raising=False)
     with pytest.raises((SystemExit, zoo.UsageError)):  # Lightning ends the process on an interrupt
-        fit(cfg)
+        fit_run(cfg)
     assert (out / "checkpoints" / "last.ckpt").exists() and not (out / "model.pt").exists()
     monkeypatch.undo()
-    fit(cfg)
+    fit_run(cfg)
     second = pd.read_csv(out / "logs" / "version_1" / "metrics.csv")
     assert second["epoch"].dropna().unique().tolist() == [1, 2]  # only the remaining epochs ran
     assert (out / "model.pt").exists()

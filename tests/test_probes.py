@@ -1,5 +1,4 @@
 import json
-import os
 from pathlib import Path
 
 import h5py
@@ -8,7 +7,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from probes import evaluate, load_probe_data, member_split, score, weight_stats
+from probes import evaluate_probes, load_probe_data, member_split, score, weight_stats
 from probes.evaluate import main
 from zoo import create_model, list_models
 from zoo._config import run_cli
@@ -44,7 +43,7 @@ def test_pure_noise_target_cannot_be_predicted(tiny_zoo):
     data = load_probe_data([tiny_zoo])
     rng = np.random.default_rng(0)
     data.rows["test_acc"] = rng.normal(size=len(data.rows))  # a target unrelated to the weights
-    results, _, _ = evaluate(data, ["test_acc"], seed=0, n_boot=100)
+    results, _, _ = evaluate_probes(data, ["test_acc"], seed=0, n_boot=100)
     for _, r in results.iterrows():
         assert r["r2"] < 0.1 and r["r2_lo"] < 0, r["column"]
 
@@ -72,7 +71,7 @@ def test_cli_table_files_and_plots(default_pipeline, tmp_path, capsys):
 def test_quality_bars_on_the_default_zoo(default_pipeline):
     """s(W) ridge R^2 for test accuracy >= 0.8; the embedding probe not below the raw-weights probe."""
     zoo_path, emb = default_pipeline
-    results, _, _ = evaluate(load_probe_data([zoo_path], [emb]), ["test_acc"], seed=0, n_boot=50)
+    results, _, _ = evaluate_probes(load_probe_data([zoo_path], [emb]), ["test_acc"], seed=0, n_boot=50)
     r2 = dict(zip(results["column"], results["r2"]))
     assert r2["s(W) linear"] >= 0.8, r2
     assert r2["emb linear"] >= r2["W linear"], r2
@@ -117,5 +116,5 @@ def test_dataset_is_probed_across_zoos(tiny_zoo, tmp_path):
     other = build(tiny_config(f"dataset=npz:{tmp_path / 'noise.npz'}"), tmp_path / "noise.h5", progress=False)
     data = load_probe_data([tiny_zoo, other], checkpoints=[1, 2])  # at slot 0 both zoos hold the same inits
     assert set(data.rows["dataset"]) == {"digits", f"npz:{tmp_path / 'noise.npz'}"}
-    results, _, _ = evaluate(data, ["dataset"], seed=0, n_boot=20)
+    results, _, _ = evaluate_probes(data, ["dataset"], seed=0, n_boot=20)
     assert results["accuracy"].max() > 0.8, results[["column", "accuracy"]]
