@@ -84,8 +84,7 @@ def fit_run(cfg: FitConfig, overwrite: bool = False) -> Path | None:
     module = HyperRepModule(cfg, z.layout, mean, std)
     permuter = permuter_for(z) if cfg.permute or cfg.align else None
     reference = torch.from_numpy(z.weights(int(np.flatnonzero(split == TRAIN)[0]), slots[-1])) if cfg.align else None
-    dm = ZooDataModule(str(z.path), split, slots, cfg.batch_size, cfg.num_workers,
-                       permuter if cfg.permute else None, reference)
+    dm = ZooDataModule(str(z.path), split, slots, cfg.batch_size, cfg.num_workers, permuter, cfg.permute, reference)
     out.mkdir(parents=True, exist_ok=True)
     last = out / "checkpoints" / "last.ckpt"
     if overwrite and last.exists():

@@ -54,10 +54,14 @@ def layer_stats(z: Zoo, members: np.ndarray, slots: list[int], chunk: int = 256)
 
 
 class WeightViews(Dataset):
-    """(member, slot) items -> two views of the flat weight vector (independently permuted)."""
+    """(member, slot) items -> two views of the flat weight vector: weight-matched to `reference` if given,
+    then independently permuted if `augment`."""
 
-    def __init__(self, path: str, items: np.ndarray, permuter: Permuter | None, reference: torch.Tensor | None):
-        self.path, self.items, self.permuter, self.reference = path, items, permuter, reference
+    def __init__(self, path: str, items: np.ndarray, permuter: Permuter | None, augment: bool,
+                 reference: torch.Tensor | None):
+        if (augment or reference is not None) and permuter is None:
+            raise ValueError("permutation augmentation and alignment need a Permuter")
+        self.path, self.items, self.permuter, self.augment, self.reference = path, items, permuter, augment, reference
         self.file = None
 
     def __len__(self):
@@ -70,25 +74,25 @@ class WeightViews(Dataset):
         flat = torch.from_numpy(self.file["weights"][m, s])
         if self.reference is not None:
             flat = self.permuter.align(flat, self.reference)
-        if self.permuter is None:
+        if not self.augment:
             return flat, flat
         return tuple(flat[self.permuter.random_index(torch.default_generator)] for _ in range(2))
 
 
 class ZooDataModule(L.LightningDataModule):
     def __init__(self, path: str, split: np.ndarray, slots: list[int], batch_size: int, num_workers: int,
-                 permuter: Permuter | None, reference: torch.Tensor | None = None):
+                 permuter: Permuter | None, permute: bool, reference: torch.Tensor | None = None):
         super().__init__()
         self.path, self.split, self.slots = path, split, slots
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.permuter, self.reference = permuter, reference
+        self.permuter, self.permute, self.reference = permuter, permute, reference
 
     def items(self, which: int) -> np.ndarray:
         members = np.flatnonzero(self.split == which)
         return np.array([(m, s) for m in members for s in self.slots], dtype=np.int64).reshape(-1, 2)
 
     def _loader(self, which: int, shuffle: bool) -> DataLoader:
-        ds = WeightViews(self.path, self.items(which), self.permuter if which == TRAIN else None, self.reference)
+        ds = WeightViews(self.path, self.items(which), self.permuter, self.permute and which == TRAIN, self.reference)
         if len(ds) == 0:
             raise UsageError(f"the {['train', 'val', 'test'][which]} split is empty; use a larger zoo or other splits")
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

@@ -145,6 +145,13 @@ def test_fit_resumes_from_last_checkpoint(tiny_zoo, tmp_path, monkeypatch):
     assert (out / "model.pt").exists()
 
 
+@pytest.mark.parametrize("flags", [["align=true"], ["align=true", "permute=false"], ["permute=false"]])
+def test_fit_with_alignment_and_without_permutations(tiny_zoo, tmp_path, flags):
+    cfg = load_config(FitConfig, None, TINY_FIT + ["epochs=1", f"zoo={tiny_zoo}", f"out={tmp_path / 'run'}", *flags])
+    module, _ = load_run(fit_run(cfg))
+    assert torch.isfinite(next(module.parameters())).all()
+
+
 def test_nt_xent_prefers_matching_views():
     a = torch.randn(16, 8)
     assert nt_xent(a, a + 0.01 * torch.randn_like(a), 0.1) < nt_xent(a, torch.randn(16, 8), 0.1)
