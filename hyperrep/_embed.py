@@ -1,6 +1,7 @@
 """Embedding every (member, checkpoint) of a zoo into an embeddings file (CLI: hyperrep.embed)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,8 +25,7 @@ def embed_zoo(zoo_path: str | Path, run: str | Path, out: str | Path | None = No
               device: str = "cpu", batch_size: int = 256, progress: bool = True) -> Path:
     z = zoo.open_zoo(zoo_path)
     module, meta = load_run(run, device)
-    if module.tokenizer.n_params != z.n_params or yaml.safe_load(yaml.safe_dump(z.layout)) != \
-            yaml.safe_load(yaml.safe_dump(__import__("json").loads(meta["layout"]))):
+    if z.layout != json.loads(meta["layout"]):
         raise UsageError(f"{run} was fitted on another architecture ({meta['architecture']}) than {z.path} "
                          f"({z.architecture}); fit a hyper-representation on this zoo first")
     out = Path(out or z.path.with_suffix(".embeddings.h5"))
