@@ -9,6 +9,7 @@ so the same member sees the same batches alone (`zoo.solo`), in any population, 
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -183,9 +184,8 @@ def run_layer(m: nn.Module, prefix: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
 
 # ---- vectorized optimizers: torch.optim's update rules with per-member lr and weight decay ----
 
-def _opt_state(name: str, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    n_buffers = {"adam": 2, "sgd": 1, "rmsprop": 1}[name]
-    return [[torch.zeros_like(p) for p in params] for _ in range(n_buffers)]
+def _opt_state(name: str, flat: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.zeros_like(flat) for _ in range({"adam": 2, "sgd": 1, "rmsprop": 1}[name])]
 
 
 def _update(name: str, p, g, bufs, lr, wd, t):
@@ -247,11 +247,14 @@ class Population:
         self.template = build()
         states = [init_member(build, m).state_dict() for m in members]
         self.names = list(states[0])
-        self.params = [torch.stack([s[n] for s in states]).to(self.device) for n in self.names]
+        # one (M, P) buffer in state_dict order; layers are views into it, so the optimizer is one update
+        self.flat = torch.stack([torch.cat([s[n].reshape(-1) for n in self.names]) for s in states]).to(self.device)
+        self.shapes = [tuple(states[0][n].shape) for n in self.names]
+        self.offsets = [0] + list(itertools.accumulate(math.prod(sh) for sh in self.shapes))
         prunable = {f"{n}.weight" for n, mod in self.template.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
         self.prunable = [i for i, n in enumerate(self.names) if n in prunable]
-        self.masks: dict[int, torch.Tensor] = {}
-        self.state = _opt_state(self.optimizer, self.params)
+        self.mask: torch.Tensor | None = None  # (M, P) pruning mask, ones outside conv/linear weights
+        self.state = _opt_state(self.optimizer, self.flat)
         hp = lambda k, dt=torch.float32: torch.tensor([getattr(m, k) for m in members], dtype=dt, device=self.device)
         self.lr, self.wd, self.dropout, self.noise = hp("lr"), hp("weight_decay"), hp("dropout"), hp("label_noise")
         self.prune_target = hp("prune_fraction")
@@ -280,49 +283,51 @@ class Population:
     def size(self) -> int:
         return len(self.members)
 
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """(M, P) -> per-tensor views (M, *shape), state_dict order."""
+        return [flat[:, a:b].view(-1, *sh) for a, b, sh in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.views(self.flat)
+
     def forward(self, x: torch.Tensor, train: bool, params: list[torch.Tensor] | None = None,
                 step_key: torch.Tensor | None = None) -> torch.Tensor:
         """(B, M or 1, C, H, W) float -> (B, M, num_classes) logits; dropout on when `train`."""
-        params = self.params if params is None else params
+        params = self.params if params is None else params  # list of (M, *shape) tensors
         on = train and self.has_dropout
         ctx = _Ctx(dict(zip(self.names, params)), self.dropout if on else None, step_key if on else None, self.conv)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             return run_layer(self.template, "", x, ctx).float()
 
-    def _loss(self, params, xb, y, step_key):
-        """xb (B, M, C, H, W) uint8, y (B, M) -> (sum of finite member losses, (M,) member losses)."""
+    def _loss(self, flat, xb, y, step_key):
+        """flat (M, P), xb (B, M, C, H, W) uint8, y (B, M) -> (sum of finite member losses, (M,) losses)."""
         B, M = y.shape
-        logits = self.forward(self.data.normalize(xb), True, params, step_key)
+        logits = self.forward(self.data.normalize(xb), True, self.views(flat), step_key)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(B, M).mean(0)
         return torch.where(torch.isfinite(loss), loss, 0.0).sum(), loss
 
-    def _apply(self, params, grads, state, t, active, diverged):
-        """Every member's optimizer update; inactive members keep their values, diverged ones are zeroed."""
+    def _apply(self, flat, grad, state, t, active, diverged):
+        """Every member's optimizer update on the flat buffer; inactive members keep their values,
+        diverged ones are zeroed. flat, grad, state (M, P); t, active, diverged (M,)."""
         t = t + active.float()
-        new_params, new_state = [], [[] for _ in state]
-        for i, (p, g) in enumerate(zip(params, grads)):
-            view = lambda v: v.view(-1, *[1] * (p.dim() - 1))
-            a = view(active)
-            p_new, bufs = _update(self.optimizer, p, g, [s[i] for s in state], view(self.lr), view(self.wd),
-                                  view(t.clamp(min=1)))
-            if i in self.masks:
-                p_new = p_new * self.masks[i]
-            new_params.append(torch.where(view(diverged), 0.0, torch.where(a, p_new, p)))
-            for j, b in enumerate(bufs):
-                new_state[j].append(torch.where(a, b, state[j][i]))
-        return new_params, new_state, t
+        col = lambda v: v[:, None]
+        new, bufs = _update(self.optimizer, flat, grad, state, col(self.lr), col(self.wd), col(t.clamp(min=1)))
+        if self.mask is not None:
+            new = new * self.mask
+        new = torch.where(col(diverged), 0.0, torch.where(col(active), new, flat))
+        return new, [torch.where(col(active), b, s) for b, s in zip(bufs, state)], t
 
     def step(self, xb: torch.Tensor, y: torch.Tensor, active: torch.Tensor, step_key: torch.Tensor) -> None:
         """One training step of every member, in place. No host synchronisation (graph-capturable)."""
-        params = [p.detach().requires_grad_(True) for p in self.params]
-        total, loss = self._loss_fn(params, xb, y, step_key)
-        grads = torch.autograd.grad(total, params)
+        flat = self.flat.detach().requires_grad_(True)
+        total, loss = self._loss_fn(flat, xb, y, step_key)
+        (grad,) = torch.autograd.grad(total, flat)
         self.diverged.logical_or_(~torch.isfinite(loss))
         with torch.no_grad():
-            new_p, new_s, t = self._apply_fn(self.params, grads, self.state, self.t, active & ~self.diverged,
-                                             self.diverged)
-            for old, new in zip([*self.params, *sum(self.state, []), self.t], [*new_p, *sum(new_s, []), t]):
-                old.copy_(new)
+            new, state, t = self._apply_fn(self.flat, grad, self.state, self.t, active & ~self.diverged, self.diverged)
+            for old, value in zip([self.flat, *self.state, self.t], [new, *state, t]):
+                old.copy_(value)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """(M, N) each member's shuffled sample order for `epoch` (its pool first)."""
@@ -351,22 +356,19 @@ class Population:
     @torch.no_grad()
     def prune(self, fraction: torch.Tensor) -> None:
         """Global magnitude pruning per member to `fraction` (M,) of conv/linear weights; masks persist."""
-        flat = torch.cat([self.params[i].reshape(self.size, -1).abs() for i in self.prunable], 1)  # (M, P_w)
-        k = (fraction * flat.shape[1]).round().long()
-        rank = torch.argsort(torch.argsort(flat, dim=1, stable=True), dim=1)
-        keep = rank >= k[:, None]
-        offset = 0
-        for i in self.prunable:
-            n = self.params[i][0].numel()
-            mask = keep[:, offset: offset + n].view_as(self.params[i]).float()
-            self.masks[i] = mask if i not in self.masks else mask * self.masks[i]
-            self.params[i].mul_(self.masks[i])
-            offset += n
+        cols = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1], device=self.device) for i in self.prunable])
+        w = self.flat[:, cols].abs()  # (M, P_w)
+        k = (fraction * w.shape[1]).round().long()
+        rank = torch.argsort(torch.argsort(w, dim=1, stable=True), dim=1)
+        mask = torch.ones_like(self.flat) if self.mask is None else self.mask
+        mask[:, cols] *= (rank >= k[:, None]).float()
+        self.mask = mask
+        self.flat.mul_(mask)
 
     @torch.no_grad()
     def sparsity(self) -> torch.Tensor:
-        zeros = sum((self.params[i].reshape(self.size, -1) == 0).sum(1) for i in self.prunable)
-        return zeros.float() / sum(self.params[i][0].numel() for i in self.prunable)
+        cols = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1], device=self.device) for i in self.prunable])
+        return (self.flat[:, cols] == 0).float().mean(1)
 
     def _split(self, split: str):
         """(x uint8, labels (M, N) or (N,), weights (M, N) bool or None) for evaluation."""
@@ -417,5 +419,4 @@ class Population:
     @torch.no_grad()
     def flat_weights(self) -> torch.Tensor:
         """(M, n_params) float32 in state_dict order; diverged members are NaN."""
-        flat = torch.cat([p.detach().reshape(self.size, -1) for p in self.params], 1).float()
-        return torch.where(self.diverged[:, None], float("nan"), flat)
+        return torch.where(self.diverged[:, None], float("nan"), self.flat.detach().float())
