@@ -253,6 +253,8 @@ class Population:
         self.offsets = [0] + list(itertools.accumulate(math.prod(sh) for sh in self.shapes))
         prunable = {f"{n}.weight" for n, mod in self.template.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
         self.prunable = [i for i, n in enumerate(self.names) if n in prunable]
+        self.prunable_cols = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in self.prunable]
+                                       or [torch.zeros(0, dtype=torch.long)]).to(self.device)  # conv/linear weights
         self.mask: torch.Tensor | None = None  # (M, P) pruning mask, ones outside conv/linear weights
         self.state = _opt_state(self.optimizer, self.flat)
         hp = lambda k, dt=torch.float32: torch.tensor([getattr(m, k) for m in members], dtype=dt, device=self.device)
@@ -356,7 +358,7 @@ class Population:
     @torch.no_grad()
     def prune(self, fraction: torch.Tensor) -> None:
         """Global magnitude pruning per member to `fraction` (M,) of conv/linear weights; masks persist."""
-        cols = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1], device=self.device) for i in self.prunable])
+        cols = self.prunable_cols
         w = self.flat[:, cols].abs()  # (M, P_w)
         k = (fraction * w.shape[1]).round().long()
         rank = torch.argsort(torch.argsort(w, dim=1, stable=True), dim=1)
@@ -367,8 +369,7 @@ class Population:
 
     @torch.no_grad()
     def sparsity(self) -> torch.Tensor:
-        cols = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1], device=self.device) for i in self.prunable])
-        return (self.flat[:, cols] == 0).float().mean(1)
+        return (self.flat[:, self.prunable_cols] == 0).float().mean(1)
 
     def _split(self, split: str):
         """(x uint8, labels (M, N) or (N,), weights (M, N) bool or None) for evaluation."""
