@@ -28,7 +28,9 @@ from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
 ARCH_KWARGS = {"cnn_s": {}, "cnn_l": {}, "cnn_gap": {}, "mlp": {}, "vit_t": {"patch": 7, "dim": 32, "depth": 2}}
 VARIANTS = {"fp32": ("fp32", False, "grouped"), "bf16": ("bf16", False, "grouped"),
             "fp32+compile": ("fp32", True, "grouped"), "bf16+compile": ("bf16", True, "grouped"),
-            "bf16+unfold": ("bf16", False, "unfold"), "bf16+compile+unfold": ("bf16", True, "unfold")}
+            "bf16+unfold": ("bf16", False, "unfold"), "bf16+compile+unfold": ("bf16", True, "unfold"),
+            "fp32+fused": ("fp32", False, "fused"), "bf16+fused": ("bf16", False, "fused"),
+            "bf16+compile+fused": ("bf16", True, "fused")}
 
 
 def sync(device):

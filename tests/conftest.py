@@ -1,5 +1,11 @@
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU (before zoo imports triton)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from zoo import load_dataset
 from zoo._config import load_config

@@ -88,7 +88,7 @@ class ZooConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
-    conv: str = "grouped"  # grouped convolution, or "unfold" (im2col + batched matmul; faster for tiny convs on GPU)
+    conv: str = "auto"  # auto (fused on CUDA with Triton, else grouped), grouped, unfold (im2col + bmm), fused (Triton)
     out: str = ""  # default data/zoos/<name>.h5
 
     def __post_init__(self):

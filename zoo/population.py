@@ -19,11 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._config import UsageError
+from ._convpool import available as triton_available, conv_pool
 from .config import MemberSpec
 from .data import ImageData
 from .models import (Activation, ClassToken, GlobalAvgPool, PatchEmbed, Residual, SelfAttention, create_model,
                      init_weights)
 
+CONV_PATHS = ("auto", "grouped", "unfold", "fused")
 _MASK32 = 0xFFFFFFFF
 TAG_SUBSET, TAG_NOISE, TAG_NOISE_LABEL, TAG_EVAL, TAG_DROPOUT = -1, -2, -3, -4, -5
 
@@ -76,7 +78,7 @@ class _Ctx:
     params: dict[str, torch.Tensor]  # name -> (M, *shape)
     dropout: torch.Tensor | None  # (M,) rates while training, None when off
     step_key: torch.Tensor | None  # (M,) int64, a member's key for this step's dropout masks
-    conv: str = "grouped"  # "grouped": one grouped convolution; "unfold": im2col + batched matmul
+    conv: str = "grouped"  # "grouped" conv, "unfold" (im2col + batched matmul) or "fused" (Triton, _convpool.py)
     n_dropout: int = 0  # dropout layers seen so far in this forward pass
 
 
@@ -89,6 +91,25 @@ def _out_size(size: int, k: int, pad: int, dil: int, stride: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
+def _fusable(m: nn.Conv2d, pool: nn.Module | None = None) -> bool:
+    """Square kernel, equal strides/paddings, no dilation or groups (and a plain k x k, stride k max-pool)."""
+    sq = lambda v: v[0] == v[1]
+    ok = sq(m.kernel_size) and sq(m.stride) and sq(m.padding) and m.dilation == (1, 1) and m.groups == 1
+    if pool is not None:
+        k, s = pool.kernel_size, pool.stride
+        ok = ok and isinstance(k, int) and s in (k, (k, k)) and pool.padding == 0 and pool.dilation == 1 \
+            and not pool.ceil_mode
+    return ok and m.padding_mode == "zeros"
+
+
+def _conv_pool(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx, pool: int = 1) -> torch.Tensor:
+    """Triton conv (+ max-pool) on (B, M, C, H, W); in bf16 under autocast, as torch's conv would be."""
+    w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return conv_pool(x.contiguous(), w, b, m.stride[0], m.padding[0], pool)
+
+
 def _conv(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]  # (M, O, C, k, k), (M, O)
     M, O = w.shape[:2]
@@ -96,6 +117,8 @@ def _conv(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation)
     if Mx == 1 and M > 1:  # every member sees the same images (evaluation): one dense conv
         y = F.conv2d(x[:, 0], w.reshape(M * O, C, *w.shape[3:]), b.reshape(-1), **kw)
+    elif ctx.conv == "fused" and _fusable(m):
+        return _conv_pool(m, p, x, ctx)
     elif ctx.conv == "unfold":  # (1, M, O, C*k*k) @ (B, M, C*k*k, L): batched matmul on tensor cores
         cols = F.unfold(x.reshape(B, M * C, H, W), w.shape[3:], m.dilation, m.padding, m.stride)
         y = (w.reshape(1, M, O, -1) @ cols.view(B, M, -1, cols.shape[-1])) + b.view(1, M, O, 1)
@@ -159,8 +182,18 @@ def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
 
 
 def _sequential(m: nn.Sequential, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
-    for name, child in m.named_children():
+    children = list(m.named_children())
+    i = 0
+    while i < len(children):
+        name, child = children[i]
+        nxt = children[i + 1][1] if i + 1 < len(children) else None
+        if (ctx.conv == "fused" and isinstance(child, nn.Conv2d) and isinstance(nxt, nn.MaxPool2d)
+                and x.shape[1] > 1 and _fusable(child, nxt)):  # conv -> max-pool in one kernel
+            x = _conv_pool(child, f"{p}{name}.", x, ctx, nxt.kernel_size)
+            i += 2
+            continue
         x = run_layer(child, f"{p}{name}.", x, ctx)
+        i += 1
     return x
 
 
@@ -235,7 +268,7 @@ class Population:
 
     def __init__(self, architecture: str, architecture_kwargs: dict, members: Sequence[MemberSpec], data: ImageData,
                  prune_epochs: Sequence[int] = (), train_eval_samples: int = 0, precision: str = "fp32",
-                 compile: bool = False, eval_bytes: int = 1 << 30, conv: str = "grouped"):
+                 compile: bool = False, eval_bytes: int = 1 << 30, conv: str = "auto"):
         keys = {(m.activation, m.optimizer, m.batch_size) for m in members}
         if len(keys) != 1:
             raise ValueError(f"a population shares activation, optimizer and batch size; got {sorted(keys)}")
@@ -273,8 +306,10 @@ class Population:
         self.prune_epochs = sorted(prune_epochs)
         self.train_eval_samples = train_eval_samples
         self.precision = precision
-        if conv not in ("grouped", "unfold"):
-            raise UsageError(f"conv must be grouped or unfold, got {conv!r}")
+        if conv not in CONV_PATHS:
+            raise UsageError(f"conv must be one of {', '.join(CONV_PATHS)}, got {conv!r}")
+        if conv == "auto":  # the Triton kernels where they run natively, else PyTorch's grouped conv
+            conv = "fused" if self.device.type == "cuda" and triton_available(self.device) else "grouped"
         self.conv = conv
         _, act_max = _activation_numel(self.template, data.input_shape)
         self.eval_chunk = max(1, eval_bytes // (4 * len(members) * act_max * 3))

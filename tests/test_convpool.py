@@ -1,0 +1,62 @@
+"""The Triton conv + max-pool kernels against PyTorch's conv2d + max_pool2d (values and all gradients).
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py)."""
+import pytest
+import torch
+
+from zoo import MemberSpec, Population
+from zoo._convpool import _reference, available, conv_pool
+
+pytestmark = pytest.mark.skipif(not available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                                reason="needs Triton (GPU, or its CPU interpreter)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (B, M, C, H, O, k, stride, padding, pool): cnn_s's two stages, cnn_gap's stride-2 padded conv, a 2x2
+# kernel, and an odd conv output whose last row and column the pool drops
+GEOMETRIES = [(3, 2, 1, 12, 8, 5, 1, 0, 2), (2, 3, 8, 12, 6, 5, 1, 0, 2), (2, 2, 3, 9, 5, 3, 2, 1, 1),
+              (2, 2, 2, 7, 3, 2, 1, 0, 1), (2, 2, 2, 9, 4, 3, 1, 0, 2)]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_conv_pool_matches_torch(geometry):
+    B, M, C, H, O, k, stride, padding, pool = geometry
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in
+               [(B, M, C, H, H), (M, O, C, k, k), (M, O)])
+    z = conv_pool(x, w, b, stride, padding, pool)
+    ref = _reference(x, w, b, stride, padding, pool)
+    assert z.shape == ref.shape
+    gz = torch.randn(z.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad((z * gz).sum(), [x, w, b])
+    ref_grads = torch.autograd.grad((ref * gz).sum(), [x, w, b])
+    for name, a, r in zip(["z", "dx", "dw", "db"], [z, *grads], [ref, *ref_grads]):
+        assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, float((a - r).abs().max()))
+
+
+def test_first_layer_gets_no_input_gradient():
+    x = torch.randn(2, 2, 1, 12, 12, device=DEVICE)
+    w = torch.randn(2, 8, 1, 5, 5, device=DEVICE, requires_grad=True)
+    z = conv_pool(x, w, torch.zeros(2, 8, device=DEVICE), 1, 0, 2)
+    (gw,) = torch.autograd.grad(z.sum(), [w])
+    assert gw.shape == w.shape and x.grad is None
+
+
+def test_ties_go_to_the_first_position_like_max_pool():
+    """A blank image gives equal conv outputs in every pool window: the gradient goes where torch sends it."""
+    x = torch.zeros(1, 1, 1, 8, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(1, 2, 1, 3, 3, device=DEVICE)
+    b = torch.randn(1, 2, device=DEVICE)
+    gx = torch.autograd.grad(conv_pool(x, w, b, 1, 0, 2).sum(), [x])[0]
+    rx = torch.autograd.grad(_reference(x, w, b, 1, 0, 2).sum(), [x])[0]
+    assert torch.allclose(gx, rx, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,data_name", [("cnn_s", "digits28"), ("cnn_gap", "digits")])
+def test_fused_population_matches_grouped(arch, data_name, request):
+    data = request.getfixturevalue(data_name)
+    members = [MemberSpec(seed=i, lr=1e-3 * (i + 1), batch_size=16, dropout=0.2 * i, init="xavier_uniform",
+                          activation="tanh") for i in range(2)]
+    pops = [Population(arch, {}, members, data, conv=c) for c in ("grouped", "fused")]
+    for p in pops:
+        p.train_epoch(1, max_steps=3)
+    a, b = pops[1].flat_weights(), pops[0].flat_weights()
+    assert float((a - b).norm() / b.norm()) < 1e-5
