@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import MemberSpec, Population, load_dataset  # noqa: E402
+from zoo import _convpool  # noqa: E402
 from zoo.population import member_order  # noqa: E402
 from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
 
@@ -124,7 +125,10 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--block-r", type=int, default=0, help="rows per Triton conv program (default: the module's)")
     args = ap.parse_args()
+    if args.block_r:
+        _convpool.BLOCK_R = args.block_r
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True

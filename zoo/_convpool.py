@@ -36,37 +36,42 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _patch_offsets(r, kk, Hq, Wq, H, W, K, KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr,
-                       P: tl.constexpr, d: tl.constexpr, n_rows):
-        """Offsets into one image-member's (C, H, W) block of the patch values of pooled output pixel
-        r at pool position d, and the mask of in-bounds ones. r (R,), kk (K_blk,) -> (R, K_blk)."""
+    def _patch_rows(r, M, m, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, Hq: tl.constexpr,
+                    Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr):
+        """(R,) offsets of the top-left input value of row r's patch (row = image, pooled pixel; pool
+        position 0) and (R,) image-member index. Patch values are row offset + column offset: separable."""
+        img = (r // (Hq * Wq)).to(tl.int64) * M + m
         q = r % (Hq * Wq)
-        iy = ((q // Wq) * P + d // P) * S - PAD  # top-left input pixel of the patch
-        ix = ((q % Wq) * P + d % P) * S - PAD
-        c, ky, kx = kk // (KS * KS), (kk // KS) % KS, kk % KS
-        y = iy[:, None] + ky[None, :]
-        x = ix[:, None] + kx[None, :]
-        ok = (r < n_rows)[:, None] & (kk < K)[None, :] & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        return c[None, :] * (H * W) + y * W + x, ok
+        return img * (C * H * W) + (q // Wq) * (P * S * W) + (q % Wq) * (P * S), img
 
     @triton.jit
-    def _fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, arg_ptr, M, C, H, W, O, Hq, Wq, n_rows,
-                    KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, P: tl.constexpr,
+    def _patch_cols(kk, H: tl.constexpr, W: tl.constexpr, KS: tl.constexpr):
+        """(K_blk,) offsets of patch element kk = (c, ky, kx) from the patch's top-left value."""
+        return (kk // (KS * KS)) * (H * W) + ((kk // KS) % KS) * W + kk % KS
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, arg_ptr, M, n_rows,
+                    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
+                    Wq: tl.constexpr, KS: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """z[b, m] = maxpool_P(conv_S(x[b, m], w[m]) + b[m]) for a tile of (image, pooled pixel) rows;
+        x is pre-padded. The winning pool position goes to arg (int8) for the backward."""
         m = tl.program_id(0)
-        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows: (image, pooled pixel)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rok = r < n_rows
+        row, img = _patch_rows(r, M, m, C, H, W, Hq, Wq, S, P)
         o = tl.arange(0, BLOCK_O)
-        K = C * KS * KS
-        img = (r // (Hq * Wq)).to(tl.int64) * M + m  # (R,) image-member index into (B, M, ...)
+        K: tl.constexpr = C * KS * KS
         best = tl.full((BLOCK_R, BLOCK_O), float("-inf"), tl.float32)
         arg = tl.zeros((BLOCK_R, BLOCK_O), tl.int32)
         for d in tl.static_range(P * P):  # pool positions, row-major: the first maximum wins, as in torch
+            shift = (d // P) * S * W + (d % P) * S
             acc = tl.zeros((BLOCK_R, BLOCK_O), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in tl.static_range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
-                off, ok = _patch_offsets(r, kk, Hq, Wq, H, W, K, KS, S, PAD, P, d, n_rows)
-                a = tl.load(x_ptr + img[:, None] * (C * H * W) + off, mask=ok, other=0.0)  # (R, K_blk)
+                a = tl.load(x_ptr + row[:, None] + (_patch_cols(kk, H, W, KS) + shift)[None, :],
+                            mask=rok[:, None] & (kk < K)[None, :], other=0.0)  # (R, K_blk) patches
                 wt = tl.load(w_ptr + m * (O * K) + o[None, :] * K + kk[:, None],
                              mask=(kk < K)[:, None] & (o < O)[None, :], other=0.0)  # (K_blk, O)
                 acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
@@ -74,38 +79,43 @@ if triton is not None:
             best = tl.where(win, acc, best)
             arg = tl.where(win, d, arg)
         best += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[None, :]
-        q = r % (Hq * Wq)
-        out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + q[:, None]  # (B, M, O, Hq, Wq)
-        ok = (r < n_rows)[:, None] & (o < O)[None, :]
+        out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + (r % (Hq * Wq))[:, None]  # (B, M, O, Hq, Wq)
+        ok = rok[:, None] & (o < O)[None, :]
         tl.store(z_ptr + out, best.to(z_ptr.dtype.element_ty), mask=ok)
         if P > 1:
             tl.store(arg_ptr + out, arg.to(tl.int8), mask=ok)
 
     @triton.jit
-    def _dw_kernel(x_ptr, gz_ptr, arg_ptr, dw_ptr, db_ptr, M, C, H, W, O, Hq, Wq, n_rows,
-                   KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, P: tl.constexpr,
+    def _dw_kernel(x_ptr, gz_ptr, arg_ptr, dw_ptr, db_ptr, M, n_rows,
+                   C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
+                   Wq: tl.constexpr, KS: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """Partial weight/bias gradients of member m over every n_split-th row block, one K chunk."""
+        """Partial weight/bias gradients of member m over every n_split-th row block, one K chunk:
+        dw[o, k] += sum over rows of patch[row, k] * gz[row, o] where the pool position won."""
         m, split, kc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_split = tl.num_programs(1)
         o = tl.arange(0, BLOCK_O)
-        K = C * KS * KS
+        K: tl.constexpr = C * KS * KS
         kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        col = _patch_cols(kk, H, W, KS)
         dw = tl.zeros((BLOCK_K, BLOCK_O), tl.float32)
         db = tl.zeros((BLOCK_O,), tl.float32)
         for r0 in range(split * BLOCK_R, n_rows, n_split * BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            img = (r // (Hq * Wq)).to(tl.int64) * M + m
+            rok = r < n_rows
+            row, img = _patch_rows(r, M, m, C, H, W, Hq, Wq, S, P)
             out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + (r % (Hq * Wq))[:, None]
-            ok = (r < n_rows)[:, None] & (o < O)[None, :]
+            ok = rok[:, None] & (o < O)[None, :]
             g = tl.load(gz_ptr + out, mask=ok, other=0.0).to(tl.float32)  # (R, O)
             db += tl.sum(g, 0)
-            win = tl.load(arg_ptr + out, mask=ok, other=0).to(tl.int32) if P > 1 else tl.zeros_like(o)[None, :]
+            if P > 1:
+                win = tl.load(arg_ptr + out, mask=ok, other=0).to(tl.int32)
             for d in tl.static_range(P * P):
-                off, okx = _patch_offsets(r, kk, Hq, Wq, H, W, K, KS, S, PAD, P, d, n_rows)
-                a = tl.load(x_ptr + img[:, None] * (C * H * W) + off, mask=okx, other=0.0)  # (R, K_blk)
-                gd = tl.where(win == d, g, 0.0)
+                shift = (d // P) * S * W + (d % P) * S
+                a = tl.load(x_ptr + row[:, None] + (col + shift)[None, :], mask=rok[:, None] & (kk < K)[None, :],
+                            other=0.0)  # (R, K_blk)
+                gd = tl.where(win == d, g, 0.0) if P > 1 else g
                 dw += tl.dot(tl.trans(a.to(DOT_DTYPE)), gd.to(DOT_DTYPE), input_precision=PREC)
         part = (split * M + m).to(tl.int64)
         tl.store(dw_ptr + part * (O * K) + o[None, :] * K + kk[:, None], dw,
@@ -113,49 +123,10 @@ if triton is not None:
         if kc == 0:
             tl.store(db_ptr + part * O + o, db, mask=o < O)
 
-    @triton.jit
-    def _dx_kernel(gz_ptr, arg_ptr, w_ptr, dx_ptr, M, C, H, W, O, Hq, Wq, n_rows,
-                   KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, P: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """Input gradient: rows are input pixels (image, y, x); K runs over (o, ky, kx)."""
-        m = tl.program_id(0)
-        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.arange(0, BLOCK_C)
-        iy, ix = (r % (H * W)) // W, r % W
-        img = (r // (H * W)).to(tl.int64) * M + m
-        K = O * KS * KS
-        acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            o, ky, kx = kk // (KS * KS), (kk // KS) % KS, kk % KS
-            sy = iy[:, None] + PAD - ky[None, :]  # conv output pixel (times stride) this tap came from
-            sx = ix[:, None] + PAD - kx[None, :]
-            oy, ox = sy // S, sx // S
-            ok = ((r < n_rows)[:, None] & (kk < K)[None, :] & (sy >= 0) & (sx >= 0) & (sy % S == 0) & (sx % S == 0)
-                  & (oy < Hq * P) & (ox < Wq * P))  # rows/cols the pool drops get no gradient
-            out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + (oy // P) * Wq + ox // P
-            g = tl.load(gz_ptr + out, mask=ok, other=0.0).to(tl.float32)  # (R, K_blk)
-            if P > 1:
-                win = tl.load(arg_ptr + out, mask=ok, other=0).to(tl.int32)
-                g = tl.where(win == (oy % P) * P + ox % P, g, 0.0)
-            wt = tl.load(w_ptr + m * (O * C * KS * KS) + o[:, None] * (C * KS * KS) + c[None, :] * (KS * KS)
-                         + (ky * KS + kx)[:, None], mask=(kk < K)[:, None] & (c < C)[None, :], other=0.0)
-            acc += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
-        dst = img[:, None] * (C * H * W) + c[None, :] * (H * W) + (r % (H * W))[:, None]
-        tl.store(dx_ptr + dst, acc.to(dx_ptr.dtype.element_ty), mask=(r < n_rows)[:, None] & (c < C)[None, :])
-
-
-def _geometry(x, w, stride, padding, pool):
-    B, M, C, H, W = x.shape
-    O, KS = w.shape[1], w.shape[-1]
-    Ho, Wo = (H + 2 * padding - KS) // stride + 1, (W + 2 * padding - KS) // stride + 1
-    return B, M, C, H, W, O, KS, Ho // pool, Wo // pool
-
 
 def _dot_dtype(dtype: torch.dtype):
     """bf16 tensor cores for bf16 activations; exact fp32 (no TF32) otherwise, to match torch's fp32 conv."""
-    if dtype == torch.bfloat16 and not INTERPRET:  # the interpreter's bf16 dot is wrong (triton 3.6)
+    if dtype == torch.bfloat16 and not INTERPRET:  # the interpreter's bf16 dot is wrong (triton 3.6-3.9)
         return tl.bfloat16, "tf32"
     return tl.float32, "ieee"
 
@@ -164,37 +135,56 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _fwd_triton(x, w, b, stride, padding, pool):
-    B, M, C, H, W, O, KS, Hq, Wq = _geometry(x, w, stride, padding, pool)
+def _out_hw(x: torch.Tensor, k: int, stride: int, pool: int) -> tuple[int, int]:
+    """Pooled output size of a valid conv on the (pre-padded) x; max-pool floors, as torch's does."""
+    return tuple(((s - k) // stride + 1) // pool for s in x.shape[-2:])
+
+
+def _fwd_triton(x, w, b, stride, pool):
+    """x (B, M, C, H, W) pre-padded -> z (B, M, O, Hq, Wq) in x's dtype, arg int8 (empty when pool 1)."""
+    B, M, C, H, W = x.shape
+    O, KS = w.shape[1], w.shape[-1]
+    Hq, Wq = _out_hw(x, KS, stride, pool)
     z = torch.empty(B, M, O, Hq, Wq, device=x.device, dtype=x.dtype)
     arg = torch.empty(z.shape if pool > 1 else (0,), device=x.device, dtype=torch.int8)
     n_rows = B * Hq * Wq
-    dt, prec = _dot_dtype(x.dtype)
     _fwd_kernel[(M, triton.cdiv(n_rows, BLOCK_R))](
-        x, w, b, z, arg, M, C, H, W, O, Hq, Wq, n_rows, KS, stride, padding, pool,
-        BLOCK_R, BLOCK_K, _block(O), dt, prec)
+        x, w, b, z, arg, M, n_rows, C, H, W, O, Hq, Wq, KS, stride, pool,
+        BLOCK_R, BLOCK_K, _block(O), *_dot_dtype(x.dtype))
     return z, arg
 
 
-def _bwd_triton(gz, arg, x, w, stride, padding, pool, need_dx):
-    B, M, C, H, W, O, KS, Hq, Wq = _geometry(x, w, stride, padding, pool)
-    gz = gz.contiguous()
-    dt, prec = _dot_dtype(x.dtype)
-    n_rows = B * Hq * Wq
+def _dw_triton(gz, arg, x, w, stride, pool):
+    B, M, C, H, W = x.shape
+    O, KS = w.shape[1], w.shape[-1]
+    Hq, Wq = _out_hw(x, KS, stride, pool)
+    n_rows, K = B * Hq * Wq, C * KS * KS
     n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R), triton.cdiv(2048, M)))  # enough programs to fill the GPU
-    K = C * KS * KS
     dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
     db = torch.empty(n_split, M, O, device=x.device, dtype=torch.float32)
     _dw_kernel[(M, n_split, triton.cdiv(K, BLOCK_K))](
-        x, gz, arg, dw, db, M, C, H, W, O, Hq, Wq, n_rows, KS, stride, padding, pool,
-        BLOCK_R, BLOCK_K, _block(O), dt, prec)
-    dx = None
-    if need_dx:
-        dx = torch.empty_like(x)
-        _dx_kernel[(M, triton.cdiv(B * H * W, BLOCK_R))](
-            gz, arg, w, dx, M, C, H, W, O, Hq, Wq, B * H * W, KS, stride, padding, pool,
-            BLOCK_R, BLOCK_K, _block(C), dt, prec)
-    return dx, dw.sum(0).view(w.shape), db.sum(0)
+        x, gz, arg, dw, db, M, n_rows, C, H, W, O, Hq, Wq, KS, stride, pool,
+        BLOCK_R, BLOCK_K, _block(O), *_dot_dtype(x.dtype))
+    return dw.sum(0).view(w.shape), db.sum(0)
+
+
+def _dx_triton(gz, arg, w, x_shape, stride, padding, pool):
+    """Input gradient as a forward conv: unpool gz through arg, spread it on a zero grid with stride
+    gaps and a k-1-padding border (B, M, O, H+k-1, W+k-1), then correlate with the flipped weights."""
+    B, M, O, Hq, Wq = gz.shape
+    KS = w.shape[-1]
+    g = gz
+    if pool > 1:  # (B, M, O, Hq, Wq) -> (B, M, O, Hq*P, Wq*P): the gradient goes to the winning position
+        hit = arg[..., None] == torch.arange(pool * pool, device=gz.device, dtype=torch.int8)
+        g = (gz[..., None] * hit).view(B, M, O, Hq, Wq, pool, pool).permute(0, 1, 2, 3, 5, 4, 6)
+        g = g.reshape(B, M, O, Hq * pool, Wq * pool)
+    H, W = x_shape[-2:]
+    up = gz.new_zeros(B, M, O, H + KS - 1, W + KS - 1)
+    a = KS - 1 - padding
+    up[..., a: a + (g.shape[-2] - 1) * stride + 1: stride, a: a + (g.shape[-1] - 1) * stride + 1: stride] = g
+    w_t = w.flip(-1, -2).transpose(1, 2).contiguous()  # (M, C, O, k, k)
+    dx, _ = _fwd_triton(up, w_t, torch.zeros(M, w.shape[2], device=w.device), 1, 1)
+    return dx
 
 
 def _reference(x, w, b, stride, padding, pool):
@@ -210,15 +200,19 @@ def _reference(x, w, b, stride, padding, pool):
 class _ConvPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, stride, padding, pool):
-        z, arg = _fwd_triton(x.contiguous(), w.contiguous(), b.contiguous(), stride, padding, pool)
-        ctx.save_for_backward(x, w, arg)
-        ctx.geometry = (stride, padding, pool)
+        xp = F.pad(x, (padding,) * 4) if padding else x
+        z, arg = _fwd_triton(xp.contiguous(), w.contiguous(), b.contiguous(), stride, pool)
+        ctx.save_for_backward(xp, w, arg)
+        ctx.geometry = (x.shape, stride, padding, pool)
         return z
 
     @staticmethod
     def backward(ctx, gz):
-        x, w, arg = ctx.saved_tensors
-        dx, dw, db = _bwd_triton(gz, arg, x.contiguous(), w.contiguous(), *ctx.geometry, ctx.needs_input_grad[0])
+        xp, w, arg = ctx.saved_tensors
+        x_shape, stride, padding, pool = ctx.geometry
+        gz = gz.contiguous()
+        dw, db = _dw_triton(gz, arg, xp.contiguous(), w.contiguous(), stride, pool)
+        dx = _dx_triton(gz.to(xp.dtype), arg, w, x_shape, stride, padding, pool) if ctx.needs_input_grad[0] else None
         return dx, dw, db, None, None, None
 
 
