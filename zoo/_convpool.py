@@ -1,11 +1,13 @@
 """Fused per-member convolution + max-pool for the population trainer, as Triton kernels.
 
 `conv_pool(x, w, b, stride, padding, pool)` is `max_pool2d(conv2d(x_m, w_m, b_m), pool)` for every member
-m at once. Activations are `(B, M, C, H, W)`. The kernels are implicit GEMMs: each program gathers the
-patches of a tile of output pixels straight from `x` (no im2col matrix in memory), multiplies them by
-its member's weights on tensor cores, and keeps only the pooled maximum and which of the pool's
-positions won (int8). The backward recomputes nothing: weight and input gradients gather the pooled
-gradient through the saved winner index, so the full-resolution conv output never exists.
+m at once. Activations are `(B, M, C, H, W)`. The kernels are implicit GEMMs: each program gathers,
+for a tile of pooled output pixels, the super-patch under each (the union of its P*P conv patches)
+straight from `x` (no im2col matrix in memory), multiplies it on tensor cores by its member's kernel
+shifted to each pool position (one GEMM for all positions), and keeps only the pooled maximum and which
+position won (int8). The weight gradient is the transposed GEMM with the pooled gradient routed to the
+winning position; the input gradient is the same forward kernel run on the unpooled gradient with the
+flipped kernel. The full-resolution conv output never exists in memory.
 
 Why: with one input channel per member, PyTorch's grouped conv runs depthwise kernels at ~2.6 TFLOP/s,
 and im2col moves 14,400 values per image-member for cnn_s's first layer (benchmarks/NOTES.md).
@@ -14,6 +16,7 @@ kernels run on CPU tensors (that is how the tests check them).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -26,7 +29,7 @@ except ImportError:  # CPU installs: the torch fallback below
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_R, BLOCK_K = 64, 32
+BLOCK_R, BLOCK_K, NUM_WARPS = 128, 32, 4  # measured on an H100: benchmarks/NOTES.md
 
 
 def available(device: torch.device) -> bool:
@@ -36,92 +39,97 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _patch_rows(r, M, m, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, Hq: tl.constexpr,
-                    Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr):
-        """(R,) offsets of the top-left input value of row r's patch (row = image, pooled pixel; pool
-        position 0) and (R,) image-member index. Patch values are row offset + column offset: separable."""
-        img = (r // (Hq * Wq)).to(tl.int64) * M + m
+    def _super_patch(x_ptr, r, j, M, m, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                     Hq: tl.constexpr, Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr):
+        """(R, K_blk) values j = (c, jy, jx) of the SP x SP super-patch under rows r = (image, pooled pixel):
+        the union of the P*P conv patches one pooled pixel takes its maximum over. Returns (values, img)."""
+        img = (r // (Hq * Wq)).to(tl.int64) * M + m  # (R,) image-member index into (B, M, ...)
         q = r % (Hq * Wq)
-        return img * (C * H * W) + (q // Wq) * (P * S * W) + (q % Wq) * (P * S), img
+        row = img * (C * H * W) + (q // Wq) * (P * S * W) + (q % Wq) * (P * S)
+        col = (j // (SP * SP)) * (H * W) + ((j // SP) % SP) * W + j % SP  # separable: one add per value
+        ok = (r < n_rows)[:, None] & (j < C * SP * SP)[None, :]
+        return tl.load(x_ptr + row[:, None] + col[None, :], mask=ok, other=0.0), img
 
     @triton.jit
-    def _patch_cols(kk, H: tl.constexpr, W: tl.constexpr, KS: tl.constexpr):
-        """(K_blk,) offsets of patch element kk = (c, ky, kx) from the patch's top-left value."""
-        return (kk // (KS * KS)) * (H * W) + ((kk // KS) % KS) * W + kk % KS
-
-    @triton.jit
-    def _fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, arg_ptr, M, n_rows,
+    def _fwd_kernel(x_ptr, wcat_ptr, b_ptr, z_ptr, arg_ptr, M, n_rows,
                     C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
-                    Wq: tl.constexpr, KS: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+                    Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """z[b, m] = maxpool_P(conv_S(x[b, m], w[m]) + b[m]) for a tile of (image, pooled pixel) rows;
-        x is pre-padded. The winning pool position goes to arg (int8) for the backward."""
+        """z[b, m] = maxpool_P(conv_S(x[b, m], w[m]) + b[m]) for a tile of (image, pooled pixel) rows.
+        One GEMM gives all P*P pool positions: super-patches (R, C*SP*SP) @ wcat[m] (C*SP*SP, P*P*BLOCK_O),
+        wcat holding the kernel shifted to each position. The winning position goes to arg (int8)."""
         m = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rok = r < n_rows
-        row, img = _patch_rows(r, M, m, C, H, W, Hq, Wq, S, P)
+        KSUP: tl.constexpr = C * SP * SP
+        N: tl.constexpr = P * P * BLOCK_O
+        n = tl.arange(0, N)
+        acc = tl.zeros((BLOCK_R, N), tl.float32)
+        for k0 in tl.static_range(0, KSUP, BLOCK_K):
+            j = k0 + tl.arange(0, BLOCK_K)
+            a, img = _super_patch(x_ptr, r, j, M, m, n_rows, C, H, W, Hq, Wq, S, P, SP)
+            wt = tl.load(wcat_ptr + m * (KSUP * N) + j[:, None] * N + n[None, :], mask=(j < KSUP)[:, None],
+                         other=0.0)  # (K_blk, N)
+            acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
+        # (R, P*P, O): ties go to the first position in row-major order, as in torch's max_pool2d
+        best, arg = tl.max(tl.reshape(acc, (BLOCK_R, P * P, BLOCK_O)), axis=1, return_indices=True,
+                           return_indices_tie_break_left=True)
         o = tl.arange(0, BLOCK_O)
-        K: tl.constexpr = C * KS * KS
-        best = tl.full((BLOCK_R, BLOCK_O), float("-inf"), tl.float32)
-        arg = tl.zeros((BLOCK_R, BLOCK_O), tl.int32)
-        for d in tl.static_range(P * P):  # pool positions, row-major: the first maximum wins, as in torch
-            shift = (d // P) * S * W + (d % P) * S
-            acc = tl.zeros((BLOCK_R, BLOCK_O), tl.float32)
-            for k0 in tl.static_range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(x_ptr + row[:, None] + (_patch_cols(kk, H, W, KS) + shift)[None, :],
-                            mask=rok[:, None] & (kk < K)[None, :], other=0.0)  # (R, K_blk) patches
-                wt = tl.load(w_ptr + m * (O * K) + o[None, :] * K + kk[:, None],
-                             mask=(kk < K)[:, None] & (o < O)[None, :], other=0.0)  # (K_blk, O)
-                acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
-            win = (acc > best) | (acc != acc)  # NaN propagates, as in max_pool2d
-            best = tl.where(win, acc, best)
-            arg = tl.where(win, d, arg)
         best += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[None, :]
         out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + (r % (Hq * Wq))[:, None]  # (B, M, O, Hq, Wq)
-        ok = rok[:, None] & (o < O)[None, :]
+        ok = (r < n_rows)[:, None] & (o < O)[None, :]
         tl.store(z_ptr + out, best.to(z_ptr.dtype.element_ty), mask=ok)
         if P > 1:
             tl.store(arg_ptr + out, arg.to(tl.int8), mask=ok)
 
     @triton.jit
-    def _dw_kernel(x_ptr, gz_ptr, arg_ptr, dw_ptr, db_ptr, M, n_rows,
+    def _dw_kernel(x_ptr, gz_ptr, arg_ptr, dcat_ptr, db_ptr, M, n_rows,
                    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
-                   Wq: tl.constexpr, KS: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+                   Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """Partial weight/bias gradients of member m over every n_split-th row block, one K chunk:
-        dw[o, k] += sum over rows of patch[row, k] * gz[row, o] where the pool position won."""
+        """Partial gradient of wcat (and bias) of member m over every n_split-th row block, one K chunk:
+        super-patches^T (K_blk, R) @ [gz where position d won]_d (R, P*P*BLOCK_O). Folded to dw outside."""
         m, split, kc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_split = tl.num_programs(1)
+        KSUP: tl.constexpr = C * SP * SP
+        N: tl.constexpr = P * P * BLOCK_O
         o = tl.arange(0, BLOCK_O)
-        K: tl.constexpr = C * KS * KS
-        kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
-        col = _patch_cols(kk, H, W, KS)
-        dw = tl.zeros((BLOCK_K, BLOCK_O), tl.float32)
+        j = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        dcat = tl.zeros((BLOCK_K, N), tl.float32)
         db = tl.zeros((BLOCK_O,), tl.float32)
         for r0 in range(split * BLOCK_R, n_rows, n_split * BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            rok = r < n_rows
-            row, img = _patch_rows(r, M, m, C, H, W, Hq, Wq, S, P)
+            a, img = _super_patch(x_ptr, r, j, M, m, n_rows, C, H, W, Hq, Wq, S, P, SP)
             out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + (r % (Hq * Wq))[:, None]
-            ok = rok[:, None] & (o < O)[None, :]
+            ok = (r < n_rows)[:, None] & (o < O)[None, :]
             g = tl.load(gz_ptr + out, mask=ok, other=0.0).to(tl.float32)  # (R, O)
             db += tl.sum(g, 0)
             if P > 1:
                 win = tl.load(arg_ptr + out, mask=ok, other=0).to(tl.int32)
-            for d in tl.static_range(P * P):
-                shift = (d // P) * S * W + (d % P) * S
-                a = tl.load(x_ptr + row[:, None] + (col + shift)[None, :], mask=rok[:, None] & (kk < K)[None, :],
-                            other=0.0)  # (R, K_blk)
-                gd = tl.where(win == d, g, 0.0) if P > 1 else g
-                dw += tl.dot(tl.trans(a.to(DOT_DTYPE)), gd.to(DOT_DTYPE), input_precision=PREC)
+                d = tl.arange(0, P * P)
+                g = tl.reshape(tl.where(win[:, None, :] == d[None, :, None], g[:, None, :], 0.0), (BLOCK_R, N))
+            dcat += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)
         part = (split * M + m).to(tl.int64)
-        tl.store(dw_ptr + part * (O * K) + o[None, :] * K + kk[:, None], dw,
-                 mask=(kk < K)[:, None] & (o < O)[None, :])
+        n = tl.arange(0, N)
+        tl.store(dcat_ptr + part * (KSUP * N) + j[:, None] * N + n[None, :], dcat, mask=(j < KSUP)[:, None])
         if kc == 0:
             tl.store(db_ptr + part * O + o, db, mask=o < O)
+
+
+@functools.cache
+def _shift_map(C: int, O: int, KS: int, S: int, P: int, device: torch.device):
+    """Where each wcat entry (C*SP*SP, P*P*BLOCK_O) takes its weight from in the flat (O*C*KS*KS) kernel:
+    (valid mask, source index). Entry (j=(c, jy, jx), d*BLOCK_O + o) is w[o, c, jy - dy*S, jx - dx*S]."""
+    SP, BO = (P - 1) * S + KS, _block(O)
+    j = torch.arange(C * SP * SP)
+    c, jy, jx = j // (SP * SP), (j // SP) % SP, j % SP
+    n = torch.arange(P * P * BO)
+    d, o = n // BO, n % BO
+    ky, kx = jy[:, None] - (d // P)[None, :] * S, jx[:, None] - (d % P)[None, :] * S
+    valid = (o < O)[None, :] & (ky >= 0) & (ky < KS) & (kx >= 0) & (kx < KS)
+    src = o[None, :] * (C * KS * KS) + c[:, None] * (KS * KS) + ky * KS + kx
+    return valid.to(device), torch.where(valid, src, 0).to(device)
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -132,40 +140,44 @@ def _dot_dtype(dtype: torch.dtype):
 
 
 def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, 1 << (n - 1).bit_length())
 
 
-def _out_hw(x: torch.Tensor, k: int, stride: int, pool: int) -> tuple[int, int]:
-    """Pooled output size of a valid conv on the (pre-padded) x; max-pool floors, as torch's does."""
-    return tuple(((s - k) // stride + 1) // pool for s in x.shape[-2:])
+def _geometry(x: torch.Tensor, w: torch.Tensor, stride: int, pool: int):
+    """(B, M, C, H, W, O, KS, Hq, Wq, SP) for a valid conv on the pre-padded x; max-pool floors, as torch's."""
+    B, M, C, H, W = x.shape
+    O, KS = w.shape[1], w.shape[-1]
+    Hq, Wq = (((s - KS) // stride + 1) // pool for s in (H, W))
+    return B, M, C, H, W, O, KS, Hq, Wq, (pool - 1) * stride + KS
 
 
 def _fwd_triton(x, w, b, stride, pool):
     """x (B, M, C, H, W) pre-padded -> z (B, M, O, Hq, Wq) in x's dtype, arg int8 (empty when pool 1)."""
-    B, M, C, H, W = x.shape
-    O, KS = w.shape[1], w.shape[-1]
-    Hq, Wq = _out_hw(x, KS, stride, pool)
+    B, M, C, H, W, O, KS, Hq, Wq, SP = _geometry(x, w, stride, pool)
+    valid, src = _shift_map(C, O, KS, stride, pool, x.device)
+    wcat = torch.where(valid, w.reshape(M, -1)[:, src], 0.0).to(x.dtype)  # (M, C*SP*SP, P*P*BLOCK_O)
     z = torch.empty(B, M, O, Hq, Wq, device=x.device, dtype=x.dtype)
     arg = torch.empty(z.shape if pool > 1 else (0,), device=x.device, dtype=torch.int8)
     n_rows = B * Hq * Wq
     _fwd_kernel[(M, triton.cdiv(n_rows, BLOCK_R))](
-        x, w, b, z, arg, M, n_rows, C, H, W, O, Hq, Wq, KS, stride, pool,
-        BLOCK_R, BLOCK_K, _block(O), *_dot_dtype(x.dtype))
+        x, wcat, b, z, arg, M, n_rows, C, H, W, O, Hq, Wq, stride, pool, SP,
+        BLOCK_R, BLOCK_K, _block(O), *_dot_dtype(x.dtype), num_warps=NUM_WARPS)
     return z, arg
 
 
 def _dw_triton(gz, arg, x, w, stride, pool):
-    B, M, C, H, W = x.shape
-    O, KS = w.shape[1], w.shape[-1]
-    Hq, Wq = _out_hw(x, KS, stride, pool)
-    n_rows, K = B * Hq * Wq, C * KS * KS
+    B, M, C, H, W, O, KS, Hq, Wq, SP = _geometry(x, w, stride, pool)
+    n_rows, KSUP, N = B * Hq * Wq, C * SP * SP, pool * pool * _block(O)
     n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R), triton.cdiv(2048, M)))  # enough programs to fill the GPU
-    dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
+    dcat = torch.empty(n_split, M, KSUP, N, device=x.device, dtype=torch.float32)
     db = torch.empty(n_split, M, O, device=x.device, dtype=torch.float32)
-    _dw_kernel[(M, n_split, triton.cdiv(K, BLOCK_K))](
-        x, gz, arg, dw, db, M, n_rows, C, H, W, O, Hq, Wq, KS, stride, pool,
-        BLOCK_R, BLOCK_K, _block(O), *_dot_dtype(x.dtype))
-    return dw.sum(0).view(w.shape), db.sum(0)
+    _dw_kernel[(M, n_split, triton.cdiv(KSUP, BLOCK_K))](
+        x, gz, arg, dcat, db, M, n_rows, C, H, W, O, Hq, Wq, stride, pool, SP,
+        BLOCK_R, BLOCK_K, _block(O), *_dot_dtype(x.dtype), num_warps=NUM_WARPS)
+    valid, src = _shift_map(C, O, KS, stride, pool, x.device)
+    dw = torch.zeros(M, w[0].numel(), device=x.device, dtype=torch.float32)
+    dw.index_add_(1, src[valid], (dcat[0] if n_split == 1 else dcat.sum(0))[:, valid])  # fold the shifted copies back onto the kernel
+    return dw.view(w.shape), db.sum(0)
 
 
 def _dx_triton(gz, arg, w, x_shape, stride, padding, pool):
