@@ -57,16 +57,17 @@ def main():
     ap.add_argument("--members", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--configs", default="64x4,128x4,128x8,256x8", help="BLOCK_RxNUM_WARPS, comma-separated")
+    ap.add_argument("--configs", default="64x128x4,64x64x4,64x256x4",
+                    help="BLOCK_RxBLOCK_R_DWxNUM_WARPS, comma-separated")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for cfg in args.configs.split(","):
-        _convpool.BLOCK_R, _convpool.NUM_WARPS = map(int, cfg.split("x"))
+        _convpool.BLOCK_R, _convpool.BLOCK_R_DW, _convpool.NUM_WARPS = map(int, cfg.split("x"))
         for name in LAYERS:
             t, nbytes = run_layer(name, args.batch, args.members, dtype, args.iters, device)
             print(f"{cfg} {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
-                  + f"; triton fwd moves >= {nbytes / 2**30:.2f} GiB = {nbytes / t['triton fwd'] / 1e9:.0f} GB/s", flush=True)
+                  + f"; triton fwd moves >= {nbytes / 2**30:.2f} GiB = {nbytes / t['triton fwd'] / 1e6:.0f} GB/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ m at once. Activations are `(B, M, C, H, W)`. The kernels are implicit GEMMs: ea
 for a tile of pooled output pixels, the super-patch under each (the union of its P*P conv patches)
 straight from `x` (no im2col matrix in memory), multiplies it on tensor cores by its member's kernel
 shifted to each pool position (one GEMM for all positions), and keeps only the pooled maximum and which
-position won (int8). The weight gradient is the transposed GEMM with the pooled gradient routed to the
-winning position; the input gradient is the same forward kernel run on the unpooled gradient with the
+position won (int8). The weight gradient is, per pool position, patches^T @ (pooled gradient where that
+position won) (one super-patch GEMM with N = P*P*O measured 1.5-2x slower); the input gradient is the same forward kernel run on the unpooled gradient with the
 flipped kernel. The full-resolution conv output never exists in memory.
 
 Why: with one input channel per member, PyTorch's grouped conv runs depthwise kernels at ~2.6 TFLOP/s,
@@ -29,7 +29,7 @@ except ImportError:  # CPU installs: the torch fallback below
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_R, BLOCK_K, NUM_WARPS = 128, 32, 4  # measured on an H100: benchmarks/NOTES.md
+BLOCK_R, BLOCK_R_DW, BLOCK_K, NUM_WARPS = 64, 128, 32, 4  # measured on an H100: benchmarks/NOTES.md
 
 
 def available(device: torch.device) -> bool:
@@ -83,36 +83,54 @@ if triton is not None:
             tl.store(arg_ptr + out, arg.to(tl.int8), mask=ok)
 
     @triton.jit
-    def _dw_kernel(x_ptr, gz_ptr, arg_ptr, dcat_ptr, db_ptr, M, n_rows,
+    def _patch_rows(r, M, m, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, Hq: tl.constexpr,
+                    Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr):
+        """(R,) offsets of the top-left input value of row r's patch (row = image, pooled pixel; pool
+        position 0) and (R,) image-member index. Patch values are row offset + column offset: separable."""
+        img = (r // (Hq * Wq)).to(tl.int64) * M + m
+        q = r % (Hq * Wq)
+        return img * (C * H * W) + (q // Wq) * (P * S * W) + (q % Wq) * (P * S), img
+
+    @triton.jit
+    def _patch_cols(kk, H: tl.constexpr, W: tl.constexpr, KS: tl.constexpr):
+        """(K_blk,) offsets of patch element kk = (c, ky, kx) from the patch's top-left value."""
+        return (kk // (KS * KS)) * (H * W) + ((kk // KS) % KS) * W + kk % KS
+
+    @triton.jit
+    def _dw_kernel(x_ptr, gz_ptr, arg_ptr, dw_ptr, db_ptr, M, n_rows,
                    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
-                   Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr,
+                   Wq: tl.constexpr, KS: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """Partial gradient of wcat (and bias) of member m over every n_split-th row block, one K chunk:
-        super-patches^T (K_blk, R) @ [gz where position d won]_d (R, P*P*BLOCK_O). Folded to dw outside."""
+        """Partial weight/bias gradients of member m over every n_split-th row block, one K chunk:
+        dw[o, k] += sum over rows of patch[row, k] * gz[row, o] where the pool position won."""
         m, split, kc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_split = tl.num_programs(1)
-        KSUP: tl.constexpr = C * SP * SP
-        N: tl.constexpr = P * P * BLOCK_O
         o = tl.arange(0, BLOCK_O)
-        j = kc * BLOCK_K + tl.arange(0, BLOCK_K)
-        dcat = tl.zeros((BLOCK_K, N), tl.float32)
+        K: tl.constexpr = C * KS * KS
+        kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        col = _patch_cols(kk, H, W, KS)
+        dw = tl.zeros((BLOCK_K, BLOCK_O), tl.float32)
         db = tl.zeros((BLOCK_O,), tl.float32)
         for r0 in range(split * BLOCK_R, n_rows, n_split * BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            a, img = _super_patch(x_ptr, r, j, M, m, n_rows, C, H, W, Hq, Wq, S, P, SP)
+            rok = r < n_rows
+            row, img = _patch_rows(r, M, m, C, H, W, Hq, Wq, S, P)
             out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + (r % (Hq * Wq))[:, None]
-            ok = (r < n_rows)[:, None] & (o < O)[None, :]
+            ok = rok[:, None] & (o < O)[None, :]
             g = tl.load(gz_ptr + out, mask=ok, other=0.0).to(tl.float32)  # (R, O)
             db += tl.sum(g, 0)
             if P > 1:
                 win = tl.load(arg_ptr + out, mask=ok, other=0).to(tl.int32)
-                d = tl.arange(0, P * P)
-                g = tl.reshape(tl.where(win[:, None, :] == d[None, :, None], g[:, None, :], 0.0), (BLOCK_R, N))
-            dcat += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)
+            for d in tl.static_range(P * P):
+                shift = (d // P) * S * W + (d % P) * S
+                a = tl.load(x_ptr + row[:, None] + (col + shift)[None, :], mask=rok[:, None] & (kk < K)[None, :],
+                            other=0.0)  # (R, K_blk)
+                gd = tl.where(win == d, g, 0.0) if P > 1 else g
+                dw += tl.dot(tl.trans(a.to(DOT_DTYPE)), gd.to(DOT_DTYPE), input_precision=PREC)
         part = (split * M + m).to(tl.int64)
-        n = tl.arange(0, N)
-        tl.store(dcat_ptr + part * (KSUP * N) + j[:, None] * N + n[None, :], dcat, mask=(j < KSUP)[:, None])
+        tl.store(dw_ptr + part * (O * K) + o[None, :] * K + kk[:, None], dw,
+                 mask=(kk < K)[:, None] & (o < O)[None, :])
         if kc == 0:
             tl.store(db_ptr + part * O + o, db, mask=o < O)
 
@@ -166,18 +184,15 @@ def _fwd_triton(x, w, b, stride, pool):
 
 
 def _dw_triton(gz, arg, x, w, stride, pool):
-    B, M, C, H, W, O, KS, Hq, Wq, SP = _geometry(x, w, stride, pool)
-    n_rows, KSUP, N = B * Hq * Wq, C * SP * SP, pool * pool * _block(O)
-    n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R), triton.cdiv(2048, M)))  # enough programs to fill the GPU
-    dcat = torch.empty(n_split, M, KSUP, N, device=x.device, dtype=torch.float32)
+    B, M, C, H, W, O, KS, Hq, Wq, _ = _geometry(x, w, stride, pool)
+    n_rows, K = B * Hq * Wq, C * KS * KS
+    n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R_DW), triton.cdiv(2048, M)))  # enough programs to fill the GPU
+    dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
     db = torch.empty(n_split, M, O, device=x.device, dtype=torch.float32)
-    _dw_kernel[(M, n_split, triton.cdiv(KSUP, BLOCK_K))](
-        x, gz, arg, dcat, db, M, n_rows, C, H, W, O, Hq, Wq, stride, pool, SP,
-        BLOCK_R, BLOCK_K, _block(O), *_dot_dtype(x.dtype), num_warps=NUM_WARPS)
-    valid, src = _shift_map(C, O, KS, stride, pool, x.device)
-    dw = torch.zeros(M, w[0].numel(), device=x.device, dtype=torch.float32)
-    dw.index_add_(1, src[valid], (dcat[0] if n_split == 1 else dcat.sum(0))[:, valid])  # fold the shifted copies back onto the kernel
-    return dw.view(w.shape), db.sum(0)
+    _dw_kernel[(M, n_split, triton.cdiv(K, BLOCK_K))](
+        x, gz, arg, dw, db, M, n_rows, C, H, W, O, Hq, Wq, KS, stride, pool,
+        BLOCK_R_DW, BLOCK_K, _block(O), *_dot_dtype(x.dtype), num_warps=NUM_WARPS)
+    return (dw[0] if n_split == 1 else dw.sum(0)).view(w.shape), db.sum(0)
 
 
 def _dx_triton(gz, arg, w, x_shape, stride, padding, pool):
