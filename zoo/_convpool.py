@@ -16,7 +16,6 @@ kernels run on CPU tensors (that is how the tests check them).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -135,10 +134,15 @@ if triton is not None:
             tl.store(db_ptr + part * O + o, db, mask=o < O)
 
 
-@functools.cache
+_SHIFT_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _shift_map(C: int, O: int, KS: int, S: int, P: int, device: torch.device):
     """Where each wcat entry (C*SP*SP, P*P*BLOCK_O) takes its weight from in the flat (O*C*KS*KS) kernel:
     (valid mask, source index). Entry (j=(c, jy, jx), d*BLOCK_O + o) is w[o, c, jy - dy*S, jx - dx*S]."""
+    key = (C, O, KS, S, P, device)
+    if key in _SHIFT_MAPS:  # built once per layer geometry
+        return _SHIFT_MAPS[key]
     SP, BO = (P - 1) * S + KS, _block(O)
     j = torch.arange(C * SP * SP)
     c, jy, jx = j // (SP * SP), (j // SP) % SP, j % SP
@@ -147,7 +151,8 @@ def _shift_map(C: int, O: int, KS: int, S: int, P: int, device: torch.device):
     ky, kx = jy[:, None] - (d // P)[None, :] * S, jx[:, None] - (d % P)[None, :] * S
     valid = (o < O)[None, :] & (ky >= 0) & (ky < KS) & (kx >= 0) & (kx < KS)
     src = o[None, :] * (C * KS * KS) + c[:, None] * (KS * KS) + ky * KS + kx
-    return valid.to(device), torch.where(valid, src, 0).to(device)
+    _SHIFT_MAPS[key] = valid.to(device), torch.where(valid, src, 0).to(device)
+    return _SHIFT_MAPS[key]
 
 
 def _dot_dtype(dtype: torch.dtype):
