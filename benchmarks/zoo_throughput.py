@@ -27,11 +27,13 @@ from zoo.population import member_order  # noqa: E402
 from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
 
 ARCH_KWARGS = {"cnn_s": {}, "cnn_l": {}, "cnn_gap": {}, "mlp": {}, "vit_t": {"patch": 7, "dim": 32, "depth": 2}}
-VARIANTS = {"fp32": ("fp32", False, "grouped"), "bf16": ("bf16", False, "grouped"),
-            "fp32+compile": ("fp32", True, "grouped"), "bf16+compile": ("bf16", True, "grouped"),
-            "bf16+unfold": ("bf16", False, "unfold"), "bf16+compile+unfold": ("bf16", True, "unfold"),
-            "fp32+fused": ("fp32", False, "fused"), "bf16+fused": ("bf16", False, "fused"),
-            "bf16+compile+fused": ("bf16", True, "fused")}
+VARIANTS = {  # name: (precision, compile, conv, cuda_graphs)
+    "fp32": ("fp32", False, "grouped", False), "bf16": ("bf16", False, "grouped", False),
+    "fp32+compile": ("fp32", True, "grouped", False), "bf16+compile": ("bf16", True, "grouped", False),
+    "bf16+unfold": ("bf16", False, "unfold", False), "bf16+compile+unfold": ("bf16", True, "unfold", False),
+    "fp32+fused": ("fp32", False, "fused", False), "bf16+fused": ("bf16", False, "fused", False),
+    "bf16+compile+fused": ("bf16", True, "fused", False), "bf16+fused+graphs": ("bf16", False, "fused", True),
+    "bf16+compile+fused+graphs": ("bf16", True, "fused", True)}
 
 
 def sync(device):
@@ -66,40 +68,41 @@ def time_solo(arch, data, batch, steps) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def time_engine(arch, data, n_members, batch, steps, precision, compile_, conv) -> tuple[float, float, float]:
+def time_engine(arch, data, n_members, batch, steps, precision, compile_, conv, graphs) -> tuple[float, float, float]:
     """(seconds per step, seconds per epoch order, peak GiB) for one population of n_members."""
     dev = data.x_train.device
     pop = Population(arch, ARCH_KWARGS[arch], members(n_members, batch), data, precision=precision, compile=compile_,
-                     conv=conv)
+                     conv=conv, cuda_graphs=graphs)
     sync(dev)
     t0 = time.perf_counter()
     order = pop.epoch_order(1)
     sync(dev)
     t_order = time.perf_counter() - t0
-    pop.run_steps(order, 1, range(3))  # warm-up (and compilation)
+    pop.run_steps(order, 1, range(6))  # warm-up (compilation, graph capture)
     sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    pop.run_steps(order, 1, range(3, 3 + steps))
+    pop.run_steps(order, 1, range(6, 6 + steps))
     sync(dev)
     t_step = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     return t_step, t_order, peak
 
 
-def agreement(arch, data, n, batch, precision, compile_, conv) -> list[tuple[float, float]]:
+def agreement(arch, data, n, batch, precision, compile_, conv, graphs) -> list[tuple[float, float]]:
     """Test accuracy after one epoch: (engine, plain loop) for n members."""
     ms = members(n, batch)
-    pop = Population(arch, ARCH_KWARGS[arch], ms, data, precision=precision, compile=compile_, conv=conv)
+    pop = Population(arch, ARCH_KWARGS[arch], ms, data, precision=precision, compile=compile_, conv=conv,
+                     cuda_graphs=graphs)
     pop.train_epoch(1)
     eng = pop.evaluate()["test_acc"].tolist()
     return [(e, accuracy(train_solo(arch, ARCH_KWARGS[arch], m, data, 1), data)) for e, m in zip(eng, ms)]
 
 
-def profile(arch, data, n_members, batch, precision, compile_, conv, rows=12) -> str:
+def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, rows=12) -> str:
     pop = Population(arch, ARCH_KWARGS[arch], members(n_members, batch), data, precision=precision, compile=compile_,
-                     conv=conv)
+                     conv=conv, cuda_graphs=graphs)
     order = pop.epoch_order(1)
     pop.run_steps(order, 1, range(3))
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]

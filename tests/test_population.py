@@ -143,3 +143,25 @@ def test_member_order_is_deterministic_and_distinct():
 def test_population_rejects_mixed_structure(digits):
     with pytest.raises(ValueError, match="shares activation"):
         Population("cnn_gap", {}, [MemberSpec(activation="tanh"), MemberSpec(activation="relu")], digits)
+
+
+def test_graph_batch_from_device_counters_matches_python_ints(digits):
+    """The CUDA-graph step reads epoch and step from 0-dim device tensors: same batches, labels, keys."""
+    members = _members("adam", 3, label_noise=0.3, dropout=0.2)
+    members[2] = MemberSpec(**{**vars(members[2]), "train_fraction": 0.5})
+    pop = Population("cnn_gap", {}, members, digits)
+    order = pop.epoch_order(3)
+    for s in (0, 5, int(pop.n_steps.max()) - 1):
+        a = pop._batch(order, 3, s)
+        b = pop._batch(order, torch.tensor(3), torch.tensor(s))
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_match_eager_steps(digits):
+    data = digits.to(torch.device("cuda"))
+    members = _members("adam", 3, dropout=0.2)
+    pops = [Population("cnn_gap", {}, members, data, cuda_graphs=g) for g in (False, True)]
+    for p in pops:
+        p.train_epoch(1, max_steps=12)
+    assert torch.allclose(pops[0].flat_weights(), pops[1].flat_weights(), atol=1e-6)

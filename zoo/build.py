@@ -157,7 +157,8 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
         for p in todo[:max_populations]:
             pids = np.flatnonzero(plan == p)
             pop = Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in pids], data,
-                             cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile, conv=cfg.conv)
+                             cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile, conv=cfg.conv,
+                             cuda_graphs=cfg.cuda_graphs)
             _train_population(pop, pids, cfg, writer, bar)
             trained += len(pids)
     finally:

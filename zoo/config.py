@@ -88,6 +88,7 @@ class ZooConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    cuda_graphs: bool = True  # on CUDA, replay each training step as one captured CUDA graph (no launch overhead)
     conv: str = "auto"  # auto (fused on CUDA with Triton, else grouped), grouped, unfold (im2col + bmm), fused (Triton)
     out: str = ""  # default data/zoos/<name>.h5
 

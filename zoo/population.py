@@ -268,7 +268,7 @@ class Population:
 
     def __init__(self, architecture: str, architecture_kwargs: dict, members: Sequence[MemberSpec], data: ImageData,
                  prune_epochs: Sequence[int] = (), train_eval_samples: int = 0, precision: str = "fp32",
-                 compile: bool = False, eval_bytes: int = 1 << 30, conv: str = "auto"):
+                 compile: bool = False, eval_bytes: int = 1 << 30, conv: str = "auto", cuda_graphs: bool = False):
         keys = {(m.activation, m.optimizer, m.batch_size) for m in members}
         if len(keys) != 1:
             raise ValueError(f"a population shares activation, optimizer and batch size; got {sorted(keys)}")
@@ -300,6 +300,7 @@ class Population:
         self.pool = member_pools(members, data.y_train)
         n_pool = self.pool.sum(1) if self.pool is not None else torch.full_like(self.seeds, len(data.y_train))
         self.n_steps = n_pool // self.batch_size  # (M,) drop_last, as a DataLoader with drop_last=True
+        self.uneven = bool((self.n_steps != self.n_steps.max()).any())
         if int(self.n_steps.min()) < 1:
             raise UsageError(f"a member has {int(n_pool.min())} training samples, fewer than batch_size="
                              f"{self.batch_size}; raise train_fraction or lower batch_size")
@@ -313,6 +314,8 @@ class Population:
         self.conv = conv
         _, act_max = _activation_numel(self.template, data.input_shape)
         self.eval_chunk = max(1, eval_bytes // (4 * len(members) * act_max * 3))
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graph: torch.cuda.CUDAGraph | None = None  # captured on the first graphed run_steps
         self._loss_fn = torch.compile(self._loss, dynamic=False) if compile else self._loss
         self._apply_fn = torch.compile(self._apply, dynamic=False) if compile else self._apply
 
@@ -370,17 +373,51 @@ class Population:
         """(M, N) each member's shuffled sample order for `epoch` (its pool first)."""
         return member_order(self.seeds, epoch, len(self.data.y_train), self.pool)
 
-    def run_steps(self, order: torch.Tensor, epoch: int, steps: range) -> None:
-        """Steps `steps` of `epoch`, batches cut from `order`: gathered by index, no DataLoader."""
+    def _batch(self, order: torch.Tensor, epoch, s):
+        """Step s of `epoch` (ints, or 0-dim device tensors inside a CUDA graph): (xb (B, M, C, H, W)
+        uint8, labels (B, M), active (M,), dropout keys (M,)), cut from `order` by index, no DataLoader."""
         B = self.batch_size
-        uneven = bool((self.n_steps != self.n_steps.max()).any())
+        idx = order.index_select(1, s * B + torch.arange(B, device=self.device))  # (M, B)
+        xb = self.data.x_train[idx.T]
+        y = noisy_labels(self.data.y_train, idx, self.seeds, self.noise, self.data.num_classes).T
+        active = (s < self.n_steps) if self.uneven else torch.ones_like(self.diverged)
+        step_key = hash32(self.seeds, TAG_DROPOUT, self.seeds * 0 + (epoch * 2**20 + s)) & 0x7FFFFFFF
+        return xb, y, active, step_key
+
+    def run_steps(self, order: torch.Tensor, epoch: int, steps: range) -> None:
+        """Steps `steps` of `epoch`, batches cut from `order`. With cuda_graphs, the whole step (batch
+        gather, forward, backward, optimizer, step counter) is one CUDA graph replay."""
+        if self.cuda_graphs and len(steps) > 3:
+            return self._run_steps_graphed(order, epoch, steps)
         for s in steps:
-            idx = order[:, s * B:(s + 1) * B]  # (M, B)
-            xb = self.data.x_train[idx.T]  # (B, M, C, H, W) uint8
-            y = noisy_labels(self.data.y_train, idx, self.seeds, self.noise, self.data.num_classes).T
-            active = (s < self.n_steps) if uneven else torch.ones_like(self.diverged)
-            step_key = hash32(self.seeds, TAG_DROPOUT, torch.full_like(self.seeds, epoch * 2**20 + s)) & 0x7FFFFFFF
-            self.step(xb, y, active, step_key)
+            self.step(*self._batch(order, epoch, s))
+
+    def _graph_body(self) -> None:
+        self.step(*self._batch(self._g_order, self._g_epoch, self._g_step))
+        self._g_step.add_(1)
+
+    def _run_steps_graphed(self, order: torch.Tensor, epoch: int, steps: range) -> None:
+        if self._graph is None:
+            self._g_order = torch.empty_like(order)
+            self._g_epoch = torch.zeros((), dtype=torch.long, device=self.device)
+            self._g_step = torch.zeros((), dtype=torch.long, device=self.device)
+        self._g_order.copy_(order)
+        self._g_epoch.fill_(epoch)
+        self._g_step.fill_(steps.start)
+        start = steps.start
+        if self._graph is None:  # two real steps on a side stream warm up compilation and allocators
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._graph_body()
+            torch.cuda.current_stream().wait_stream(side)
+            start += 2
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):  # records, does not run
+                self._graph_body()
+        for _ in range(start, steps.stop):
+            self._graph.replay()
 
     def train_epoch(self, epoch: int, max_steps: int | None = None) -> None:
         """Epoch `epoch` (1-based): every member passes once over its own shuffled pool
@@ -397,6 +434,8 @@ class Population:
         w = self.flat[:, cols].abs()  # (M, P_w)
         k = (fraction * w.shape[1]).round().long()
         rank = torch.argsort(torch.argsort(w, dim=1, stable=True), dim=1)
+        if self.mask is None:
+            self._graph = None  # the captured update had no mask: capture again
         mask = torch.ones_like(self.flat) if self.mask is None else self.mask
         mask[:, cols] *= (rank >= k[:, None]).float()
         self.mask = mask
