@@ -102,7 +102,8 @@ def test_shards_merge_into_the_full_zoo(tmp_path, tiny_zoo):
         assert run_cli(main, TINY + ["--out", str(s), "--shard", f"{i}/3", "--quiet"]) == 0
     assert run_cli(zoo.merge.main, [str(tmp_path / "m.h5"), *map(str, shards)]) == 0
     (w1, m1), (w2, m2) = _read_all(tiny_zoo), _read_all(tmp_path / "m.h5")
-    assert np.allclose(w1, w2, rtol=0, atol=1e-5) and np.allclose(m1["test_acc"], m2["test_acc"], atol=1e-3)
+    # shards hold other population mates than the full build: batched kernels round differently (~1e-5)
+    assert np.allclose(w1, w2, rtol=0, atol=1e-4) and np.allclose(m1["test_acc"], m2["test_acc"], atol=1e-3)
     assert pq.read_table(tmp_path / "m.parquet").num_rows == 48
     assert run_cli(zoo.merge.main, [str(tmp_path / "m2.h5"), str(shards[0])]) == 2  # incomplete
 
@@ -163,4 +164,5 @@ def test_torchrun_splits_members_across_ranks_and_merges(tmp_path, tiny_zoo):
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["z.h5", "z.parquet"]  # shard files merged and removed
     (w1, m1), (w2, m2) = _read_all(tiny_zoo), _read_all(out)
-    assert np.allclose(w1, w2, rtol=0, atol=1e-5) and np.allclose(m1["test_acc"], m2["test_acc"], atol=1e-3)
+    # shards hold other population mates than the full build: batched kernels round differently (~1e-5)
+    assert np.allclose(w1, w2, rtol=0, atol=1e-4) and np.allclose(m1["test_acc"], m2["test_acc"], atol=1e-3)

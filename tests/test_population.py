@@ -48,6 +48,35 @@ def test_population_matches_plain_loop(arch, kw, data_name, opt, request):
             assert _rel(pop.flat_weights()[i], _flat(solo)) < TOL, (arch, opt, i)
 
 
+@pytest.mark.parametrize("arch,kw,data_name", [ARCHS[0], ARCHS[3], ARCHS[4]])
+def test_mixed_population_matches_plain_loop(arch, kw, data_name, request):
+    """Activations and optimizers differ per member inside one population (unsorted: several runs each)."""
+    data = request.getfixturevalue(data_name)
+    combos = [("tanh", "adam"), ("relu", "sgd"), ("tanh", "rmsprop"), ("gelu", "adam"), ("sigmoid", "sgd")]
+    members = [MemberSpec(seed=20 + i, optimizer=o, lr=LR[o], activation=a, init="xavier_uniform", batch_size=32,
+                          weight_decay=1e-3) for i, (a, o) in enumerate(combos)]
+    pop = Population(arch, kw, members, data)
+    assert len(pop.act_runs) == 5 and len(pop.opt_runs) == 5
+    pop.train_epoch(1, max_steps=6)
+    x = data.normalize(data.x_test[:64])
+    logits = pop.forward(x[:, None], train=False)
+    for i, m in enumerate(members):
+        solo = train_solo(arch, kw, m, data, epochs=1, max_steps=6).eval()
+        with torch.no_grad():
+            assert _rel(logits[:, i], solo(x)) < TOL, (arch, m.activation, m.optimizer)
+
+
+def test_mixed_population_equals_separate_populations(digits):
+    members = [MemberSpec(seed=i, optimizer=o, lr=LR[o], activation=a, dropout=0.2, batch_size=32)
+               for i, (a, o) in enumerate([("relu", "adam"), ("relu", "sgd"), ("tanh", "adam"), ("tanh", "sgd")])]
+    mixed = Population("cnn_gap", {}, members, digits)
+    mixed.train_epoch(1)
+    for i, m in enumerate(members):
+        alone = Population("cnn_gap", {}, [m], digits)
+        alone.train_epoch(1)
+        assert _rel(mixed.flat_weights()[i], alone.flat_weights()[0]) < 1e-5
+
+
 @pytest.mark.parametrize("arch,data_name", [("cnn_s", "digits28"), ("cnn_gap", "digits")])
 def test_unfold_convolution_matches_grouped(arch, data_name, request):
     data = request.getfixturevalue(data_name)
@@ -93,7 +122,7 @@ def test_diverging_member_is_flagged_and_others_continue(digits):
 def test_per_member_dropout_rates():
     x = torch.ones(4000, 3, 10)  # (B, M, features)
     rates = torch.tensor([0.0, 0.3, 0.7])
-    y = _dropout(None, "", x, _Ctx({}, rates, torch.tensor([5, 6, 7])))
+    y = _dropout(None, "", x, _Ctx({}, [("relu", 0, 3)], rates, torch.tensor([5, 6, 7])))
     dropped = (y == 0).float().mean(dim=(0, 2))
     assert torch.allclose(dropped, rates, atol=0.01)
     assert torch.allclose(y.mean(dim=(0, 2)), torch.ones(3), atol=0.03)  # inverted dropout keeps the mean
@@ -140,9 +169,9 @@ def test_member_order_is_deterministic_and_distinct():
     assert torch.equal(a.sort(1).values, torch.arange(100).expand(2, -1))
 
 
-def test_population_rejects_mixed_structure(digits):
-    with pytest.raises(ValueError, match="shares activation"):
-        Population("cnn_gap", {}, [MemberSpec(activation="tanh"), MemberSpec(activation="relu")], digits)
+def test_population_rejects_mixed_batch_sizes(digits):
+    with pytest.raises(ValueError, match="shares its batch size"):
+        Population("cnn_gap", {}, [MemberSpec(batch_size=16), MemberSpec(batch_size=32)], digits)
 
 
 def test_graph_batch_from_device_counters_matches_python_ints(digits):

@@ -62,8 +62,8 @@ def _template(cfg: ZooConfig, data: ImageData, activation: str) -> torch.nn.Modu
 
 def plan_populations(members: Sequence[MemberSpec], ids: np.ndarray, cfg: ZooConfig, data: ImageData,
                      device: torch.device) -> np.ndarray:
-    """Population id per member (-1 outside `ids`): groups of equal (activation, optimizer, batch size)
-    in member order, cut to the population size that fits the memory budget."""
+    """Population id per member (-1 outside `ids`): groups of equal batch size, sorted by (activation,
+    optimizer) so each is one slice of its population, cut to the population size that fits the budget."""
     if device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] * cfg.memory_fraction
     else:
@@ -72,9 +72,10 @@ def plan_populations(members: Sequence[MemberSpec], ids: np.ndarray, cfg: ZooCon
     groups: dict[tuple, list[int]] = {}
     for i in ids:
         m = members[i]
-        groups.setdefault((m.activation, m.optimizer, m.batch_size), []).append(int(i))
-    for (activation, _, batch), group in groups.items():
-        cap = cfg.population_size or max(1, int(budget // member_bytes(_template(cfg, data, activation),
+        groups.setdefault(m.batch_size, []).append(int(i))
+    for batch, group in groups.items():
+        group = sorted(group, key=lambda j: (members[j].activation, members[j].optimizer, j))
+        cap = cfg.population_size or max(1, int(budget // member_bytes(_template(cfg, data, "relu"),
                                                                         data.input_shape, batch)))
         n_pop = math.ceil(len(group) / cap)
         for chunk in np.array_split(np.asarray(group), n_pop):  # even sizes, no tiny tail

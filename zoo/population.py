@@ -22,7 +22,7 @@ from ._config import UsageError
 from ._convpool import available as triton_available, conv_pool
 from .config import MemberSpec
 from .data import ImageData
-from .models import (Activation, ClassToken, GlobalAvgPool, PatchEmbed, Residual, SelfAttention, create_model,
+from .models import (ACTIVATIONS, Activation, ClassToken, GlobalAvgPool, PatchEmbed, Residual, SelfAttention, create_model,
                      init_weights)
 
 CONV_PATHS = ("auto", "grouped", "unfold", "fused")
@@ -73,9 +73,20 @@ def noisy_labels(y: torch.Tensor, idx: torch.Tensor, seeds: torch.Tensor, noise:
 
 # ---- the population forward pass: one function per layer type of the registry ----
 
+def runs(values: Sequence[str]) -> list[tuple[str, int, int]]:
+    """[(value, start, stop)]: maximal runs of equal consecutive values (members sorted by value give one each)."""
+    out, start = [], 0
+    for value, group in itertools.groupby(values):
+        n = len(list(group))
+        out.append((value, start, start + n))
+        start += n
+    return out
+
+
 @dataclass
 class _Ctx:
     params: dict[str, torch.Tensor]  # name -> (M, *shape)
+    act_runs: list[tuple[str, int, int]]  # per-member activation: (name, first member, end) runs along M
     dropout: torch.Tensor | None  # (M,) rates while training, None when off
     step_key: torch.Tensor | None  # (M,) int64, a member's key for this step's dropout masks
     conv: str = "grouped"  # "grouped" conv, "unfold" (im2col + batched matmul) or "fused" (Triton, _convpool.py)
@@ -181,6 +192,13 @@ def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
     return _linear(m.out, p + "out.", y.transpose(1, 2).reshape(B, M, T, D), ctx)
 
 
+def _activation(x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """Each member's own activation on its slice of (B, M, ...); one call when the population shares one."""
+    if len(ctx.act_runs) == 1:
+        return ACTIVATIONS[ctx.act_runs[0][0]](x)
+    return torch.cat([ACTIVATIONS[name](x[:, a:b]) for name, a, b in ctx.act_runs], dim=1)
+
+
 def _sequential(m: nn.Sequential, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     children = list(m.named_children())
     i = 0
@@ -201,7 +219,7 @@ _OPS: dict[type, Callable] = {
     nn.Sequential: _sequential, nn.Conv2d: _conv, nn.Linear: _linear, nn.MaxPool2d: _pool,
     nn.Dropout: _dropout, nn.LayerNorm: _layer_norm, PatchEmbed: _patch_embed, SelfAttention: _attention,
     nn.Flatten: lambda m, p, x, ctx: x.flatten(2),
-    Activation: lambda m, p, x, ctx: m.fn(x),
+    Activation: lambda m, p, x, ctx: _activation(x, ctx),
     GlobalAvgPool: lambda m, p, x, ctx: x.mean(dim=(-2, -1)),
     Residual: lambda m, p, x, ctx: x + _sequential(m.body, p + "body.", x, ctx),
     ClassToken: lambda m, p, x, ctx: x[..., 0, :],
@@ -217,8 +235,12 @@ def run_layer(m: nn.Module, prefix: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
 
 # ---- vectorized optimizers: torch.optim's update rules with per-member lr and weight decay ----
 
-def _opt_state(name: str, flat: torch.Tensor) -> list[torch.Tensor]:
-    return [torch.zeros_like(flat) for _ in range({"adam": 2, "sgd": 1, "rmsprop": 1}[name])]
+N_BUFFERS = {"adam": 2, "sgd": 1, "rmsprop": 1}
+
+
+def _opt_state(names: Sequence[str], flat: torch.Tensor) -> list[torch.Tensor]:
+    """(M, P) buffers, as many as the hungriest optimizer present needs; others use the first ones."""
+    return [torch.zeros_like(flat) for _ in range(max(N_BUFFERS[n] for n in names))]
 
 
 def _update(name: str, p, g, bufs, lr, wd, t):
@@ -264,16 +286,18 @@ def init_member(template_fn: Callable[[], nn.Module], m: MemberSpec) -> nn.Modul
 
 
 class Population:
-    """M members sharing architecture, activation, optimizer and batch size."""
+    """M members of one architecture sharing the batch size. Activations and optimizers may differ per
+    member; members sorted by them (as `zoo.build` plans populations) make one slice each."""
 
     def __init__(self, architecture: str, architecture_kwargs: dict, members: Sequence[MemberSpec], data: ImageData,
                  prune_epochs: Sequence[int] = (), train_eval_samples: int = 0, precision: str = "fp32",
                  compile: bool = False, eval_bytes: int = 1 << 30, conv: str = "auto", cuda_graphs: bool = False):
-        keys = {(m.activation, m.optimizer, m.batch_size) for m in members}
-        if len(keys) != 1:
-            raise ValueError(f"a population shares activation, optimizer and batch size; got {sorted(keys)}")
+        if len({m.batch_size for m in members}) != 1:
+            raise ValueError(f"a population shares its batch size; got {sorted({m.batch_size for m in members})}")
         self.members, self.data, self.device = list(members), data, data.x_train.device
-        self.optimizer, self.batch_size = members[0].optimizer, members[0].batch_size
+        self.batch_size = members[0].batch_size
+        self.act_runs = runs([m.activation for m in members])
+        self.opt_runs = runs([m.optimizer for m in members])
         C, H, W = data.input_shape
         build = lambda: create_model(architecture, in_channels=C, input_size=H, num_classes=data.num_classes,
                                      activation=members[0].activation, dropout=0.0, **architecture_kwargs)
@@ -289,7 +313,7 @@ class Population:
         self.prunable_cols = torch.cat([torch.arange(self.offsets[i], self.offsets[i + 1]) for i in self.prunable]
                                        or [torch.zeros(0, dtype=torch.long)]).to(self.device)  # conv/linear weights
         self.mask: torch.Tensor | None = None  # (M, P) pruning mask, ones outside conv/linear weights
-        self.state = _opt_state(self.optimizer, self.flat)
+        self.state = _opt_state([name for name, _, _ in self.opt_runs], self.flat)
         hp = lambda k, dt=torch.float32: torch.tensor([getattr(m, k) for m in members], dtype=dt, device=self.device)
         self.lr, self.wd, self.dropout, self.noise = hp("lr"), hp("weight_decay"), hp("dropout"), hp("label_noise")
         self.prune_target = hp("prune_fraction")
@@ -336,7 +360,8 @@ class Population:
         """(B, M or 1, C, H, W) float -> (B, M, num_classes) logits; dropout on when `train`."""
         params = self.params if params is None else params  # list of (M, *shape) tensors
         on = train and self.has_dropout
-        ctx = _Ctx(dict(zip(self.names, params)), self.dropout if on else None, step_key if on else None, self.conv)
+        ctx = _Ctx(dict(zip(self.names, params)), self.act_runs, self.dropout if on else None,
+                   step_key if on else None, self.conv)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             return run_layer(self.template, "", x, ctx).float()
 
@@ -352,11 +377,25 @@ class Population:
         diverged ones are zeroed. flat, grad, state (M, P); t, active, diverged (M,)."""
         t = t + active.float()
         col = lambda v: v[:, None]
-        new, bufs = _update(self.optimizer, flat, grad, state, col(self.lr), col(self.wd), col(t.clamp(min=1)))
+        new, bufs = self._update_runs(flat, grad, state, col(self.lr), col(self.wd), col(t.clamp(min=1)))
         if self.mask is not None:
             new = new * self.mask
         new = torch.where(col(diverged), 0.0, torch.where(col(active), new, flat))
         return new, [torch.where(col(active), b, s) for b, s in zip(bufs, state)], t
+
+    def _update_runs(self, flat, grad, state, lr, wd, t):
+        """Each member's own optimizer on its rows of the flat buffer: one update per optimizer run."""
+        if len(self.opt_runs) == 1:
+            name = self.opt_runs[0][0]
+            new, bufs = _update(name, flat, grad, state[:N_BUFFERS[name]], lr, wd, t)
+            return new, bufs + state[len(bufs):]
+        news, parts = [], []
+        for name, a, b in self.opt_runs:
+            rows = [v[a:b] for v in state]
+            new, bufs = _update(name, flat[a:b], grad[a:b], rows[:N_BUFFERS[name]], lr[a:b], wd[a:b], t[a:b])
+            news.append(new)
+            parts.append(bufs + rows[len(bufs):])  # buffers this optimizer does not use stay as they are
+        return torch.cat(news), [torch.cat(col) for col in zip(*parts)]
 
     def step(self, xb: torch.Tensor, y: torch.Tensor, active: torch.Tensor, step_key: torch.Tensor) -> None:
         """One training step of every member, in place. No host synchronisation (graph-capturable)."""
