@@ -164,7 +164,9 @@ def _dropout(m: nn.Dropout, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     B, M = x.shape[:2]
     key = hash32(ctx.step_key, ctx.n_dropout, torch.zeros_like(ctx.step_key)) & 0x7FFFFFFF  # (M,)
     elem = torch.arange(B * x[0, 0].numel(), device=x.device).view(B, 1, *x.shape[2:])
-    u = hash32(_member_view(key, x.dim()), 0, elem)  # (B, M, ...) uniform in [0, 2^32)
+    # the xor keeps inductor from folding arange * constant into an int32 index expression, which
+    # overflows for ~10^7-element activations (torch 2.11: "Scalar ... is out of range for type int32")
+    u = hash32(_member_view(key, x.dim()), 0, elem ^ 0x5BD1E995)  # (B, M, ...) uniform in [0, 2^32)
     keep = _member_view(1.0 - ctx.dropout, x.dim())
     return x * (u >= _member_view(ctx.dropout.double() * 2**32, x.dim())) / keep
 
