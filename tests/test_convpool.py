@@ -60,3 +60,16 @@ def test_fused_population_matches_grouped(arch, data_name, request):
         p.train_epoch(1, max_steps=3)
     a, b = pops[1].flat_weights(), pops[0].flat_weights()
     assert float((a - b).norm() / b.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("conv", ["grouped", "fused"])
+def test_training_loss_compiles_to_one_graph(conv, digits28):
+    """A graph break would make torch.compile recompile per layer and fall back to eager (seen on the H100)."""
+    import torch._dynamo
+
+    members = [MemberSpec(seed=i, batch_size=8, dropout=0.5, activation=a, optimizer=o)
+               for i, (a, o) in enumerate([("tanh", "adam"), ("relu", "sgd")])]
+    pop = Population("cnn_s", {}, members, digits28, conv=conv, precision="bf16")
+    xb, y, _, key = pop._batch(pop.epoch_order(1), 1, 0)
+    explained = torch._dynamo.explain(pop._loss)(pop.flat.detach().requires_grad_(True), xb, y, key)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]

@@ -229,23 +229,59 @@ def _reference(x, w, b, stride, padding, pool):
     return y.view(B, M, w.shape[1], *y.shape[-2:])
 
 
-class _ConvPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, stride, padding, pool):
-        xp = F.pad(x, (padding,) * 4) if padding else x
-        z, arg = _fwd_triton(xp.contiguous(), w.contiguous(), b.contiguous(), stride, pool)
-        ctx.save_for_backward(xp, w, arg)
-        ctx.geometry = (x.shape, stride, padding, pool)
-        return z
+# Custom ops: opaque to torch.compile (dynamo never traces into Triton), differentiable through autograd.
+@torch.library.custom_op("weightzoo::conv_pool", mutates_args=())
+def _conv_pool_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, pool: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_triton(x.contiguous(), w.contiguous(), b.contiguous(), stride, pool)
 
-    @staticmethod
-    def backward(ctx, gz):
-        xp, w, arg = ctx.saved_tensors
-        x_shape, stride, padding, pool = ctx.geometry
-        gz = gz.contiguous()
-        dw, db = _dw_triton(gz, arg, xp.contiguous(), w.contiguous(), stride, pool)
-        dx = _dx_triton(gz.to(xp.dtype), arg, w, x_shape, stride, padding, pool) if ctx.needs_input_grad[0] else None
-        return dx, dw, db, None, None, None
+
+@_conv_pool_op.register_fake
+def _(x, w, b, stride, pool):
+    B, M, C, H, W, O, KS, Hq, Wq, _ = _geometry(x, w, stride, pool)
+    z = x.new_empty(B, M, O, Hq, Wq)
+    return z, x.new_empty(z.shape if pool > 1 else (0,), dtype=torch.int8)
+
+
+@torch.library.custom_op("weightzoo::conv_pool_dw", mutates_args=())
+def _conv_pool_dw_op(gz: torch.Tensor, arg: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, pool: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dw_triton(gz.contiguous(), arg, x.contiguous(), w.contiguous(), stride, pool)
+
+
+@_conv_pool_dw_op.register_fake
+def _(gz, arg, x, w, stride, pool):
+    return w.new_empty(w.shape, dtype=torch.float32), w.new_empty(w.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("weightzoo::conv_pool_dx", mutates_args=())
+def _conv_pool_dx_op(gz: torch.Tensor, arg: torch.Tensor, w: torch.Tensor, H: int, W: int, stride: int, pool: int
+                     ) -> torch.Tensor:
+    return _dx_triton(gz.contiguous(), arg, w.contiguous(), (H, W), stride, 0, pool)
+
+
+@_conv_pool_dx_op.register_fake
+def _(gz, arg, w, H, W, stride, pool):
+    return gz.new_empty(gz.shape[0], gz.shape[1], w.shape[2], H, W)
+
+
+def _setup(ctx, inputs, output):
+    x, w, _, stride, pool = inputs
+    ctx.save_for_backward(x, w, output[1])
+    ctx.geometry = (stride, pool)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, gz, _garg):
+    x, w, arg = ctx.saved_tensors
+    stride, pool = ctx.geometry
+    dw, db = _conv_pool_dw_op(gz, arg, x, w, stride, pool)
+    dx = _conv_pool_dx_op(gz.to(x.dtype), arg, w, x.shape[-2], x.shape[-1], stride, pool) \
+        if ctx.needs_input_grad[0] else None
+    return dx, dw, db, None, None
+
+
+_conv_pool_op.register_autograd(_backward, setup_context=_setup)
 
 
 def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1, padding: int = 0,
@@ -254,4 +290,5 @@ def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1
     Runs in x's dtype (bf16: tensor cores, fp32 accumulation; fp32: exact fp32 products)."""
     if not available(x.device):
         return _reference(x, w, b, stride, padding, pool)
-    return _ConvPool.apply(x, w, b, stride, padding, pool)
+    xp = F.pad(x, (padding,) * 4) if padding else x  # the kernels see a pre-padded input
+    return _conv_pool_op(xp, w, b, stride, pool)[0]

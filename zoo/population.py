@@ -90,6 +90,7 @@ class _Ctx:
     dropout: torch.Tensor | None  # (M,) rates while training, None when off
     step_key: torch.Tensor | None  # (M,) int64, a member's key for this step's dropout masks
     conv: str = "grouped"  # "grouped" conv, "unfold" (im2col + batched matmul) or "fused" (Triton, _convpool.py)
+    bf16: bool = False  # bf16 autocast is on (the fused kernels then run in bf16 as torch's conv would)
     n_dropout: int = 0  # dropout layers seen so far in this forward pass
 
 
@@ -116,8 +117,8 @@ def _fusable(m: nn.Conv2d, pool: nn.Module | None = None) -> bool:
 def _conv_pool(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx, pool: int = 1) -> torch.Tensor:
     """Triton conv (+ max-pool) on (B, M, C, H, W); in bf16 under autocast, as torch's conv would be."""
     w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    if ctx.bf16:
+        x = x.to(torch.bfloat16)
     return conv_pool(x.contiguous(), w, b, m.stride[0], m.padding[0], pool)
 
 
@@ -363,7 +364,7 @@ class Population:
         params = self.params if params is None else params  # list of (M, *shape) tensors
         on = train and self.has_dropout
         ctx = _Ctx(dict(zip(self.names, params)), self.act_runs, self.dropout if on else None,
-                   step_key if on else None, self.conv)
+                   step_key if on else None, self.conv, self.precision == "bf16")
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             return run_layer(self.template, "", x, ctx).float()
 
