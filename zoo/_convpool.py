@@ -32,8 +32,13 @@ BLOCK_R, BLOCK_R_DW, BLOCK_K, NUM_WARPS = 64, 128, 32, 4  # measured on an H100:
 
 
 def available(device: torch.device) -> bool:
-    """Whether the Triton kernels run for tensors on `device`."""
-    return triton is not None and (device.type == "cuda" or INTERPRET)
+    """Whether the Triton kernels run for tensors on `device` (CPU: Triton >= 3.9's interpreter; older
+    interpreters fail on runtime loop bounds)."""
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return INTERPRET and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
 
 
 if triton is not None:
