@@ -1,7 +1,9 @@
 """Zoo-engine throughput against the plain per-model PyTorch loop, same recipe, one run.
 
 Device run (MNIST copied to data/datasets/mnist, carried):
-    python benchmarks/zoo_throughput.py --archs cnn_s,cnn_gap,vit_t --members 4096
+    python benchmarks/zoo_throughput.py --archs cnn_s --members 4096 --variants bf16+compile+fused+graphs
+    python benchmarks/zoo_throughput.py --archs cnn_s --members 1000 --batch 10 --check 0 \
+        --variants bf16+compile+fused,bf16+compile+fused+graphs       # the Model Zoos batch size
 CPU smoke run (seconds):
     python benchmarks/zoo_throughput.py --dataset digits --archs cnn_gap --members 16 --steps 3 --variants fp32
 

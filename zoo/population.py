@@ -1,11 +1,13 @@
 """Population trainer: M members of one architecture trained at once as one vectorized computation.
 
-Parameters are stacked, `(M, *shape)`. Activations are laid out `(B, M, *features)`: convolutions run
-as one grouped convolution (groups = M), linear layers as one batched matmul, so one step costs a few
-kernel launches whatever M is. Each member has its own seed-determined init, data order, dropout
-masks, lr, weight decay, dropout rate, pruning mask and data factors; nothing per-member runs in Python
-inside the step loop. A member's data order comes from a counter-based hash of (seed, epoch, index),
-so the same member sees the same batches alone (`zoo.solo`), in any population, and on any device.
+Parameters live in one flat `(M, P)` buffer (layers are views). Activations are laid out `(B, M, *features)`:
+convolutions run as fused per-member Triton kernels on CUDA (`_convpool.py`) or one grouped convolution
+(groups = M), linear layers as one batched matmul, so one step costs a few kernel launches whatever M is
+(and one CUDA graph replay with `cuda_graphs`). Each member has its own seed-determined init, data order,
+dropout masks, activation, optimizer, lr, weight decay, dropout rate, pruning mask and data factors; nothing
+per-member runs in Python inside the step loop. A member's data order comes from a counter-based hash of
+(seed, epoch, index), so the same member sees the same batches alone (`zoo.solo`), in any population, and
+on any device.
 """
 from __future__ import annotations
 
