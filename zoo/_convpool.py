@@ -43,14 +43,26 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
+    def _patch_rows(r, M, m, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, Hq: tl.constexpr,
+                    Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr):
+        """(R,) offsets of the top-left input value of row r's patch (row = image, pooled pixel; pool
+        position 0) and (R,) image-member index. Patch values are row offset + column offset: separable."""
+        img = (r // (Hq * Wq)).to(tl.int64) * M + m
+        q = r % (Hq * Wq)
+        return img * (C * H * W) + (q // Wq) * (P * S * W) + (q % Wq) * (P * S), img
+
+    @triton.jit
+    def _patch_cols(kk, H: tl.constexpr, W: tl.constexpr, KS: tl.constexpr):
+        """(K_blk,) offsets of patch element kk = (c, ky, kx) from the patch's top-left value."""
+        return (kk // (KS * KS)) * (H * W) + ((kk // KS) % KS) * W + kk % KS
+
+    @triton.jit
     def _super_patch(x_ptr, r, j, M, m, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                      Hq: tl.constexpr, Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr):
         """(R, K_blk) values j = (c, jy, jx) of the SP x SP super-patch under rows r = (image, pooled pixel):
         the union of the P*P conv patches one pooled pixel takes its maximum over. Returns (values, img)."""
-        img = (r // (Hq * Wq)).to(tl.int64) * M + m  # (R,) image-member index into (B, M, ...)
-        q = r % (Hq * Wq)
-        row = img * (C * H * W) + (q // Wq) * (P * S * W) + (q % Wq) * (P * S)
-        col = (j // (SP * SP)) * (H * W) + ((j // SP) % SP) * W + j % SP  # separable: one add per value
+        row, img = _patch_rows(r, M, m, C, H, W, Hq, Wq, S, P)
+        col = _patch_cols(j, H, W, SP)  # an SP x SP patch: separable offsets, one add per value
         ok = (r < n_rows)[:, None] & (j < C * SP * SP)[None, :]
         return tl.load(x_ptr + row[:, None] + col[None, :], mask=ok, other=0.0), img
 
@@ -85,20 +97,6 @@ if triton is not None:
         tl.store(z_ptr + out, best.to(z_ptr.dtype.element_ty), mask=ok)
         if P > 1:
             tl.store(arg_ptr + out, arg.to(tl.int8), mask=ok)
-
-    @triton.jit
-    def _patch_rows(r, M, m, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, Hq: tl.constexpr,
-                    Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr):
-        """(R,) offsets of the top-left input value of row r's patch (row = image, pooled pixel; pool
-        position 0) and (R,) image-member index. Patch values are row offset + column offset: separable."""
-        img = (r // (Hq * Wq)).to(tl.int64) * M + m
-        q = r % (Hq * Wq)
-        return img * (C * H * W) + (q // Wq) * (P * S * W) + (q % Wq) * (P * S), img
-
-    @triton.jit
-    def _patch_cols(kk, H: tl.constexpr, W: tl.constexpr, KS: tl.constexpr):
-        """(K_blk,) offsets of patch element kk = (c, ky, kx) from the patch's top-left value."""
-        return (kk // (KS * KS)) * (H * W) + ((kk // KS) % KS) * W + kk % KS
 
     @triton.jit
     def _dw_kernel(x_ptr, gz_ptr, arg_ptr, dw_ptr, db_ptr, M, n_rows,

@@ -65,14 +65,18 @@ def _template(cfg: ZooConfig, data: ImageData, activation: str) -> torch.nn.Modu
 CPU_POPULATION_CAP = 64
 
 
+def memory_budget(cfg: ZooConfig, device: torch.device) -> float:
+    """Bytes a population may use: `memory_fraction` of free GPU memory (CPU: of 8 GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] * cfg.memory_fraction
+    return 8 * 2**30 * cfg.memory_fraction
+
+
 def plan_populations(members: Sequence[MemberSpec], ids: np.ndarray, cfg: ZooConfig, data: ImageData,
                      device: torch.device) -> np.ndarray:
     """Population id per member (-1 outside `ids`): groups of equal batch size, sorted by (activation,
     optimizer) so each is one slice of its population, cut to the population size that fits the budget."""
-    if device.type == "cuda":
-        budget = torch.cuda.mem_get_info(device)[0] * cfg.memory_fraction
-    else:
-        budget = 8 * 2**30 * cfg.memory_fraction
+    budget = memory_budget(cfg, device)
     plan, next_id = np.full(len(members), -1, np.int64), 0
     groups: dict[tuple, list[int]] = {}
     for i in ids:
@@ -164,9 +168,12 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
     try:
         for p in todo[:max_populations]:
             pids = np.flatnonzero(plan == p)
+            # evaluation chunks: a quarter of the budget (at least 1 GiB); on a GPU, 1 GiB meant chunks of
+            # ~7 images for 2,560 cnn_s members, i.e. thousands of small launches per checkpoint
+            eval_bytes = max(1 << 30, int(memory_budget(cfg, device) / 4))
             pop = Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in pids], data,
-                             cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile, conv=cfg.conv,
-                             cuda_graphs=cfg.cuda_graphs)
+                             cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile, eval_bytes,
+                             conv=cfg.conv, cuda_graphs=cfg.cuda_graphs)
             _train_population(pop, pids, cfg, writer, bar)
             trained += len(pids)
     finally:
