@@ -50,15 +50,20 @@ def test_ties_go_to_the_first_position_like_max_pool():
     assert torch.allclose(gx, rx, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch,data_name", [("cnn_s", "digits28"), ("cnn_gap", "digits")])
-def test_fused_population_matches_grouped(arch, data_name, request):
+@pytest.mark.parametrize("arch,kw,data_name", [("cnn_s", {}, "digits28"), ("cnn_gap", {}, "digits"),
+                                              ("vit_t", {"patch": 4, "dim": 16, "depth": 1}, "digits")])
+def test_fused_population_matches_grouped(arch, kw, data_name, request):
+    """Every registry architecture with a conv (vit_t: the stride-`patch` patch embedding) on the kernels."""
     data = request.getfixturevalue(data_name)
     members = [MemberSpec(seed=i, lr=1e-3 * (i + 1), batch_size=16, dropout=0.2 * i, init="xavier_uniform",
                           activation="tanh") for i in range(2)]
-    pops = [Population(arch, {}, members, data, conv=c) for c in ("grouped", "fused")]
+    pops = [Population(arch, kw, members, data, conv=c) for c in ("grouped", "fused")]
     for p in pops:
         p.train_epoch(1, max_steps=3)
-    a, b = pops[1].flat_weights(), pops[0].flat_weights()
+    # compare function, not weights: vit_t's attention key bias has a zero true gradient, so Adam turns
+    # rounding differences there into O(lr) weight differences that do not change any output
+    x = data.normalize(data.x_test[:64])[:, None]
+    a, b = (p.forward(x, train=False) for p in pops[::-1])
     assert float((a - b).norm() / b.norm()) < 1e-5
 
 
