@@ -4,6 +4,9 @@ Device run (MNIST copied to data/datasets/mnist, carried):
     python benchmarks/zoo_throughput.py --archs cnn_s --members 4096 --variants bf16+compile+fused+graphs
     python benchmarks/zoo_throughput.py --archs cnn_s --members 1000 --batch 10 --check 0 \
         --variants bf16+compile+fused,bf16+compile+fused+graphs       # the Model Zoos batch size
+    python benchmarks/zoo_throughput.py --archs cnn_s --members 2560 --batch 10 --check 0 --recipe hyp \
+        --variants bf16+compile+fused+graphs,bf16+compile+fused --profile   # HYP step (profile: last variant,
+                                                                           # un-graphed so kernels show)
 CPU smoke run (seconds):
     python benchmarks/zoo_throughput.py --dataset digits --archs cnn_gap --members 16 --steps 3 --variants fp32
 
@@ -43,10 +46,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+RECIPE = "adam_tanh"  # set by --recipe
+
+
 def members(n: int, batch: int) -> list[MemberSpec]:
-    # the recipe of issue 4: Adam, tanh; lr varies per member so members really differ
-    return [MemberSpec(seed=i, activation="tanh", optimizer="adam", lr=(1e-3, 3e-4, 3e-3)[i % 3], batch_size=batch,
-                       init="kaiming_uniform") for i in range(n)]
+    if RECIPE == "adam_tanh":  # the recipe of issue 4: Adam, tanh; lr varies per member so members really differ
+        return [MemberSpec(seed=i, activation="tanh", optimizer="adam", lr=(1e-3, 3e-4, 3e-3)[i % 3],
+                           batch_size=batch, init="kaiming_uniform") for i in range(n)]
+    # "hyp": a Model Zoos HYP-like mix in one population (4 activations x 2 optimizers, dropout 0 / 0.5),
+    # sorted as zoo.build plans it, so each activation and optimizer is one slice
+    acts, opts = ["gelu", "relu", "sigmoid", "tanh"], [("adam", 1e-3), ("sgd", 1e-2)]
+    ms = [MemberSpec(seed=i, activation=acts[i % 4], optimizer=opts[i // 4 % 2][0], lr=opts[i // 4 % 2][1],
+                     dropout=0.5 * (i // 8 % 2), batch_size=batch, init="kaiming_uniform") for i in range(n)]
+    return sorted(ms, key=lambda m: (m.activation, m.optimizer, m.seed))
 
 
 def time_solo(arch, data, batch, steps) -> float:
@@ -130,10 +142,16 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--recipe", choices=["adam_tanh", "hyp"], default="adam_tanh",
+                    help="hyp: mixed activations/optimizers and dropout (no plain-loop agreement check)")
     ap.add_argument("--block-r", type=int, default=0, help="rows per Triton conv program (default: the module's)")
     args = ap.parse_args()
     if args.block_r:
         _convpool.BLOCK_R = args.block_r
+    global RECIPE
+    RECIPE = args.recipe
+    if RECIPE == "hyp" and args.check:
+        ap.error("--recipe hyp trains hashed-dropout members the plain loop cannot reproduce; pass --check 0")
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
