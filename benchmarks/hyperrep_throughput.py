@@ -44,7 +44,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shape = AEShape(args.token_size, (4096, 64, 1024), args.d_model, args.layers, args.heads, args.latent, args.latent)
+    shape = AEShape(args.token_size, (4096, 64, 1024), args.d_model, args.layers, args.heads, args.latent, args.latent,
+                    0.0)
     model = HyperAE(shape).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     B, T, S = args.batch, args.window, args.token_size

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class AEShape:
+    """Autoencoder size; no defaults here: `FitConfig` holds them, this spec just carries them."""
     token_size: int
     max_positions: tuple[int, int, int]  # sizes of the (global, layer, within-layer) position tables
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    d_latent: int = 16
-    d_proj: int = 32
-    dropout: float = 0.0
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_latent: int
+    d_proj: int
+    dropout: float
 
 
 class Block(nn.Module):

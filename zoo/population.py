@@ -197,11 +197,14 @@ def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
     return _linear(m.out, p + "out.", y.transpose(1, 2).reshape(B, M, T, D), ctx)
 
 
+def _join(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat without the copy when there is one part (a population with one activation/optimizer)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def _activation(x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
-    """Each member's own activation on its slice of (B, M, ...); one call when the population shares one."""
-    if len(ctx.act_runs) == 1:
-        return ACTIVATIONS[ctx.act_runs[0][0]](x)
-    return torch.cat([ACTIVATIONS[name](x[:, a:b]) for name, a, b in ctx.act_runs], dim=1)
+    """Each member's own activation on its slice of (B, M, ...)."""
+    return _join([ACTIVATIONS[name](x[:, a:b]) for name, a, b in ctx.act_runs], dim=1)
 
 
 def _sequential(m: nn.Sequential, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
@@ -390,17 +393,13 @@ class Population:
 
     def _update_runs(self, flat, grad, state, lr, wd, t):
         """Each member's own optimizer on its rows of the flat buffer: one update per optimizer run."""
-        if len(self.opt_runs) == 1:
-            name = self.opt_runs[0][0]
-            new, bufs = _update(name, flat, grad, state[:N_BUFFERS[name]], lr, wd, t)
-            return new, bufs + state[len(bufs):]
         news, parts = [], []
         for name, a, b in self.opt_runs:
             rows = [v[a:b] for v in state]
             new, bufs = _update(name, flat[a:b], grad[a:b], rows[:N_BUFFERS[name]], lr[a:b], wd[a:b], t[a:b])
             news.append(new)
             parts.append(bufs + rows[len(bufs):])  # buffers this optimizer does not use stay as they are
-        return torch.cat(news), [torch.cat(col) for col in zip(*parts)]
+        return _join(news), [_join(list(col)) for col in zip(*parts)]
 
     def step(self, xb: torch.Tensor, y: torch.Tensor, active: torch.Tensor, step_key: torch.Tensor) -> None:
         """One training step of every member, in place. No host synchronisation (graph-capturable)."""
@@ -441,15 +440,11 @@ class Population:
         self._g_step.add_(1)
 
     def _run_steps_graphed(self, order: torch.Tensor, epoch: int, steps: range) -> None:
-        if self._graph is None:
-            self._g_order = torch.empty_like(order)
-            self._g_epoch = torch.zeros((), dtype=torch.long, device=self.device)
-            self._g_step = torch.zeros((), dtype=torch.long, device=self.device)
-        self._g_order.copy_(order)
-        self._g_epoch.fill_(epoch)
-        self._g_step.fill_(steps.start)
         start = steps.start
-        if self._graph is None:  # two real steps on a side stream warm up compilation and allocators
+        if self._graph is None:  # static inputs, two real warm-up steps on a side stream, then capture
+            self._g_order = order.clone()
+            self._g_epoch = torch.tensor(epoch, device=self.device)
+            self._g_step = torch.tensor(start, device=self.device)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -460,6 +455,10 @@ class Population:
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):  # records, does not run
                 self._graph_body()
+        else:
+            self._g_order.copy_(order)
+            self._g_epoch.fill_(epoch)
+            self._g_step.fill_(start)
         for _ in range(start, steps.stop):
             self._graph.replay()
 
