@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import MemberSpec, Population, load_dataset  # noqa: E402
-from zoo import _convpool  # noqa: E402
+from zoo import ZooConfig, _convpool  # noqa: E402
+from zoo.build import memory_budget  # noqa: E402
 from zoo.population import member_order  # noqa: E402
 from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
 
@@ -82,11 +83,17 @@ def time_solo(arch, data, batch, steps) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def time_engine(arch, data, n_members, batch, steps, precision, compile_, conv, graphs) -> tuple[float, float, float]:
-    """(seconds per step, seconds per epoch order, peak GiB) for one population of n_members."""
+EVAL_SAMPLES = 0  # set by --eval: also time one checkpoint's evaluation, train metrics on this many samples
+
+
+def time_engine(arch, data, n_members, batch, steps, precision, compile_, conv, graphs
+                ) -> tuple[float, float, float, float]:
+    """(seconds per step, seconds per epoch order, peak GiB, seconds per evaluation or nan) for one
+    population of n_members. Evaluation is chunked as `zoo.build` chunks it (a quarter of the budget)."""
     dev = data.x_train.device
+    eval_bytes = max(1 << 30, int(memory_budget(ZooConfig(), dev) / 4))
     pop = Population(arch, ARCH_KWARGS[arch], members(n_members, batch), data, precision=precision, compile=compile_,
-                     conv=conv, cuda_graphs=graphs)
+                     conv=conv, cuda_graphs=graphs, train_eval_samples=EVAL_SAMPLES, eval_bytes=eval_bytes)
     sync(dev)
     t0 = time.perf_counter()
     order = pop.epoch_order(1)
@@ -101,7 +108,15 @@ def time_engine(arch, data, n_members, batch, steps, precision, compile_, conv, 
     sync(dev)
     t_step = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-    return t_step, t_order, peak
+    t_eval = float("nan")
+    if EVAL_SAMPLES:
+        pop.evaluate()  # warm-up
+        sync(dev)
+        t0 = time.perf_counter()
+        pop.evaluate()
+        sync(dev)
+        t_eval = time.perf_counter() - t0
+    return t_step, t_order, peak, t_eval
 
 
 def agreement(arch, data, n, batch, precision, compile_, conv, graphs) -> list[tuple[float, float]]:
@@ -114,7 +129,7 @@ def agreement(arch, data, n, batch, precision, compile_, conv, graphs) -> list[t
     return [(e, accuracy(train_solo(arch, ARCH_KWARGS[arch], m, data, 1), data)) for e, m in zip(eng, ms)]
 
 
-def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, rows=12) -> str:
+def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, rows=25) -> str:
     pop = Population(arch, ARCH_KWARGS[arch], members(n_members, batch), data, precision=precision, compile=compile_,
                      conv=conv, cuda_graphs=graphs)
     order = pop.epoch_order(1)
@@ -144,12 +159,14 @@ def main():
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--recipe", choices=["adam_tanh", "hyp"], default="adam_tanh",
                     help="hyp: mixed activations/optimizers and dropout (no plain-loop agreement check)")
+    ap.add_argument("--eval", type=int, default=0, metavar="N",
+                    help="also time one evaluation (train metrics on N samples, test and val on all)")
     ap.add_argument("--block-r", type=int, default=0, help="rows per Triton conv program (default: the module's)")
     args = ap.parse_args()
     if args.block_r:
         _convpool.BLOCK_R = args.block_r
-    global RECIPE
-    RECIPE = args.recipe
+    global RECIPE, EVAL_SAMPLES
+    RECIPE, EVAL_SAMPLES = args.recipe, args.eval
     if RECIPE == "hyp" and args.check:
         ap.error("--recipe hyp trains hashed-dropout members the plain loop cannot reproduce; pass --check 0")
     dev = torch.device(args.device)
@@ -167,16 +184,17 @@ def main():
         for variant in args.variants.split(","):
             for m in (int(v) for v in args.members.split(",")):
                 try:
-                    t, t_order, peak = time_engine(arch, data, m, args.batch, args.steps, *VARIANTS[variant])
+                    t, t_order, peak, t_eval = time_engine(arch, data, m, args.batch, args.steps, *VARIANTS[variant])
                 except torch.OutOfMemoryError:
                     print(f"{arch} {variant} {m}: out of memory", flush=True)
                     torch.cuda.empty_cache()
                     continue
                 rate = m / (t * spe + t_order)  # the per-epoch shuffle counted once per epoch
                 rows.append({"arch": arch, "path": variant, "members": m, "rate": rate, "ms_step": t * 1e3,
-                             "order_s": t_order, "peak_gib": peak, "ratio": rate / solo_rate})
+                             "order_s": t_order, "peak_gib": peak, "ratio": rate / solo_rate, "eval_s": t_eval})
                 print(f"{arch} {variant} M={m}: {t * 1e3:.1f} ms/step, order {t_order:.2f} s/epoch, "
-                      f"{rate:.1f} model-epochs/s ({rate / solo_rate:.0f}x), peak {peak:.1f} GiB", flush=True)
+                      f"{rate:.1f} model-epochs/s ({rate / solo_rate:.0f}x), peak {peak:.1f} GiB"
+                      + (f", one evaluation {t_eval:.2f} s" if EVAL_SAMPLES else ""), flush=True)
                 torch.cuda.empty_cache() if dev.type == "cuda" else None
         if args.check:
             for variant in ("fp32", args.variants.split(",")[-1]):
