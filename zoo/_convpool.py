@@ -17,6 +17,7 @@ kernels run on CPU tensors (that is how the tests check them).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ except ImportError:  # CPU installs: the torch fallback below
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_R, BLOCK_R_DW, BLOCK_K, NUM_WARPS = 64, 128, 32, 4  # measured on an H100: benchmarks/NOTES.md
+BAND_R, BAND_R_DT = 64, 128
+ALGO = "band"  # "band" (Toeplitz GEMM, contiguous loads) or "superpatch" (gathered patches)
 
 
 def available(device: torch.device) -> bool:
@@ -137,6 +140,94 @@ if triton is not None:
             tl.store(db_ptr + part * O + o, db, mask=o < O)
 
 
+    @triton.jit
+    def _band_rows(r, M, m, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, Hq: tl.constexpr, S: tl.constexpr,
+                   P: tl.constexpr, XQ: tl.constexpr, NXC: tl.constexpr):
+        """Rows r = (image, pooled row yq, chunk xc of XQ pooled columns) -> (R,) offset of the band's
+        top-left input value, its first input column, image-member index, yq, xc."""
+        xc = r % NXC
+        yq = (r // NXC) % Hq
+        img = (r // (NXC * Hq)).to(tl.int64) * M + m
+        x0 = xc * (XQ * P * S)
+        return img * (C * H * W) + yq * (P * S * W) + x0, x0, img, yq, xc
+
+    @triton.jit
+    def _band_tile(x_ptr, base, x0, rok, k0, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                   SP: tl.constexpr, XWP: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(R, BLOCK_K) band values, columns k = (segment (c, ry), xi): input row ry of channel c under
+        the row's pooled output row, columns x0 + xi. Runs of XWP are contiguous in memory (vector loads);
+        columns past W are zero (they would wrap into the next row, channel or member)."""
+        j = k0 + tl.arange(0, BLOCK_K)
+        seg, xi = j // XWP, j % XWP
+        col = (seg // SP) * (H * W) + (seg % SP) * W + xi
+        ok = rok[:, None] & ((x0[:, None] + xi[None, :]) < W) & (seg < C * SP)[None, :]
+        return tl.load(x_ptr + base[:, None] + col[None, :], mask=ok, other=0.0)
+
+    @triton.jit
+    def _band_fwd_kernel(x_ptr, t_ptr, b_ptr, z_ptr, arg_ptr, M, n_rows,
+                         C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
+                         Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr, XQ: tl.constexpr,
+                         XWP: tl.constexpr, NXC: tl.constexpr, KB: tl.constexpr, BO: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """z = maxpool_P(conv_S(x, w) + b) for a tile of rows (image, pooled row, column chunk) of member m:
+        band (R, KB) @ t[m] (KB, N = P*P*XQ*BO), t holding w at every (pool position, pooled column)
+        (a banded Toeplitz matrix), then the max over the P*P positions; the winner goes to arg (int8)."""
+        m = tl.program_id(0)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rok = r < n_rows
+        base, x0, img, yq, xc = _band_rows(r, M, m, C, H, W, Hq, S, P, XQ, NXC)
+        N: tl.constexpr = P * P * XQ * BO
+        n = tl.arange(0, N)
+        acc = tl.zeros((BLOCK_R, N), tl.float32)
+        for k0 in tl.static_range(0, KB, BLOCK_K):
+            a = _band_tile(x_ptr, base, x0, rok, k0, C, H, W, SP, XWP, BLOCK_K)
+            kk = k0 + tl.arange(0, BLOCK_K)
+            t = tl.load(t_ptr + m * (KB * N) + kk[:, None] * N + n[None, :])  # (K_blk, N)
+            acc += tl.dot(a.to(DOT_DTYPE), t.to(DOT_DTYPE), input_precision=PREC)
+        # (R, P*P, XQ*BO): ties go to the first position in row-major order, as in torch's max_pool2d
+        best, arg = tl.max(tl.reshape(acc, (BLOCK_R, P * P, XQ * BO)), axis=1, return_indices=True,
+                           return_indices_tie_break_left=True)
+        q = tl.arange(0, XQ * BO)
+        xo, o = xc[:, None] * XQ + (q // BO)[None, :], q % BO  # (R, XQ*BO) pooled column; channel
+        best += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[None, :]
+        out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + yq[:, None] * Wq + xo  # (B, M, O, Hq, Wq)
+        ok = rok[:, None] & (o < O)[None, :] & (xo < Wq)
+        tl.store(z_ptr + out, best.to(z_ptr.dtype.element_ty), mask=ok)
+        if P > 1:
+            tl.store(arg_ptr + out, arg.to(tl.int8), mask=ok)
+
+    @triton.jit
+    def _band_dt_kernel(x_ptr, gz_ptr, arg_ptr, dt_ptr, M, n_rows,
+                        C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
+                        Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr, XQ: tl.constexpr,
+                        XWP: tl.constexpr, NXC: tl.constexpr, KB: tl.constexpr, BO: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """Gradient of the banded matrix t[m] over every n_split-th row block, K chunk kc:
+        dt[k, (d, xq, o)] += sum over rows of band[row, k] * gz[row, xq, o] where pool position d won."""
+        m, split, kc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_split = tl.num_programs(1)
+        N: tl.constexpr = P * P * XQ * BO
+        q = tl.arange(0, XQ * BO)
+        d = tl.arange(0, P * P)
+        acc = tl.zeros((BLOCK_K, N), tl.float32)
+        for r0 in range(split * BLOCK_R, n_rows, n_split * BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rok = r < n_rows
+            base, x0, img, yq, xc = _band_rows(r, M, m, C, H, W, Hq, S, P, XQ, NXC)
+            xo, o = xc[:, None] * XQ + (q // BO)[None, :], q % BO
+            out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + yq[:, None] * Wq + xo
+            ok = rok[:, None] & (o < O)[None, :] & (xo < Wq)
+            g = tl.load(gz_ptr + out, mask=ok, other=0.0).to(tl.float32)  # (R, XQ*BO)
+            if P > 1:  # route each pooled gradient to the position that won: (R, P*P, XQ*BO) -> (R, N)
+                win = tl.load(arg_ptr + out, mask=ok, other=0).to(tl.int32)
+                g = tl.reshape(tl.where(win[:, None, :] == d[None, :, None], g[:, None, :], 0.0), (BLOCK_R, N))
+            a = _band_tile(x_ptr, base, x0, rok, kc * BLOCK_K, C, H, W, SP, XWP, BLOCK_K)
+            acc += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)
+        kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        part = (split * M + m).to(tl.int64)
+        tl.store(dt_ptr + part * (KB * N) + kk[:, None] * N + tl.arange(0, N)[None, :], acc, mask=(kk < KB)[:, None])
+
+
 _SHIFT_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -232,6 +323,151 @@ def _reference(x, w, b, stride, padding, pool):
     return y.view(B, M, w.shape[1], *y.shape[-2:])
 
 
+# ---- band kernels: the Toeplitz form of conv + pool ----
+
+@dataclass(frozen=True)
+class Band:
+    """Tiling of one conv(+max-pool) layer for the band kernels. A row is (image, pooled output row, chunk
+    of XQ pooled columns); its band is the SP input rows x XW input columns under it, per channel, stored
+    as C*SP segments padded to XWP (a power of two) so each segment is one contiguous run in memory."""
+    C: int
+    H: int
+    W: int
+    O: int
+    KS: int
+    S: int
+    P: int
+    Hq: int
+    Wq: int
+    SP: int  # input rows under one pooled row: (P - 1) * S + KS
+    XQ: int  # pooled columns per row chunk
+    XWP: int  # input columns per segment: (XQ * P - 1) * S + KS, rounded up to a power of two
+    NXC: int  # column chunks per pooled row
+    BO: int  # output channels rounded up to a power of two
+    KB: int  # band width C * SP * XWP, rounded up to a multiple of 16 (tensor-core K)
+
+    @property
+    def N(self) -> int:  # GEMM width: (pool position, pooled column, channel)
+        return self.P * self.P * self.XQ * self.BO
+
+    def kernel_args(self) -> tuple[int, ...]:
+        return (self.C, self.H, self.W, self.O, self.Hq, self.Wq, self.S, self.P, self.SP, self.XQ, self.XWP,
+                self.NXC, self.KB, self.BO)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+_BAND_PLANS: dict[tuple, Band | None] = {}
+_BAND_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # plain dicts: dynamo traces them
+
+
+def band_plan(C: int, H: int, W: int, O: int, KS: int, S: int, P: int) -> Band | None:
+    """The chunk width XQ with the fewest tensor-core MACs per pooled row (then the fewest chunks);
+    None when no GEMM width N = P*P*XQ*BO fits in 16..256 (the caller falls back to PyTorch)."""
+    key = (C, H, W, O, KS, S, P)
+    if key not in _BAND_PLANS:
+        _BAND_PLANS[key] = _plan(*key)
+    return _BAND_PLANS[key]
+
+
+def _plan(C: int, H: int, W: int, O: int, KS: int, S: int, P: int) -> Band | None:
+    Hq, Wq = ((H - KS) // S + 1) // P, ((W - KS) // S + 1) // P
+    SP, BO = (P - 1) * S + KS, _pow2(O)
+    best = None
+    for XQ in (1, 2, 4, 8, 16):
+        XWP, N, NXC = max(4, _pow2((XQ * P - 1) * S + KS)), P * P * XQ * BO, -(-Wq // XQ)
+        KB = -(-C * SP * XWP // 16) * 16
+        if 16 <= N <= 256:
+            cost = (NXC * KB * N, NXC)
+            if best is None or cost < best[0]:
+                best = cost, Band(C, H, W, O, KS, S, P, Hq, Wq, SP, XQ, XWP, NXC, BO, KB)
+    return best and best[1]
+
+
+def _band_maps(band: Band, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(valid, src) (KB, N): band-matrix entry (k = (c, ry, xi), n = (dy, dx, xq, o)) is
+    w[o, c, ry - dy*S, xi - (xq*P + dx)*S] where valid; fold (O*C*KS*KS, P*P*XQ): the flat (KB*N)
+    entries holding each weight, whose gradients sum to the weight's gradient."""
+    key = (band, device)
+    if key not in _BAND_MAPS:  # built once per layer geometry
+        _BAND_MAPS[key] = _maps(band, device)
+    return _BAND_MAPS[key]
+
+
+def _maps(band: Band, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    C, KS, S, P, SP, XQ, XWP, BO = band.C, band.KS, band.S, band.P, band.SP, band.XQ, band.XWP, band.BO
+    k, n = torch.arange(band.KB)[:, None], torch.arange(band.N)[None, :]
+    seg, xi = k // XWP, k % XWP
+    c, ry = seg // SP, seg % SP
+    d, xq, o = n // (XQ * BO), (n // BO) % XQ, n % BO
+    ky, kx = ry - (d // P) * S, xi - (xq * P + d % P) * S
+    valid = (seg < C * SP) & (o < band.O) & (ky >= 0) & (ky < KS) & (kx >= 0) & (kx < KS)
+    src = torch.where(valid, ((o * C + c) * KS + ky) * KS + kx, 0)
+    wo, wc, wy, wx = torch.unravel_index(torch.arange(band.O * C * KS * KS), (band.O, C, KS, KS))
+    pos = torch.arange(P * P * XQ)  # (d, xq)
+    pd, pxq = pos // XQ, pos % XQ
+    fk = (wc[:, None] * SP + wy[:, None] + (pd // P)[None, :] * S) * XWP + wx[:, None] + (pxq * P + pd % P)[None, :] * S
+    fn = (pd[None, :] * XQ + pxq[None, :]) * BO + wo[:, None]
+    return valid.to(device), src.to(device), (fk * band.N + fn).to(device)
+
+
+def band_matrix(w: torch.Tensor, band: Band, dtype: torch.dtype) -> torch.Tensor:
+    """w (M, O, C, k, k) -> (M, KB, N) banded Toeplitz matrix in `dtype` (one fused gather under compile)."""
+    valid, src, _ = _band_maps(band, w.device)
+    return torch.where(valid, w.reshape(len(w), -1).to(dtype)[:, src], 0.0)
+
+
+def _band_of(x: torch.Tensor, O: int, KS: int, stride: int, pool: int) -> Band | None:
+    return band_plan(x.shape[2], x.shape[3], x.shape[4], O, KS, stride, pool)
+
+
+def _band_fwd(x, t, b, band: Band):
+    """x (B, M, C, H, W) pre-padded, t (M, KB, N) -> z (B, M, O, Hq, Wq) in x's dtype, arg int8 (empty when pool 1)."""
+    B, M = x.shape[:2]
+    z = torch.empty(B, M, band.O, band.Hq, band.Wq, device=x.device, dtype=x.dtype)
+    arg = torch.empty(z.shape if band.P > 1 else (0,), device=x.device, dtype=torch.int8)
+    n_rows = B * band.Hq * band.NXC
+    block_k = next(k for k in (64, 32, 16) if band.KB % k == 0)
+    _band_fwd_kernel[(M, triton.cdiv(n_rows, BAND_R))](
+        x, t, b, z, arg, M, n_rows, *band.kernel_args(), BAND_R, block_k, *_dot_dtype(x.dtype),
+        num_warps=NUM_WARPS)
+    return z, arg
+
+
+def _band_dt(gz, arg, x, band: Band) -> torch.Tensor:
+    """Gradient of the band matrix: (M, KB, N) float32."""
+    B, M = x.shape[:2]
+    n_rows = B * band.Hq * band.NXC
+    # one K chunk per program when it fits in registers (the routed gradient is then loaded once per row)
+    block_k = next(k for k in (_pow2(band.KB), 128, 64, 32, 16)
+                   if k * band.N <= 8192 and (k >= band.KB or band.KB % k == 0))
+    n_kc = triton.cdiv(band.KB, block_k)
+    n_split = max(1, min(triton.cdiv(n_rows, BAND_R_DT), triton.cdiv(2048, M * n_kc)))  # fill the GPU
+    dt = torch.empty(n_split, M, band.KB, band.N, device=x.device, dtype=torch.float32)
+    _band_dt_kernel[(M, n_split, n_kc)](
+        x, gz, arg, dt, M, n_rows, *band.kernel_args(), BAND_R_DT, block_k, *_dot_dtype(x.dtype),
+        num_warps=NUM_WARPS)
+    return dt[0] if n_split == 1 else dt.sum(0)
+
+
+def _unpool_grid(gz, arg, pool: int, stride: int, KS: int, H: int, W: int) -> torch.Tensor:
+    """The conv-output gradient (each pooled gradient at its winning position) spread on a zero grid with
+    stride gaps and a KS-1 border: (B, M, O, H+KS-1, W+KS-1). Correlating it with the flipped kernel
+    gives the input gradient."""
+    B, M, O, Hq, Wq = gz.shape
+    g = gz
+    if pool > 1:  # (B, M, O, Hq, Wq) -> (B, M, O, Hq*P, Wq*P)
+        hit = arg[..., None] == torch.arange(pool * pool, device=gz.device, dtype=torch.int8)
+        g = (gz[..., None] * hit).view(B, M, O, Hq, Wq, pool, pool).permute(0, 1, 2, 3, 5, 4, 6)
+        g = g.reshape(B, M, O, Hq * pool, Wq * pool)
+    up = gz.new_zeros(B, M, O, H + KS - 1, W + KS - 1)
+    a = KS - 1
+    up[..., a: a + (g.shape[-2] - 1) * stride + 1: stride, a: a + (g.shape[-1] - 1) * stride + 1: stride] = g
+    return up
+
+
 # Custom ops: opaque to torch.compile (dynamo never traces into Triton), differentiable through autograd.
 @torch.library.custom_op("weightzoo::conv_pool", mutates_args=())
 def _conv_pool_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, pool: int
@@ -287,6 +523,63 @@ def _backward(ctx, gz, _garg):
 _conv_pool_op.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("weightzoo::band_conv_pool", mutates_args=())
+def _band_op(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, pool: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Band-kernel conv + pool of pre-padded x with band matrix t = band_matrix(w); w is only kept for
+    the backward pass (its gradient is folded from t's, deterministically)."""
+    band = _band_of(x, w.shape[1], w.shape[-1], stride, pool)
+    return _band_fwd(x.contiguous(), t.contiguous(), b.contiguous(), band)
+
+
+@_band_op.register_fake
+def _(x, t, w, b, stride, pool):
+    band = _band_of(x, w.shape[1], w.shape[-1], stride, pool)
+    z = x.new_empty(x.shape[0], x.shape[1], band.O, band.Hq, band.Wq)
+    return z, x.new_empty(z.shape if pool > 1 else (0,), dtype=torch.int8)
+
+
+@torch.library.custom_op("weightzoo::band_conv_pool_dt", mutates_args=())
+def _band_dt_op(gz: torch.Tensor, arg: torch.Tensor, x: torch.Tensor, O: int, KS: int, stride: int, pool: int
+                ) -> torch.Tensor:
+    return _band_dt(gz.contiguous(), arg, x.contiguous(), _band_of(x, O, KS, stride, pool))
+
+
+@_band_dt_op.register_fake
+def _(gz, arg, x, O, KS, stride, pool):
+    band = _band_of(x, O, KS, stride, pool)
+    return x.new_empty(x.shape[1], band.KB, band.N, dtype=torch.float32)
+
+
+def _band_setup(ctx, inputs, output):
+    x, _, w, _, stride, pool = inputs
+    ctx.save_for_backward(x, w, output[1])
+    ctx.geometry = (stride, pool)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _band_backward(ctx, gz, _garg):
+    """dw: the band-matrix gradient folded onto the weights; dx: the unpooled gradient correlated with the
+    flipped kernel (a band conv without pool); the glue around the kernels is traced, so inductor fuses it."""
+    x, w, arg = ctx.saved_tensors
+    stride, pool = ctx.geometry
+    M, O, C, KS = w.shape[0], w.shape[1], w.shape[2], w.shape[-1]
+    band = _band_of(x, O, KS, stride, pool)
+    dt = _band_dt_op(gz, arg, x, O, KS, stride, pool).reshape(M, -1)  # (M, KB*N)
+    dw = dt[:, _band_maps(band, w.device)[2]].sum(-1).view(w.shape)
+    db = gz.float().sum((0, 3, 4))
+    dx = None
+    if ctx.needs_input_grad[0]:
+        up = _unpool_grid(gz.to(x.dtype), arg, pool, stride, KS, x.shape[-2], x.shape[-1])
+        w_t = w.flip(-1, -2).transpose(1, 2)  # (M, C, O, k, k)
+        flip = _band_of(up, C, KS, 1, 1)
+        dx = _band_op(up, band_matrix(w_t, flip, x.dtype), w_t, w.new_zeros(M, C), 1, 1)[0]
+    return dx, None, dw, db, None, None
+
+
+_band_op.register_autograd(_band_backward, setup_context=_band_setup)
+
+
 def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1, padding: int = 0,
               pool: int = 1) -> torch.Tensor:
     """x (B, M, C, H, W), w (M, O, C, k, k), b (M, O) -> (B, M, O, H', W') = maxpool(conv(x)) per member.
@@ -294,4 +587,9 @@ def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1
     if not available(x.device):
         return _reference(x, w, b, stride, padding, pool)
     xp = F.pad(x, (padding,) * 4) if padding else x  # the kernels see a pre-padded input
+    if ALGO == "band":
+        band = _band_of(xp, w.shape[1], w.shape[-1], stride, pool)
+        if band is None:  # too many output channels for one GEMM tile
+            return _reference(x, w, b, stride, padding, pool)
+        return _band_op(xp, band_matrix(w.detach(), band, x.dtype), w, b, stride, pool)[0]
     return _conv_pool_op(xp, w, b, stride, pool)[0]
