@@ -390,7 +390,8 @@ def _band_maps(band: Band, device: torch.device) -> tuple[torch.Tensor, torch.Te
     """(valid, src) (KB, N): band-matrix entry (k = (c, ry, xi), n = (dy, dx, xq, o)) is
     w[o, c, ry - dy*S, xi - (xq*P + dx)*S] where valid; fold (O*C*KS*KS, P*P*XQ): the flat (KB*N)
     entries holding each weight, whose gradients sum to the weight's gradient."""
-    key = (band, device)
+    # keyed by ints and the device, not by the Band: dynamo (torch 2.11) cannot guard on dataclass dict keys
+    key = (band.C, band.H, band.W, band.O, band.KS, band.S, band.P, device)
     if key not in _BAND_MAPS:  # built once per layer geometry
         _BAND_MAPS[key] = _maps(band, device)
     return _BAND_MAPS[key]
@@ -523,20 +524,37 @@ def _backward(ctx, gz, _garg):
 _conv_pool_op.register_autograd(_backward, setup_context=_setup)
 
 
+@torch.library.custom_op("weightzoo::band_conv_pool_raw", mutates_args=())
+def _band_raw_op(x: torch.Tensor, t: torch.Tensor, b: torch.Tensor, O: int, KS: int, stride: int, pool: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Band-kernel conv + pool of pre-padded x with band matrix t (no autograd: the input gradient's conv)."""
+    return _band_fwd(x.contiguous(), t.contiguous(), b.contiguous(), _band_of(x, O, KS, stride, pool))
+
+
+def _band_fake(x, O, KS, stride, pool):
+    band = _band_of(x, O, KS, stride, pool)
+    z = x.new_empty(x.shape[0], x.shape[1], band.O, band.Hq, band.Wq)
+    return z, x.new_empty(z.shape if pool > 1 else (0,), dtype=torch.int8)
+
+
+@_band_raw_op.register_fake
+def _(x, t, b, O, KS, stride, pool):
+    return _band_fake(x, O, KS, stride, pool)
+
+
 @torch.library.custom_op("weightzoo::band_conv_pool", mutates_args=())
-def _band_op(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, pool: int
+def _band_op(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, fold: torch.Tensor,
+             flip_valid: torch.Tensor, flip_src: torch.Tensor, stride: int, pool: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Band-kernel conv + pool of pre-padded x with band matrix t = band_matrix(w); w is only kept for
-    the backward pass (its gradient is folded from t's, deterministically)."""
-    band = _band_of(x, w.shape[1], w.shape[-1], stride, pool)
-    return _band_fwd(x.contiguous(), t.contiguous(), b.contiguous(), band)
+    """Band-kernel conv + pool of pre-padded x with band matrix t = band_matrix(w). w and the index maps
+    (fold: t's gradient onto w; flip_*: the band matrix of the flipped kernel) are inputs only for the
+    backward pass: it is traced under fake tensors, where global tensors may not appear."""
+    return _band_fwd(x.contiguous(), t.contiguous(), b.contiguous(), _band_of(x, w.shape[1], w.shape[-1], stride, pool))
 
 
 @_band_op.register_fake
-def _(x, t, w, b, stride, pool):
-    band = _band_of(x, w.shape[1], w.shape[-1], stride, pool)
-    z = x.new_empty(x.shape[0], x.shape[1], band.O, band.Hq, band.Wq)
-    return z, x.new_empty(z.shape if pool > 1 else (0,), dtype=torch.int8)
+def _(x, t, w, b, fold, flip_valid, flip_src, stride, pool):
+    return _band_fake(x, w.shape[1], w.shape[-1], stride, pool)
 
 
 @torch.library.custom_op("weightzoo::band_conv_pool_dt", mutates_args=())
@@ -552,29 +570,28 @@ def _(gz, arg, x, O, KS, stride, pool):
 
 
 def _band_setup(ctx, inputs, output):
-    x, _, w, _, stride, pool = inputs
-    ctx.save_for_backward(x, w, output[1])
+    x, _, w, _, fold, flip_valid, flip_src, stride, pool = inputs
+    ctx.save_for_backward(x, w, output[1], fold, flip_valid, flip_src)
     ctx.geometry = (stride, pool)
     ctx.mark_non_differentiable(output[1])
 
 
 def _band_backward(ctx, gz, _garg):
-    """dw: the band-matrix gradient folded onto the weights; dx: the unpooled gradient correlated with the
-    flipped kernel (a band conv without pool); the glue around the kernels is traced, so inductor fuses it."""
-    x, w, arg = ctx.saved_tensors
+    """dw: the band-matrix gradient folded onto the weights (a gather-sum: deterministic); dx: the unpooled
+    gradient correlated with the flipped kernel (a band conv without pool). The glue is traced: inductor fuses it."""
+    x, w, arg, fold, flip_valid, flip_src = ctx.saved_tensors
     stride, pool = ctx.geometry
     M, O, C, KS = w.shape[0], w.shape[1], w.shape[2], w.shape[-1]
-    band = _band_of(x, O, KS, stride, pool)
     dt = _band_dt_op(gz, arg, x, O, KS, stride, pool).reshape(M, -1)  # (M, KB*N)
-    dw = dt[:, _band_maps(band, w.device)[2]].sum(-1).view(w.shape)
+    dw = dt[:, fold].sum(-1).view(w.shape)
     db = gz.float().sum((0, 3, 4))
     dx = None
     if ctx.needs_input_grad[0]:
         up = _unpool_grid(gz.to(x.dtype), arg, pool, stride, KS, x.shape[-2], x.shape[-1])
-        w_t = w.flip(-1, -2).transpose(1, 2)  # (M, C, O, k, k)
-        flip = _band_of(up, C, KS, 1, 1)
-        dx = _band_op(up, band_matrix(w_t, flip, x.dtype), w_t, w.new_zeros(M, C), 1, 1)[0]
-    return dx, None, dw, db, None, None
+        w_t = w.flip(-1, -2).transpose(1, 2).reshape(M, -1)  # (M, C*O*k*k): the flipped kernel, C <-> O
+        t_flip = torch.where(flip_valid, w_t.to(x.dtype)[:, flip_src], 0.0)
+        dx = _band_raw_op(up, t_flip, w.new_zeros(M, C), C, KS, 1, 1)[0]
+    return dx, None, dw, db, None, None, None, None, None
 
 
 _band_op.register_autograd(_band_backward, setup_context=_band_setup)
@@ -588,8 +605,13 @@ def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1
         return _reference(x, w, b, stride, padding, pool)
     xp = F.pad(x, (padding,) * 4) if padding else x  # the kernels see a pre-padded input
     if ALGO == "band":
-        band = _band_of(xp, w.shape[1], w.shape[-1], stride, pool)
-        if band is None:  # too many output channels for one GEMM tile
+        M, O, C, KS = w.shape[0], w.shape[1], w.shape[2], w.shape[-1]
+        band = _band_of(xp, O, KS, stride, pool)
+        flip = band_plan(O, xp.shape[-2] + KS - 1, xp.shape[-1] + KS - 1, C, KS, 1, 1)  # the input gradient's conv
+        if band is None or flip is None:  # too many channels for one GEMM tile
             return _reference(x, w, b, stride, padding, pool)
-        return _band_op(xp, band_matrix(w.detach(), band, x.dtype), w, b, stride, pool)[0]
+        fold = _band_maps(band, x.device)[2]
+        flip_valid, flip_src, _ = _band_maps(flip, x.device)
+        t = band_matrix(w.detach(), band, x.dtype)
+        return _band_op(xp, t, w, b, fold, flip_valid, flip_src, stride, pool)[0]
     return _conv_pool_op(xp, w, b, stride, pool)[0]

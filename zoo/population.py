@@ -350,6 +350,16 @@ class Population:
         self._graph: torch.cuda.CUDAGraph | None = None  # captured on the first graphed run_steps
         self._loss_fn = torch.compile(self._loss, dynamic=False) if compile else self._loss
         self._apply_fn = torch.compile(self._apply, dynamic=False) if compile else self._apply
+        if compile and self.conv == "fused":
+            self._build_kernel_maps()
+
+    @torch.no_grad()
+    def _build_kernel_maps(self) -> None:
+        """One eager forward on a single image: fills the conv kernels' index-map caches, which dynamo
+        must not see change while it traces (torch 2.11 fails the guard on that dict)."""
+        xb = self.data.x_train[:1, None].expand(1, self.size, *self.data.input_shape)
+        y = torch.zeros(1, self.size, dtype=torch.long, device=self.device)
+        self._loss(self.flat, xb, y, torch.zeros_like(self.seeds))
 
     @property
     def size(self) -> int:
