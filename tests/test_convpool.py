@@ -80,6 +80,8 @@ def test_training_loss_compiles_to_one_graph(conv, digits28):
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
 
 
+# inductor's CPU backend imports torch.utils.mkldnn, which warns about its own use of torch.jit
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_step_matches_eager(digits28):
     """The whole compiled step (forward, the traced backward glue around the kernels, optimizer) on the
     kernels equals the eager step. Its backward is traced under fake tensors: a global index map used there
