@@ -1,11 +1,11 @@
 """Per-layer timing of the Triton conv + max-pool kernels (zoo/_convpool.py) against PyTorch's grouped
-conv + max-pool, forward and backward, on cnn_s's conv stages, for both kernel families ("band":
-Toeplitz GEMM on contiguous input rows; "superpatch": gathered patches) and a few tile configurations.
+conv + max-pool, forward and backward, on cnn_s's conv stages, for a few tile configurations. (Session 2's
+gathered-patch kernels, replaced by the band kernels in session 3: results/h100_s3_convpool_kernels_b64.log.)
 
 Device run:  python benchmarks/convpool_kernels.py                       # batch 64, 4,096 members
              python benchmarks/convpool_kernels.py --batch 10 --members 2560   # the HYP zoo's shape
 CPU smoke:   TRITON_INTERPRET=1 python benchmarks/convpool_kernels.py --members 2 --batch 2 --iters 1 \
-                 --configs band:64x128x4
+                 --configs 64x128x4
 
 Prints ms per call and the bytes a perfectly fused kernel must move (input, pooled output, winner
 index; gradients alike), as an effective bandwidth.
@@ -60,19 +60,13 @@ def main():
     ap.add_argument("--members", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--configs", default="superpatch:64x128x4,band:64x128x4,band:128x128x8,band:32x64x4,band:64x64x4",
-                    help="ALGO:ROWSxROWS_DWxNUM_WARPS, comma-separated (rows per program, forward and weight gradient)")
+    ap.add_argument("--configs", default="64x128x4,128x128x8,32x64x4,64x64x4",
+                    help="ROWSxROWS_DTxNUM_WARPS, comma-separated (rows per program: forward, band gradient)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     for i, cfg in enumerate(args.configs.split(",")):
-        algo, tiles = cfg.split(":")
-        rows, rows_dw, _convpool.NUM_WARPS = map(int, tiles.split("x"))
-        _convpool.ALGO = algo
-        if algo == "band":
-            _convpool.BAND_R, _convpool.BAND_R_DT = rows, rows_dw
-        else:
-            _convpool.BLOCK_R, _convpool.BLOCK_R_DW = rows, rows_dw
+        _convpool.BAND_R, _convpool.BAND_R_DT, _convpool.NUM_WARPS = map(int, cfg.split("x"))
         for name in LAYERS:
             t, nbytes = run_layer(name, args.batch, args.members, dtype, args.iters, device, torch_too=i == 0)
             print(f"{cfg} {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())

@@ -119,14 +119,16 @@ def time_engine(arch, data, n_members, batch, steps, precision, compile_, conv, 
     return t_step, t_order, peak, t_eval
 
 
-def agreement(arch, data, n, batch, precision, compile_, conv, graphs) -> list[tuple[float, float]]:
-    """Test accuracy after one epoch: (engine, plain loop) for n members."""
+def agreement(arch, data, n, batch, precision, compile_, conv, graphs) -> list[tuple[float, float, float]]:
+    """Test accuracy after one epoch for n members: (engine, plain loop in fp32, plain loop in the
+    engine's precision). The last two differ by the float path's own drift: the reference spread for bf16."""
     ms = members(n, batch)
     pop = Population(arch, ARCH_KWARGS[arch], ms, data, precision=precision, compile=compile_, conv=conv,
                      cuda_graphs=graphs)
     pop.train_epoch(1)
     eng = pop.evaluate()["test_acc"].tolist()
-    return [(e, accuracy(train_solo(arch, ARCH_KWARGS[arch], m, data, 1), data)) for e, m in zip(eng, ms)]
+    plain = lambda m, p: accuracy(train_solo(arch, ARCH_KWARGS[arch], m, data, 1, precision=p), data)
+    return [(e, fp, plain(m, precision) if precision != "fp32" else fp) for e, m in zip(eng, ms) for fp in [plain(m, "fp32")]]
 
 
 def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, rows=25) -> str:
@@ -164,7 +166,7 @@ def main():
     ap.add_argument("--block-r", type=int, default=0, help="rows per Triton conv program (default: the module's)")
     args = ap.parse_args()
     if args.block_r:
-        _convpool.BLOCK_R = args.block_r
+        _convpool.BAND_R = args.block_r
     global RECIPE, EVAL_SAMPLES
     RECIPE, EVAL_SAMPLES = args.recipe, args.eval
     if RECIPE == "hyp" and args.check:
@@ -198,11 +200,13 @@ def main():
                 torch.cuda.empty_cache() if dev.type == "cuda" else None
         if args.check:
             for variant in ("fp32", args.variants.split(",")[-1]):
-                pairs = agreement(arch, data, args.check, args.batch, *VARIANTS[variant])
-                diff = max(abs(a - b) for a, b in pairs)
-                print(f"{arch} {variant}: test acc after 1 epoch engine vs plain loop "
-                      f"{[(round(a, 4), round(b, 4)) for a, b in pairs]} max |diff| {diff:.4f}", flush=True)
-                rows.append({"arch": arch, "check": variant, "pairs": pairs, "max_diff": diff})
+                triples = agreement(arch, data, args.check, args.batch, *VARIANTS[variant])
+                diff = max(abs(e - fp) for e, fp, _ in triples)
+                own = max(abs(same - fp) for _, fp, same in triples)  # the plain loop's own bf16-vs-fp32 drift
+                print(f"{arch} {variant}: test acc after 1 epoch (engine, plain loop fp32, plain loop same precision) "
+                      f"{[tuple(round(v, 4) for v in t) for t in triples]}: engine vs plain fp32 max |diff| {diff:.4f}"
+                      f"; plain loop's own drift in this precision {own:.4f}", flush=True)
+                rows.append({"arch": arch, "check": variant, "triples": triples, "max_diff": diff, "own_drift": own})
         if args.profile:
             print(profile(arch, data, int(args.members.split(",")[-1]), args.batch, *VARIANTS[args.variants.split(",")[-1]]))
     print("\n| arch | path | members | model-epochs/s | ms/step | ratio | peak GiB |\n|---|---|---|---|---|---|---|")

@@ -93,3 +93,12 @@ def test_compiled_step_matches_eager(digits28):
         p.train_epoch(1, max_steps=2)
     assert torch.allclose(pops[0].flat, pops[1].flat, atol=1e-5)
     assert not torch.equal(pops[0].flat, Population("cnn_s", {}, members, digits28).flat)  # it trained
+
+
+def test_too_many_channels_for_one_tile_falls_back_to_pytorch():
+    """N = P*P*XQ*pow2(O) must fit one GEMM tile (<= 256): 128 channels with a 2x2 pool do not."""
+    from zoo._convpool import band_plan
+
+    assert band_plan(3, 8, 8, 128, 3, 1, 2) is None and band_plan(3, 8, 8, 32, 3, 1, 2) is not None
+    x, w, b = torch.randn(2, 2, 3, 8, 8), torch.randn(2, 128, 3, 3, 3), torch.randn(2, 128)
+    assert torch.allclose(conv_pool(x, w, b, 1, 0, 2), _reference(x, w, b, 1, 0, 2), atol=1e-5)

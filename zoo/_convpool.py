@@ -1,21 +1,25 @@
 """Fused per-member convolution + max-pool for the population trainer, as Triton kernels.
 
 `conv_pool(x, w, b, stride, padding, pool)` is `max_pool2d(conv2d(x_m, w_m, b_m), pool)` for every member
-m at once. Activations are `(B, M, C, H, W)`. The kernels are implicit GEMMs: each program gathers,
-for a tile of pooled output pixels, the super-patch under each (the union of its P*P conv patches)
-straight from `x` (no im2col matrix in memory), multiplies it on tensor cores by its member's kernel
-shifted to each pool position (one GEMM for all positions), and keeps only the pooled maximum and which
-position won (int8). The weight gradient is, per pool position, patches^T @ (pooled gradient where that
-position won) (one super-patch GEMM with N = P*P*O measured 1.5-2x slower); the input gradient is the same forward kernel run on the unpooled gradient with the
-flipped kernel. The full-resolution conv output never exists in memory.
+m at once. Activations are `(B, M, C, H, W)`. The kernels are "band" GEMMs (the Toeplitz form of a conv):
+a row is (image, pooled output row, chunk of XQ pooled columns); its band is the SP input rows under it,
+per channel, each a contiguous run of XWP input columns, so the kernel reads the input with vector loads
+instead of gathering patch values one by one. One tensor-core GEMM, band (R, C*SP*XWP) @ t[m], where the
+banded matrix t[m] holds the member's kernel at every (pool position, pooled column), gives all P*P pool
+positions of the chunk; the kernel keeps the max and which position won (int8). The full-resolution conv
+output never exists in memory.
+Backward: the band-matrix gradient band^T @ (pooled gradient routed to the winning position), folded onto
+the weights by a fixed gather-sum (deterministic); the input gradient is a band conv (no pool) of the
+unpooled gradient with the flipped kernel. t costs redundant MACs (zeros of the Toeplitz structure) but
+tensor cores have plenty; loads were the bottleneck: cnn_s at batch 64 went from 21.9 to 10.6 ms per step
+against gathered-patch kernels (benchmarks/NOTES.md, session 3).
 
-Why: with one input channel per member, PyTorch's grouped conv runs depthwise kernels at ~2.6 TFLOP/s,
-and im2col moves 14,400 values per image-member for cnn_s's first layer (benchmarks/NOTES.md).
 Without Triton (CPU) the same op falls back to grouped conv + max-pool; with TRITON_INTERPRET=1 the
 kernels run on CPU tensors (that is how the tests check them).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -29,9 +33,7 @@ except ImportError:  # CPU installs: the torch fallback below
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BLOCK_R, BLOCK_R_DW, BLOCK_K, NUM_WARPS = 64, 128, 32, 4  # measured on an H100: benchmarks/NOTES.md
-BAND_R, BAND_R_DT = 64, 128
-ALGO = "band"  # "band" (Toeplitz GEMM, contiguous loads) or "superpatch" (gathered patches)
+BAND_R, BAND_R_DT, NUM_WARPS = 64, 128, 4  # rows per program (forward, band gradient); measured on an H100
 
 
 def available(device: torch.device) -> bool:
@@ -45,101 +47,6 @@ def available(device: torch.device) -> bool:
 
 
 if triton is not None:
-    @triton.jit
-    def _patch_rows(r, M, m, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, Hq: tl.constexpr,
-                    Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr):
-        """(R,) offsets of the top-left input value of row r's patch (row = image, pooled pixel; pool
-        position 0) and (R,) image-member index. Patch values are row offset + column offset: separable."""
-        img = (r // (Hq * Wq)).to(tl.int64) * M + m
-        q = r % (Hq * Wq)
-        return img * (C * H * W) + (q // Wq) * (P * S * W) + (q % Wq) * (P * S), img
-
-    @triton.jit
-    def _patch_cols(kk, H: tl.constexpr, W: tl.constexpr, KS: tl.constexpr):
-        """(K_blk,) offsets of patch element kk = (c, ky, kx) from the patch's top-left value."""
-        return (kk // (KS * KS)) * (H * W) + ((kk // KS) % KS) * W + kk % KS
-
-    @triton.jit
-    def _super_patch(x_ptr, r, j, M, m, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                     Hq: tl.constexpr, Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr):
-        """(R, K_blk) values j = (c, jy, jx) of the SP x SP super-patch under rows r = (image, pooled pixel):
-        the union of the P*P conv patches one pooled pixel takes its maximum over. Returns (values, img)."""
-        row, img = _patch_rows(r, M, m, C, H, W, Hq, Wq, S, P)
-        col = _patch_cols(j, H, W, SP)  # an SP x SP patch: separable offsets, one add per value
-        ok = (r < n_rows)[:, None] & (j < C * SP * SP)[None, :]
-        return tl.load(x_ptr + row[:, None] + col[None, :], mask=ok, other=0.0), img
-
-    @triton.jit
-    def _fwd_kernel(x_ptr, wcat_ptr, b_ptr, z_ptr, arg_ptr, M, n_rows,
-                    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
-                    Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """z[b, m] = maxpool_P(conv_S(x[b, m], w[m]) + b[m]) for a tile of (image, pooled pixel) rows.
-        One GEMM gives all P*P pool positions: super-patches (R, C*SP*SP) @ wcat[m] (C*SP*SP, P*P*BLOCK_O),
-        wcat holding the kernel shifted to each position. The winning position goes to arg (int8)."""
-        m = tl.program_id(0)
-        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-        KSUP: tl.constexpr = C * SP * SP
-        N: tl.constexpr = P * P * BLOCK_O
-        n = tl.arange(0, N)
-        acc = tl.zeros((BLOCK_R, N), tl.float32)
-        for k0 in tl.static_range(0, KSUP, BLOCK_K):
-            j = k0 + tl.arange(0, BLOCK_K)
-            a, img = _super_patch(x_ptr, r, j, M, m, n_rows, C, H, W, Hq, Wq, S, P, SP)
-            wt = tl.load(wcat_ptr + m * (KSUP * N) + j[:, None] * N + n[None, :], mask=(j < KSUP)[:, None],
-                         other=0.0)  # (K_blk, N)
-            acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
-        # (R, P*P, O): ties go to the first position in row-major order, as in torch's max_pool2d
-        best, arg = tl.max(tl.reshape(acc, (BLOCK_R, P * P, BLOCK_O)), axis=1, return_indices=True,
-                           return_indices_tie_break_left=True)
-        o = tl.arange(0, BLOCK_O)
-        best += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[None, :]
-        out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + (r % (Hq * Wq))[:, None]  # (B, M, O, Hq, Wq)
-        ok = (r < n_rows)[:, None] & (o < O)[None, :]
-        tl.store(z_ptr + out, best.to(z_ptr.dtype.element_ty), mask=ok)
-        if P > 1:
-            tl.store(arg_ptr + out, arg.to(tl.int8), mask=ok)
-
-    @triton.jit
-    def _dw_kernel(x_ptr, gz_ptr, arg_ptr, dw_ptr, db_ptr, M, n_rows,
-                   C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
-                   Wq: tl.constexpr, KS: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """Partial weight/bias gradients of member m over every n_split-th row block, one K chunk:
-        dw[o, k] += sum over rows of patch[row, k] * gz[row, o] where the pool position won."""
-        m, split, kc = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n_split = tl.num_programs(1)
-        o = tl.arange(0, BLOCK_O)
-        K: tl.constexpr = C * KS * KS
-        kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
-        col = _patch_cols(kk, H, W, KS)
-        dw = tl.zeros((BLOCK_K, BLOCK_O), tl.float32)
-        db = tl.zeros((BLOCK_O,), tl.float32)
-        for r0 in range(split * BLOCK_R, n_rows, n_split * BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            rok = r < n_rows
-            row, img = _patch_rows(r, M, m, C, H, W, Hq, Wq, S, P)
-            out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + (r % (Hq * Wq))[:, None]
-            ok = rok[:, None] & (o < O)[None, :]
-            g = tl.load(gz_ptr + out, mask=ok, other=0.0).to(tl.float32)  # (R, O)
-            db += tl.sum(g, 0)
-            if P > 1:
-                win = tl.load(arg_ptr + out, mask=ok, other=0).to(tl.int32)
-            for d in tl.static_range(P * P):
-                shift = (d // P) * S * W + (d % P) * S
-                a = tl.load(x_ptr + row[:, None] + (col + shift)[None, :], mask=rok[:, None] & (kk < K)[None, :],
-                            other=0.0)  # (R, K_blk)
-                gd = tl.where(win == d, g, 0.0) if P > 1 else g
-                dw += tl.dot(tl.trans(a.to(DOT_DTYPE)), gd.to(DOT_DTYPE), input_precision=PREC)
-        part = (split * M + m).to(tl.int64)
-        tl.store(dw_ptr + part * (O * K) + o[None, :] * K + kk[:, None], dw,
-                 mask=(kk < K)[:, None] & (o < O)[None, :])
-        if kc == 0:
-            tl.store(db_ptr + part * O + o, db, mask=o < O)
-
-
     @triton.jit
     def _band_rows(r, M, m, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, Hq: tl.constexpr, S: tl.constexpr,
                    P: tl.constexpr, XQ: tl.constexpr, NXC: tl.constexpr):
@@ -228,89 +135,11 @@ if triton is not None:
         tl.store(dt_ptr + part * (KB * N) + kk[:, None] * N + tl.arange(0, N)[None, :], acc, mask=(kk < KB)[:, None])
 
 
-_SHIFT_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _shift_map(C: int, O: int, KS: int, S: int, P: int, device: torch.device):
-    """Where each wcat entry (C*SP*SP, P*P*BLOCK_O) takes its weight from in the flat (O*C*KS*KS) kernel:
-    (valid mask, source index). Entry (j=(c, jy, jx), d*BLOCK_O + o) is w[o, c, jy - dy*S, jx - dx*S]."""
-    key = (C, O, KS, S, P, device)
-    if key in _SHIFT_MAPS:  # built once per layer geometry
-        return _SHIFT_MAPS[key]
-    SP, BO = (P - 1) * S + KS, _block(O)
-    j = torch.arange(C * SP * SP)
-    c, jy, jx = j // (SP * SP), (j // SP) % SP, j % SP
-    n = torch.arange(P * P * BO)
-    d, o = n // BO, n % BO
-    ky, kx = jy[:, None] - (d // P)[None, :] * S, jx[:, None] - (d % P)[None, :] * S
-    valid = (o < O)[None, :] & (ky >= 0) & (ky < KS) & (kx >= 0) & (kx < KS)
-    src = o[None, :] * (C * KS * KS) + c[:, None] * (KS * KS) + ky * KS + kx
-    _SHIFT_MAPS[key] = valid.to(device), torch.where(valid, src, 0).to(device)
-    return _SHIFT_MAPS[key]
-
-
 def _dot_dtype(dtype: torch.dtype):
     """bf16 tensor cores for bf16 activations; exact fp32 (no TF32) otherwise, to match torch's fp32 conv."""
     if dtype == torch.bfloat16 and not INTERPRET:  # the interpreter's bf16 dot is wrong (triton 3.6-3.9)
         return tl.bfloat16, "tf32"
     return tl.float32, "ieee"
-
-
-def _block(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def _geometry(x: torch.Tensor, w: torch.Tensor, stride: int, pool: int):
-    """(B, M, C, H, W, O, KS, Hq, Wq, SP) for a valid conv on the pre-padded x; max-pool floors, as torch's."""
-    B, M, C, H, W = x.shape
-    O, KS = w.shape[1], w.shape[-1]
-    Hq, Wq = (((s - KS) // stride + 1) // pool for s in (H, W))
-    return B, M, C, H, W, O, KS, Hq, Wq, (pool - 1) * stride + KS
-
-
-def _fwd_triton(x, w, b, stride, pool):
-    """x (B, M, C, H, W) pre-padded -> z (B, M, O, Hq, Wq) in x's dtype, arg int8 (empty when pool 1)."""
-    B, M, C, H, W, O, KS, Hq, Wq, SP = _geometry(x, w, stride, pool)
-    valid, src = _shift_map(C, O, KS, stride, pool, x.device)
-    wcat = torch.where(valid, w.reshape(M, -1)[:, src], 0.0).to(x.dtype)  # (M, C*SP*SP, P*P*BLOCK_O)
-    z = torch.empty(B, M, O, Hq, Wq, device=x.device, dtype=x.dtype)
-    arg = torch.empty(z.shape if pool > 1 else (0,), device=x.device, dtype=torch.int8)
-    n_rows = B * Hq * Wq
-    _fwd_kernel[(M, triton.cdiv(n_rows, BLOCK_R))](
-        x, wcat, b, z, arg, M, n_rows, C, H, W, O, Hq, Wq, stride, pool, SP,
-        BLOCK_R, BLOCK_K, _block(O), *_dot_dtype(x.dtype), num_warps=NUM_WARPS)
-    return z, arg
-
-
-def _dw_triton(gz, arg, x, w, stride, pool):
-    B, M, C, H, W, O, KS, Hq, Wq, _ = _geometry(x, w, stride, pool)
-    n_rows, K = B * Hq * Wq, C * KS * KS
-    n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R_DW), triton.cdiv(2048, M)))  # enough programs to fill the GPU
-    dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
-    db = torch.empty(n_split, M, O, device=x.device, dtype=torch.float32)
-    _dw_kernel[(M, n_split, triton.cdiv(K, BLOCK_K))](
-        x, gz, arg, dw, db, M, n_rows, C, H, W, O, Hq, Wq, KS, stride, pool,
-        BLOCK_R_DW, BLOCK_K, _block(O), *_dot_dtype(x.dtype), num_warps=NUM_WARPS)
-    return (dw[0] if n_split == 1 else dw.sum(0)).view(w.shape), db.sum(0)
-
-
-def _dx_triton(gz, arg, w, x_shape, stride, padding, pool):
-    """Input gradient as a forward conv: unpool gz through arg, spread it on a zero grid with stride
-    gaps and a k-1-padding border (B, M, O, H+k-1, W+k-1), then correlate with the flipped weights."""
-    B, M, O, Hq, Wq = gz.shape
-    KS = w.shape[-1]
-    g = gz
-    if pool > 1:  # (B, M, O, Hq, Wq) -> (B, M, O, Hq*P, Wq*P): the gradient goes to the winning position
-        hit = arg[..., None] == torch.arange(pool * pool, device=gz.device, dtype=torch.int8)
-        g = (gz[..., None] * hit).view(B, M, O, Hq, Wq, pool, pool).permute(0, 1, 2, 3, 5, 4, 6)
-        g = g.reshape(B, M, O, Hq * pool, Wq * pool)
-    H, W = x_shape[-2:]
-    up = gz.new_zeros(B, M, O, H + KS - 1, W + KS - 1)
-    a = KS - 1 - padding
-    up[..., a: a + (g.shape[-2] - 1) * stride + 1: stride, a: a + (g.shape[-1] - 1) * stride + 1: stride] = g
-    w_t = w.flip(-1, -2).transpose(1, 2).contiguous()  # (M, C, O, k, k)
-    dx, _ = _fwd_triton(up, w_t, torch.zeros(M, w.shape[2], device=w.device), 1, 1)
-    return dx
 
 
 def _reference(x, w, b, stride, padding, pool):
@@ -420,6 +249,11 @@ def band_matrix(w: torch.Tensor, band: Band, dtype: torch.dtype) -> torch.Tensor
     return torch.where(valid, w.reshape(len(w), -1).to(dtype)[:, src], 0.0)
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' (CPU/interpreter: nothing to do)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _band_of(x: torch.Tensor, O: int, KS: int, stride: int, pool: int) -> Band | None:
     return band_plan(x.shape[2], x.shape[3], x.shape[4], O, KS, stride, pool)
 
@@ -431,9 +265,10 @@ def _band_fwd(x, t, b, band: Band):
     arg = torch.empty(z.shape if band.P > 1 else (0,), device=x.device, dtype=torch.int8)
     n_rows = B * band.Hq * band.NXC
     block_k = next(k for k in (64, 32, 16) if band.KB % k == 0)
-    _band_fwd_kernel[(M, triton.cdiv(n_rows, BAND_R))](
-        x, t, b, z, arg, M, n_rows, *band.kernel_args(), BAND_R, block_k, *_dot_dtype(x.dtype),
-        num_warps=NUM_WARPS)
+    with _on(x.device):
+        _band_fwd_kernel[(M, triton.cdiv(n_rows, BAND_R))](
+            x, t, b, z, arg, M, n_rows, *band.kernel_args(), BAND_R, block_k, *_dot_dtype(x.dtype),
+            num_warps=NUM_WARPS)
     return z, arg
 
 
@@ -447,9 +282,10 @@ def _band_dt(gz, arg, x, band: Band) -> torch.Tensor:
     n_kc = triton.cdiv(band.KB, block_k)
     n_split = max(1, min(triton.cdiv(n_rows, BAND_R_DT), triton.cdiv(2048, M * n_kc)))  # fill the GPU
     dt = torch.empty(n_split, M, band.KB, band.N, device=x.device, dtype=torch.float32)
-    _band_dt_kernel[(M, n_split, n_kc)](
-        x, gz, arg, dt, M, n_rows, *band.kernel_args(), BAND_R_DT, block_k, *_dot_dtype(x.dtype),
-        num_warps=NUM_WARPS)
+    with _on(x.device):
+        _band_dt_kernel[(M, n_split, n_kc)](
+            x, gz, arg, dt, M, n_rows, *band.kernel_args(), BAND_R_DT, block_k, *_dot_dtype(x.dtype),
+            num_warps=NUM_WARPS)
     return dt[0] if n_split == 1 else dt.sum(0)
 
 
@@ -470,60 +306,6 @@ def _unpool_grid(gz, arg, pool: int, stride: int, KS: int, H: int, W: int) -> to
 
 
 # Custom ops: opaque to torch.compile (dynamo never traces into Triton), differentiable through autograd.
-@torch.library.custom_op("weightzoo::conv_pool", mutates_args=())
-def _conv_pool_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, pool: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_triton(x.contiguous(), w.contiguous(), b.contiguous(), stride, pool)
-
-
-@_conv_pool_op.register_fake
-def _(x, w, b, stride, pool):
-    B, M, C, H, W, O, KS, Hq, Wq, _ = _geometry(x, w, stride, pool)
-    z = x.new_empty(B, M, O, Hq, Wq)
-    return z, x.new_empty(z.shape if pool > 1 else (0,), dtype=torch.int8)
-
-
-@torch.library.custom_op("weightzoo::conv_pool_dw", mutates_args=())
-def _conv_pool_dw_op(gz: torch.Tensor, arg: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, pool: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _dw_triton(gz.contiguous(), arg, x.contiguous(), w.contiguous(), stride, pool)
-
-
-@_conv_pool_dw_op.register_fake
-def _(gz, arg, x, w, stride, pool):
-    return w.new_empty(w.shape, dtype=torch.float32), w.new_empty(w.shape[:2], dtype=torch.float32)
-
-
-@torch.library.custom_op("weightzoo::conv_pool_dx", mutates_args=())
-def _conv_pool_dx_op(gz: torch.Tensor, arg: torch.Tensor, w: torch.Tensor, H: int, W: int, stride: int, pool: int
-                     ) -> torch.Tensor:
-    return _dx_triton(gz.contiguous(), arg, w.contiguous(), (H, W), stride, 0, pool)
-
-
-@_conv_pool_dx_op.register_fake
-def _(gz, arg, w, H, W, stride, pool):
-    return gz.new_empty(gz.shape[0], gz.shape[1], w.shape[2], H, W)
-
-
-def _setup(ctx, inputs, output):
-    x, w, _, stride, pool = inputs
-    ctx.save_for_backward(x, w, output[1])
-    ctx.geometry = (stride, pool)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx, gz, _garg):
-    x, w, arg = ctx.saved_tensors
-    stride, pool = ctx.geometry
-    dw, db = _conv_pool_dw_op(gz, arg, x, w, stride, pool)
-    dx = _conv_pool_dx_op(gz.to(x.dtype), arg, w, x.shape[-2], x.shape[-1], stride, pool) \
-        if ctx.needs_input_grad[0] else None
-    return dx, dw, db, None, None
-
-
-_conv_pool_op.register_autograd(_backward, setup_context=_setup)
-
-
 @torch.library.custom_op("weightzoo::band_conv_pool_raw", mutates_args=())
 def _band_raw_op(x: torch.Tensor, t: torch.Tensor, b: torch.Tensor, O: int, KS: int, stride: int, pool: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -604,14 +386,12 @@ def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1
     if not available(x.device):
         return _reference(x, w, b, stride, padding, pool)
     xp = F.pad(x, (padding,) * 4) if padding else x  # the kernels see a pre-padded input
-    if ALGO == "band":
-        M, O, C, KS = w.shape[0], w.shape[1], w.shape[2], w.shape[-1]
-        band = _band_of(xp, O, KS, stride, pool)
-        flip = band_plan(O, xp.shape[-2] + KS - 1, xp.shape[-1] + KS - 1, C, KS, 1, 1)  # the input gradient's conv
-        if band is None or flip is None:  # too many channels for one GEMM tile
-            return _reference(x, w, b, stride, padding, pool)
-        fold = _band_maps(band, x.device)[2]
-        flip_valid, flip_src, _ = _band_maps(flip, x.device)
-        t = band_matrix(w.detach(), band, x.dtype)
-        return _band_op(xp, t, w, b, fold, flip_valid, flip_src, stride, pool)[0]
-    return _conv_pool_op(xp, w, b, stride, pool)[0]
+    O, C, KS = w.shape[1], w.shape[2], w.shape[-1]
+    band = _band_of(xp, O, KS, stride, pool)
+    flip = band_plan(O, xp.shape[-2] + KS - 1, xp.shape[-1] + KS - 1, C, KS, 1, 1)  # the input gradient's conv
+    if band is None or flip is None:  # too many channels for one GEMM tile
+        return _reference(x, w, b, stride, padding, pool)
+    fold = _band_maps(band, x.device)[2]
+    flip_valid, flip_src, _ = _band_maps(flip, x.device)
+    t = band_matrix(w.detach(), band, x.dtype)
+    return _band_op(xp, t, w, b, fold, flip_valid, flip_src, stride, pool)[0]

@@ -162,6 +162,10 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
     if overwrite and partial.exists():
         partial.unlink()
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None:
+        # torchrun rank r works on cuda:r: make it current, or CUDA-graph capture streams and Triton launches
+        # go to cuda:0 (seen on 2 H200s: "operation not permitted when stream is capturing" on rank 1)
+        torch.cuda.set_device(device)
     members = expand_members(cfg)
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.grayscale, cfg.resize, cfg.val_fraction, device)
     layout = param_layout(_template(cfg, data, members[0].activation))

@@ -455,16 +455,17 @@ class Population:
             self._g_order = order.clone()
             self._g_epoch = torch.tensor(epoch, device=self.device)
             self._g_step = torch.tensor(start, device=self.device)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
+            with torch.cuda.device(self.device):  # capture on this population's GPU, not the current one
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._graph_body()
+                torch.cuda.current_stream().wait_stream(side)
+                start += 2
+                self._graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self._graph):  # records, does not run
                     self._graph_body()
-            torch.cuda.current_stream().wait_stream(side)
-            start += 2
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):  # records, does not run
-                self._graph_body()
         else:
             self._g_order.copy_(order)
             self._g_epoch.fill_(epoch)

@@ -30,8 +30,9 @@ def build_member(architecture: str, architecture_kwargs: dict, m: MemberSpec, da
 
 
 def train_solo(architecture: str, architecture_kwargs: dict, m: MemberSpec, data: ImageData, epochs: int,
-               max_steps: int | None = None) -> nn.Module:
-    """Train one member for `epochs` epochs (or `max_steps` steps) with a plain loop."""
+               max_steps: int | None = None, precision: str = "fp32") -> nn.Module:
+    """Train one member for `epochs` epochs (or `max_steps` steps) with a plain loop; precision="bf16"
+    runs forward and backward under bf16 autocast (fp32 weights and optimizer), as the population does."""
     model = build_member(architecture, architecture_kwargs, m, data).train()
     opt = _OPTIMIZERS[m.optimizer](model.parameters(), m)
     seed = torch.tensor([m.seed], device=data.x_train.device)
@@ -44,7 +45,9 @@ def train_solo(architecture: str, architecture_kwargs: dict, m: MemberSpec, data
             idx = order[s * m.batch_size:(s + 1) * m.batch_size]
             y = noisy_labels(data.y_train, idx[None], seed, torch.tensor([m.label_noise], device=seed.device),
                              data.num_classes)[0]
-            loss = F.cross_entropy(model(data.normalize(data.x_train[idx])), y)
+            with torch.autocast(seed.device.type, torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(data.normalize(data.x_train[idx]))
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
