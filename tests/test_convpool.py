@@ -102,3 +102,22 @@ def test_too_many_channels_for_one_tile_falls_back_to_pytorch():
     assert band_plan(3, 8, 8, 128, 3, 1, 2) is None and band_plan(3, 8, 8, 32, 3, 1, 2) is not None
     x, w, b = torch.randn(2, 2, 3, 8, 8), torch.randn(2, 128, 3, 3, 3), torch.randn(2, 128)
     assert torch.allclose(conv_pool(x, w, b, 1, 0, 2), _reference(x, w, b, 1, 0, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", [(1, 28, 28, 8, 5, 1, 2), (8, 12, 12, 6, 5, 1, 2), (6, 4, 4, 4, 2, 1, 1),
+                                      (1, 30, 30, 16, 3, 2, 1), (16, 16, 16, 16, 3, 2, 1), (1, 28, 28, 32, 7, 7, 1),
+                                      (6, 16, 16, 8, 5, 1, 1)])
+def test_fold_is_the_adjoint_of_the_band_matrix(geometry):
+    """<band_matrix(w), G> == <w, fold(G)> for any G: the weight gradient folded from the band-matrix gradient
+    is exact, for every conv geometry in the registry (cnn_s, cnn_gap, vit_t) and cnn_s's input-gradient conv."""
+    from zoo._convpool import _band_maps, band_matrix, band_plan
+
+    C, H, W, O, KS, S, P = geometry
+    band = band_plan(C, H, W, O, KS, S, P)
+    w = torch.randn(3, O, C, KS, KS, dtype=torch.float64)
+    g = torch.randn(3, band.KB, band.N, dtype=torch.float64)
+    folded = g.reshape(3, -1)[:, _band_maps(band, w.device)[2]].sum(-1)  # (M, O*C*KS*KS)
+    lhs = (band_matrix(w, band, torch.float64) * g).sum((1, 2))
+    assert torch.allclose(lhs, (w.reshape(3, -1) * folded).sum(1))
+    # and the band matrix holds every weight exactly P*P*XQ times (once per pool position and pooled column)
+    assert torch.equal(_band_maps(band, w.device)[0].sum(), torch.tensor(O * C * KS * KS * P * P * band.XQ))
