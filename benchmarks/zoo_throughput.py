@@ -7,6 +7,8 @@ Device run (MNIST copied to data/datasets/mnist, carried):
     python benchmarks/zoo_throughput.py --archs cnn_s --members 2560 --batch 10 --check 0 --recipe hyp \
         --variants bf16+compile+fused+graphs,bf16+compile+fused --profile   # HYP step (profile: last variant,
                                                                            # un-graphed so kernels show)
+    python benchmarks/zoo_throughput.py --archs cnn_s --members 2560 --batch 10 --check 0 --recipe hyp \
+        --eval 10000 --variants bf16+compile+fused+graphs --profile        # one HYP checkpoint's evaluation
 CPU smoke run (seconds):
     python benchmarks/zoo_throughput.py --dataset digits --archs cnn_gap --members 16 --steps 3 --variants fp32
 
@@ -132,15 +134,20 @@ def agreement(arch, data, n, batch, precision, compile_, conv, graphs) -> list[t
 
 
 def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, rows=25) -> str:
+    """Profiler table of 5 training steps, or of one evaluation (`--eval N --profile`)."""
+    dev = data.x_train.device
     pop = Population(arch, ARCH_KWARGS[arch], members(n_members, batch), data, precision=precision, compile=compile_,
-                     conv=conv, cuda_graphs=graphs)
+                     conv=conv, cuda_graphs=graphs, train_eval_samples=EVAL_SAMPLES,
+                     eval_bytes=max(1 << 30, int(memory_budget(ZooConfig(), dev) / 4)))
     order = pop.epoch_order(1)
     pop.run_steps(order, 1, range(3))
+    if EVAL_SAMPLES:
+        pop.evaluate()  # warm-up
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
-                                                   if data.x_train.device.type == "cuda" else [])
+                                                   if dev.type == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
-        pop.run_steps(order, 1, range(3, 8))
-        sync(data.x_train.device)
+        pop.evaluate() if EVAL_SAMPLES else pop.run_steps(order, 1, range(3, 8))
+        sync(dev)
     key = "cuda_time_total" if data.x_train.device.type == "cuda" else "cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
@@ -156,7 +163,7 @@ def main():
     ap.add_argument("--solo-steps", type=int, default=200)
     ap.add_argument("--variants", default="fp32,bf16,bf16+compile")
     ap.add_argument("--check", type=int, default=3, help="members trained one epoch both ways")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile 5 steps of the last variant (with --eval: one evaluation)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--recipe", choices=["adam_tanh", "hyp"], default="adam_tanh",

@@ -136,17 +136,21 @@ def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: 
     (synchronised once per epoch, so the split is exact and costs nothing measurable)."""
     slots = {e: k for k, e in enumerate(cfg.checkpoints)}
     for epoch in range(cfg.epochs + 1):
-        t0 = time.perf_counter()
+        t = [time.perf_counter()]
         if epoch > 0:
             pop.train_epoch(epoch)
             _sync(pop.device)
-            bar.update(len(ids) / cfg.epochs)
-        t1 = time.perf_counter()
-        seconds["train"] += t1 - t0
+        t.append(time.perf_counter())
         if epoch in slots:
             metrics = {k: v.cpu().numpy() for k, v in pop.evaluate().items()}
+            t.append(time.perf_counter())
             writer.checkpoint(ids, slots[epoch], pop.flat_weights().cpu().numpy(), metrics)
-        seconds["evaluate"] += time.perf_counter() - t1
+        t += [time.perf_counter()] * (4 - len(t))
+        for name, a, b in zip(("train", "evaluate", "checkpoint"), t, t[1:]):
+            seconds[name] += b - a
+        if epoch > 0:
+            bar.set_postfix_str(f"epoch {epoch}: train {t[1] - t[0]:.1f} s, evaluate {t[2] - t[1]:.1f} s", refresh=False)
+            bar.update(len(ids) / cfg.epochs)
     writer.done(ids, pop.diverged.cpu().numpy())
 
 
@@ -179,7 +183,7 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
                          f"pass --overwrite to discard it, or rerun with the same config to resume")
     todo = [p for p in np.unique(plan[plan >= 0]) if not done[plan == p].all()]
     writer = AsyncWriter(partial)
-    t0, trained, phases = time.perf_counter(), 0, {"train": 0.0, "evaluate": 0.0}
+    t0, trained, phases = time.perf_counter(), 0, {"train": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
     bar = tqdm(total=int(sum((plan == p).sum() for p in todo)), unit="member", disable=not progress,
                desc=f"{cfg.name} on {device.type}", smoothing=0.1)
     try:
@@ -201,8 +205,8 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
     if trained:
         print(f"trained {trained} members x {cfg.epochs} epochs in {seconds:.1f} s on {device}: "
               f"{trained * cfg.epochs / seconds:.2f} model-epochs/s, {trained / seconds:.3f} members/s "
-              f"(train {phases['train']:.1f} s, evaluate + checkpoint {phases['evaluate']:.1f} s, "
-              f"final write {time.perf_counter() - t_close:.1f} s)")
+              f"(train {phases['train']:.1f} s, evaluate {phases['evaluate']:.1f} s, checkpoint handoff "
+              f"{phases['checkpoint']:.1f} s, final write {time.perf_counter() - t_close:.1f} s)")
     if max_populations is not None and len(todo) > max_populations:
         return None
     os.replace(partial, out)
