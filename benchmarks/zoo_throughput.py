@@ -30,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import MemberSpec, Population, load_dataset  # noqa: E402
 from zoo import ZooConfig, _convpool  # noqa: E402
-from zoo.build import memory_budget  # noqa: E402
+from zoo.build import eval_bytes  # noqa: E402
 from zoo.population import member_order  # noqa: E402
 from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
 
@@ -88,14 +88,19 @@ def time_solo(arch, data, batch, steps) -> float:
 EVAL_SAMPLES = 0  # set by --eval: also time one checkpoint's evaluation, train metrics on this many samples
 
 
+def population(arch, data, n_members, batch, precision, compile_, conv, graphs) -> Population:
+    """The engine on the benchmark's recipe; evaluation chunked as `zoo.build` chunks it."""
+    return Population(arch, ARCH_KWARGS[arch], members(n_members, batch), data, precision=precision, compile=compile_,
+                      conv=conv, cuda_graphs=graphs, train_eval_samples=EVAL_SAMPLES,
+                      eval_bytes=eval_bytes(ZooConfig(), data.x_train.device))
+
+
 def time_engine(arch, data, n_members, batch, steps, precision, compile_, conv, graphs
                 ) -> tuple[float, float, float, float]:
     """(seconds per step, seconds per epoch order, peak GiB, seconds per evaluation or nan) for one
-    population of n_members. Evaluation is chunked as `zoo.build` chunks it (a quarter of the budget)."""
+    population of n_members."""
     dev = data.x_train.device
-    eval_bytes = max(1 << 30, int(memory_budget(ZooConfig(), dev) / 4))
-    pop = Population(arch, ARCH_KWARGS[arch], members(n_members, batch), data, precision=precision, compile=compile_,
-                     conv=conv, cuda_graphs=graphs, train_eval_samples=EVAL_SAMPLES, eval_bytes=eval_bytes)
+    pop = population(arch, data, n_members, batch, precision, compile_, conv, graphs)
     sync(dev)
     t0 = time.perf_counter()
     order = pop.epoch_order(1)
@@ -124,21 +129,20 @@ def time_engine(arch, data, n_members, batch, steps, precision, compile_, conv, 
 def agreement(arch, data, n, batch, precision, compile_, conv, graphs) -> list[tuple[float, float, float]]:
     """Test accuracy after one epoch for n members: (engine, plain loop in fp32, plain loop in the
     engine's precision). The last two differ by the float path's own drift: the reference spread for bf16."""
-    ms = members(n, batch)
-    pop = Population(arch, ARCH_KWARGS[arch], ms, data, precision=precision, compile=compile_, conv=conv,
-                     cuda_graphs=graphs)
+    pop = population(arch, data, n, batch, precision, compile_, conv, graphs)
     pop.train_epoch(1)
-    eng = pop.evaluate()["test_acc"].tolist()
-    plain = lambda m, p: accuracy(train_solo(arch, ARCH_KWARGS[arch], m, data, 1, precision=p), data)
-    return [(e, fp, plain(m, precision) if precision != "fp32" else fp) for e, m in zip(eng, ms) for fp in [plain(m, "fp32")]]
+    out = []
+    for e, m in zip(pop.evaluate()["test_acc"].tolist(), pop.members):
+        fp = accuracy(train_solo(arch, ARCH_KWARGS[arch], m, data, 1), data)
+        same = fp if precision == "fp32" else accuracy(train_solo(arch, ARCH_KWARGS[arch], m, data, 1, precision=precision), data)
+        out.append((e, fp, same))
+    return out
 
 
 def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, rows=25) -> str:
     """Profiler table of 5 training steps, or of one evaluation (`--eval N --profile`)."""
     dev = data.x_train.device
-    pop = Population(arch, ARCH_KWARGS[arch], members(n_members, batch), data, precision=precision, compile=compile_,
-                     conv=conv, cuda_graphs=graphs, train_eval_samples=EVAL_SAMPLES,
-                     eval_bytes=max(1 << 30, int(memory_budget(ZooConfig(), dev) / 4)))
+    pop = population(arch, data, n_members, batch, precision, compile_, conv, graphs)
     order = pop.epoch_order(1)
     pop.run_steps(order, 1, range(3))
     if EVAL_SAMPLES:
@@ -148,7 +152,7 @@ def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, row
     with torch.profiler.profile(activities=acts) as prof:
         pop.evaluate() if EVAL_SAMPLES else pop.run_steps(order, 1, range(3, 8))
         sync(dev)
-    key = "cuda_time_total" if data.x_train.device.type == "cuda" else "cpu_time_total"
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 

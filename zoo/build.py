@@ -72,6 +72,12 @@ def memory_budget(cfg: ZooConfig, device: torch.device) -> float:
     return 8 * 2**30 * cfg.memory_fraction
 
 
+def eval_bytes(cfg: ZooConfig, device: torch.device) -> int:
+    """Memory for one evaluation chunk: a quarter of the budget, at least 1 GiB. (On a GPU, 1 GiB meant
+    chunks of ~7 images for 2,560 cnn_s members, i.e. thousands of small launches per checkpoint.)"""
+    return max(1 << 30, int(memory_budget(cfg, device) / 4))
+
+
 def plan_populations(members: Sequence[MemberSpec], ids: np.ndarray, cfg: ZooConfig, data: ImageData,
                      device: torch.device) -> np.ndarray:
     """Population id per member (-1 outside `ids`): groups of equal batch size, sorted by (activation,
@@ -136,20 +142,22 @@ def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: 
     (synchronised once per epoch, so the split is exact and costs nothing measurable)."""
     slots = {e: k for k, e in enumerate(cfg.checkpoints)}
     for epoch in range(cfg.epochs + 1):
-        t = [time.perf_counter()]
+        start = time.perf_counter()
         if epoch > 0:
             pop.train_epoch(epoch)
             _sync(pop.device)
-        t.append(time.perf_counter())
+        trained = evaluated = handed = time.perf_counter()
         if epoch in slots:
             metrics = {k: v.cpu().numpy() for k, v in pop.evaluate().items()}
-            t.append(time.perf_counter())
+            evaluated = time.perf_counter()
             writer.checkpoint(ids, slots[epoch], pop.flat_weights().cpu().numpy(), metrics)
-        t += [time.perf_counter()] * (4 - len(t))
-        for name, a, b in zip(("train", "evaluate", "checkpoint"), t, t[1:]):
-            seconds[name] += b - a
+            handed = time.perf_counter()
+        seconds["train"] += trained - start
+        seconds["evaluate"] += evaluated - trained
+        seconds["checkpoint"] += handed - evaluated
         if epoch > 0:
-            bar.set_postfix_str(f"epoch {epoch}: train {t[1] - t[0]:.1f} s, evaluate {t[2] - t[1]:.1f} s", refresh=False)
+            bar.set_postfix_str(f"epoch {epoch}: train {trained - start:.1f} s, evaluate {evaluated - trained:.1f} s",
+                                refresh=False)
             bar.update(len(ids) / cfg.epochs)
     writer.done(ids, pop.diverged.cpu().numpy())
 
@@ -189,11 +197,9 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
     try:
         for p in todo[:max_populations]:
             pids = np.flatnonzero(plan == p)
-            # evaluation chunks: a quarter of the budget (at least 1 GiB); on a GPU, 1 GiB meant chunks of
-            # ~7 images for 2,560 cnn_s members, i.e. thousands of small launches per checkpoint
-            eval_bytes = max(1 << 30, int(memory_budget(cfg, device) / 4))
             pop = Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in pids], data,
-                             cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile, eval_bytes,
+                             cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile,
+                             eval_bytes(cfg, device),
                              conv=cfg.conv, cuda_graphs=cfg.cuda_graphs)
             _train_population(pop, pids, cfg, writer, bar, phases)
             trained += len(pids)
