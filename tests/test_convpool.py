@@ -1,6 +1,8 @@
 """The Triton conv + max-pool kernels against PyTorch's conv2d + max_pool2d (values and all gradients).
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -30,6 +32,23 @@ def test_conv_pool_matches_torch(geometry):
     ref_grads = torch.autograd.grad((ref * gz).sum(), [x, w, b])
     for name, a, r in zip(["z", "dx", "dw", "db"], [z, *grads], [ref, *ref_grads]):
         assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, float((a - r).abs().max()))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_shared_input_matches_per_member_input(geometry):
+    """x (B, 1, ...) is every member's input (evaluation): the forward kernel reads it with member stride 0;
+    with gradients on, it is expanded and gets the summed input gradient."""
+    B, M, C, H, O, k, stride, padding, pool = geometry
+    g = torch.Generator().manual_seed(1)
+    x, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in [(B, 1, C, H, H), (M, O, C, k, k), (M, O)])
+    each = conv_pool(x.expand(-1, M, -1, -1, -1).contiguous(), w, b, stride, padding, pool)
+    with torch.no_grad():
+        assert torch.allclose(conv_pool(x, w, b, stride, padding, pool), each, atol=1e-5)
+        assert torch.allclose(_reference(x, w, b, stride, padding, pool), each, atol=1e-4)
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(conv_pool(x, w, b, stride, padding, pool).square().sum(), [x])
+    (rx,) = torch.autograd.grad(_reference(x.expand(-1, M, -1, -1, -1), w, b, stride, padding, pool).square().sum(), [x])
+    assert torch.allclose(gx, rx, atol=1e-4, rtol=1e-4)
 
 
 def test_first_layer_gets_no_input_gradient():
@@ -84,15 +103,19 @@ def test_training_loss_compiles_to_one_graph(conv, digits28):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiled_step_matches_eager(digits28):
     """The whole compiled step (forward, the traced backward glue around the kernels, optimizer) on the
-    kernels equals the eager step. Its backward is traced under fake tensors: a global index map used there
-    fails only here (seen on the H100), not in eager tests."""
+    kernels equals the eager step, and so does the compiled evaluation (shared-input kernel). The backward
+    is traced under fake tensors: a global index map used there fails only here (seen on the H100)."""
     members = [MemberSpec(seed=i, batch_size=8, dropout=0.5 * i, activation=a, optimizer=o)
                for i, (a, o) in enumerate([("tanh", "adam"), ("relu", "sgd")])]
-    pops = [Population("cnn_s", {}, members, digits28, conv="fused", compile=c) for c in (False, True)]
+    data = dataclasses.replace(digits28, x_test=digits28.x_test[:40], y_test=digits28.y_test[:40])  # interpreter: slow
+    pops = [Population("cnn_s", {}, members, data, conv="fused", compile=c, train_eval_samples=40) for c in (False, True)]
     for p in pops:
         p.train_epoch(1, max_steps=2)
     assert torch.allclose(pops[0].flat, pops[1].flat, atol=1e-5)
     assert not torch.equal(pops[0].flat, Population("cnn_s", {}, members, digits28).flat)  # it trained
+    eager, compiled = (p.evaluate() for p in pops)
+    for k in eager:
+        assert torch.allclose(eager[k], compiled[k], atol=1e-5), k
 
 
 def test_too_many_channels_for_one_tile_falls_back_to_pytorch():

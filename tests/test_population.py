@@ -106,6 +106,19 @@ def test_full_epoch_and_evaluation_match_plain_loop(digits):
         assert abs(float(metrics["test_acc"][i]) - accuracy(solo, digits)) < 1e-6
 
 
+def test_evaluation_does_not_depend_on_chunk_size(digits):
+    """Chunks have a fixed size, the last one padded with zero-weight images: the metrics are the same
+    whether the chunk divides the split or not (digits' test split has 360 images; 7 does not divide it)."""
+    members = _members("adam", 2) + [MemberSpec(seed=3, batch_size=32, class_subset="0,1,2", train_fraction=0.5)]
+    pop = Population("cnn_gap", {}, members, digits, train_eval_samples=100, eval_bytes=1 << 40)
+    pop.train_epoch(1, max_steps=2)
+    assert pop.eval_chunk >= len(digits.x_test)  # one chunk per split
+    whole = pop.evaluate()
+    pop.eval_chunk = 7
+    for k, v in pop.evaluate().items():
+        assert torch.allclose(v, whole[k], atol=1e-6), k
+
+
 def test_diverging_member_is_flagged_and_others_continue(digits):
     good = _members("sgd", 2, activation="relu")
     bad = MemberSpec(seed=99, optimizer="sgd", lr=1e8, activation="relu", batch_size=32, init="normal", init_scale=10.0)

@@ -48,15 +48,17 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _band_rows(r, M, m, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, Hq: tl.constexpr, S: tl.constexpr,
-                   P: tl.constexpr, XQ: tl.constexpr, NXC: tl.constexpr):
+    def _band_rows(r, M, XM, m, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, Hq: tl.constexpr,
+                   S: tl.constexpr, P: tl.constexpr, XQ: tl.constexpr, NXC: tl.constexpr):
         """Rows r = (image, pooled row yq, chunk xc of XQ pooled columns) -> (R,) offset of the band's
-        top-left input value, its first input column, image-member index, yq, xc."""
+        top-left input value, its first input column, (image, member) output index, yq, xc. The input has
+        XM = M members, or XM = 1 when every member reads the same images (evaluation)."""
         xc = r % NXC
         yq = (r // NXC) % Hq
-        img = (r // (NXC * Hq)).to(tl.int64) * M + m
+        image = (r // (NXC * Hq)).to(tl.int64)
         x0 = xc * (XQ * P * S)
-        return img * (C * H * W) + yq * (P * S * W) + x0, x0, img, yq, xc
+        base = (image * XM + m % XM) * (C * H * W) + yq * (P * S * W) + x0
+        return base, x0, image * M + m, yq, xc
 
     @triton.jit
     def _band_tile(x_ptr, base, x0, rok, k0, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
@@ -71,7 +73,7 @@ if triton is not None:
         return tl.load(x_ptr + base[:, None] + col[None, :], mask=ok, other=0.0)
 
     @triton.jit
-    def _band_fwd_kernel(x_ptr, t_ptr, b_ptr, z_ptr, arg_ptr, M, n_rows,
+    def _band_fwd_kernel(x_ptr, t_ptr, b_ptr, z_ptr, arg_ptr, M, XM, n_rows,
                          C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
                          Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr, XQ: tl.constexpr,
                          XWP: tl.constexpr, NXC: tl.constexpr, KB: tl.constexpr, BO: tl.constexpr,
@@ -82,7 +84,7 @@ if triton is not None:
         m = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         rok = r < n_rows
-        base, x0, img, yq, xc = _band_rows(r, M, m, C, H, W, Hq, S, P, XQ, NXC)
+        base, x0, img, yq, xc = _band_rows(r, M, XM, m, C, H, W, Hq, S, P, XQ, NXC)
         N: tl.constexpr = P * P * XQ * BO
         n = tl.arange(0, N)
         acc = tl.zeros((BLOCK_R, N), tl.float32)
@@ -120,7 +122,7 @@ if triton is not None:
         for r0 in range(split * BLOCK_R, n_rows, n_split * BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             rok = r < n_rows
-            base, x0, img, yq, xc = _band_rows(r, M, m, C, H, W, Hq, S, P, XQ, NXC)
+            base, x0, img, yq, xc = _band_rows(r, M, M, m, C, H, W, Hq, S, P, XQ, NXC)
             xo, o = xc[:, None] * XQ + (q // BO)[None, :], q % BO
             out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + yq[:, None] * Wq + xo
             ok = rok[:, None] & (o < O)[None, :] & (xo < Wq)
@@ -143,10 +145,12 @@ def _dot_dtype(dtype: torch.dtype):
 
 
 def _reference(x, w, b, stride, padding, pool):
-    """The same function from stock PyTorch ops (grouped conv + max-pool): fallback and test oracle."""
-    B, M, C, H, W = x.shape
-    y = F.conv2d(x.reshape(B, M * C, H, W), w.reshape(-1, *w.shape[2:]).to(x.dtype), b.reshape(-1).to(x.dtype),
-                 stride=stride, padding=padding, groups=M)
+    """The same function from stock PyTorch ops (grouped conv + max-pool): fallback and test oracle.
+    x (B, 1, C, H, W) is every member's input: one dense conv with M*O output channels."""
+    B, Mx, C, H, W = x.shape
+    M = w.shape[0]
+    y = F.conv2d(x.reshape(B, Mx * C, H, W), w.reshape(-1, *w.shape[2:]).to(x.dtype), b.reshape(-1).to(x.dtype),
+                 stride=stride, padding=padding, groups=Mx)
     if pool > 1:
         y = F.max_pool2d(y, pool)
     return y.view(B, M, w.shape[1], *y.shape[-2:])
@@ -259,15 +263,16 @@ def _band_of(x: torch.Tensor, O: int, KS: int, stride: int, pool: int) -> Band |
 
 
 def _band_fwd(x, t, b, band: Band):
-    """x (B, M, C, H, W) pre-padded, t (M, KB, N) -> z (B, M, O, Hq, Wq) in x's dtype, arg int8 (empty when pool 1)."""
-    B, M = x.shape[:2]
+    """x (B, M or 1, C, H, W) pre-padded, t (M, KB, N) -> z (B, M, O, Hq, Wq) in x's dtype, arg int8 (empty
+    when pool 1). An x of one member is every member's input (evaluation: the images are read once into L2)."""
+    B, M = x.shape[0], t.shape[0]
     z = torch.empty(B, M, band.O, band.Hq, band.Wq, device=x.device, dtype=x.dtype)
     arg = torch.empty(z.shape if band.P > 1 else (0,), device=x.device, dtype=torch.int8)
     n_rows = B * band.Hq * band.NXC
     block_k = next(k for k in (64, 32, 16) if band.KB % k == 0)
     with _on(x.device):
         _band_fwd_kernel[(M, triton.cdiv(n_rows, BAND_R))](
-            x, t, b, z, arg, M, n_rows, *band.kernel_args(), BAND_R, block_k, *_dot_dtype(x.dtype),
+            x, t, b, z, arg, M, x.shape[1], n_rows, *band.kernel_args(), BAND_R, block_k, *_dot_dtype(x.dtype),
             num_warps=NUM_WARPS)
     return z, arg
 
@@ -313,15 +318,15 @@ def _band_raw_op(x: torch.Tensor, t: torch.Tensor, b: torch.Tensor, O: int, KS: 
     return _band_fwd(x.contiguous(), t.contiguous(), b.contiguous(), _band_of(x, O, KS, stride, pool))
 
 
-def _band_fake(x, O, KS, stride, pool):
+def _band_fake(x, M, O, KS, stride, pool):
     band = _band_of(x, O, KS, stride, pool)
-    z = x.new_empty(x.shape[0], x.shape[1], band.O, band.Hq, band.Wq)
+    z = x.new_empty(x.shape[0], M, band.O, band.Hq, band.Wq)
     return z, x.new_empty(z.shape if pool > 1 else (0,), dtype=torch.int8)
 
 
 @_band_raw_op.register_fake
 def _(x, t, b, O, KS, stride, pool):
-    return _band_fake(x, O, KS, stride, pool)
+    return _band_fake(x, t.shape[0], O, KS, stride, pool)
 
 
 @torch.library.custom_op("weightzoo::band_conv_pool", mutates_args=())
@@ -336,7 +341,7 @@ def _band_op(x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
 
 @_band_op.register_fake
 def _(x, t, w, b, fold, flip_valid, flip_src, stride, pool):
-    return _band_fake(x, w.shape[1], w.shape[-1], stride, pool)
+    return _band_fake(x, w.shape[0], w.shape[1], w.shape[-1], stride, pool)
 
 
 @torch.library.custom_op("weightzoo::band_conv_pool_dt", mutates_args=())
@@ -382,7 +387,12 @@ _band_op.register_autograd(_band_backward, setup_context=_band_setup)
 def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1, padding: int = 0,
               pool: int = 1) -> torch.Tensor:
     """x (B, M, C, H, W), w (M, O, C, k, k), b (M, O) -> (B, M, O, H', W') = maxpool(conv(x)) per member.
-    Runs in x's dtype (bf16: tensor cores, fp32 accumulation; fp32: exact fp32 products)."""
+    Runs in x's dtype (bf16: tensor cores, fp32 accumulation; fp32: exact fp32 products).
+    x (B, 1, C, H, W) is every member's input; that is forward-only (evaluation), else it is expanded."""
+    M = w.shape[0]
+    shared = x.shape[1] == 1 and M > 1
+    if shared and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
+        x, shared = x.expand(-1, M, *x.shape[2:]), False  # the backward kernels want one input per member
     if not available(x.device):
         return _reference(x, w, b, stride, padding, pool)
     xp = F.pad(x, (padding,) * 4) if padding else x  # the kernels see a pre-padded input
@@ -394,4 +404,6 @@ def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1
     fold = _band_maps(band, x.device)[2]
     flip_valid, flip_src, _ = _band_maps(flip, x.device)
     t = band_matrix(w.detach(), band, x.dtype)
+    if shared:
+        return _band_raw_op(xp, t, b, O, KS, stride, pool)[0]
     return _band_op(xp, t, w, b, fold, flip_valid, flip_src, stride, pool)[0]

@@ -129,10 +129,10 @@ def _conv(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     M, O = w.shape[:2]
     B, Mx, C, H, W = x.shape
     kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation)
+    if ctx.conv == "fused" and _fusable(m):  # the band kernel (it reads a shared input once, too)
+        return _conv_pool(m, p, x, ctx)
     if Mx == 1 and M > 1:  # every member sees the same images (evaluation): one dense conv
         y = F.conv2d(x[:, 0], w.reshape(M * O, C, *w.shape[3:]), b.reshape(-1), **kw)
-    elif ctx.conv == "fused" and _fusable(m):
-        return _conv_pool(m, p, x, ctx)
     elif ctx.conv == "unfold":  # (1, M, O, C*k*k) @ (B, M, C*k*k, L): batched matmul on tensor cores
         cols = F.unfold(x.reshape(B, M * C, H, W), w.shape[3:], m.dilation, m.padding, m.stride)
         y = (w.reshape(1, M, O, -1) @ cols.view(B, M, -1, cols.shape[-1])) + b.view(1, M, O, 1)
@@ -214,7 +214,7 @@ def _sequential(m: nn.Sequential, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.T
         name, child = children[i]
         nxt = children[i + 1][1] if i + 1 < len(children) else None
         if (ctx.conv == "fused" and isinstance(child, nn.Conv2d) and isinstance(nxt, nn.MaxPool2d)
-                and x.shape[1] > 1 and _fusable(child, nxt)):  # conv -> max-pool in one kernel
+                and _fusable(child, nxt)):  # conv -> max-pool in one kernel
             x = _conv_pool(child, f"{p}{name}.", x, ctx, nxt.kernel_size)
             i += 2
             continue
@@ -350,6 +350,7 @@ class Population:
         self._graph: torch.cuda.CUDAGraph | None = None  # captured on the first graphed run_steps
         self._loss_fn = torch.compile(self._loss, dynamic=False) if compile else self._loss
         self._apply_fn = torch.compile(self._apply, dynamic=False) if compile else self._apply
+        self._eval_fn = torch.compile(self._eval_chunk, dynamic=False) if compile else self._eval_chunk
         if compile and self.conv == "fused":
             self._build_kernel_maps()
 
@@ -518,28 +519,33 @@ class Population:
                              for m in self.members])
         return x, y, w
 
+    def _eval_chunk(self, flat, xb, y, w):
+        """xb (b, C, H, W) uint8 images every member sees, y (b, M) labels, w (b, M) float64 sample weights
+        -> (M,) weighted loss sum, weighted correct count, weight sum."""
+        logits = self.forward(self.data.normalize(xb)[:, None], False, self.views(flat))  # (b, M, classes)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(w)
+        return (ce.double() * w).sum(0), ((logits.argmax(-1) == y).double() * w).sum(0), w.sum(0)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, torch.Tensor]:
-        """Loss and accuracy of every member on train (its own pool and labels), test and val: (M,) each."""
+        """Loss and accuracy of every member on train (its own pool and labels), test and val: (M,) each.
+        A split's chunks all have one size (the last one padded with weight-0 images), so compile traces one shape."""
         out = {}
         splits = ["train", "test"] + (["val"] if self.data.x_val is not None else [])
         for split in splits:
             x, y, w = self._split(split)
-            loss_sum = torch.zeros(self.size, device=self.device, dtype=torch.float64)
-            correct, count = torch.zeros_like(loss_sum), torch.zeros_like(loss_sum)
-            for a in range(0, len(x), self.eval_chunk):
-                logits = self.forward(self.data.normalize(x[a: a + self.eval_chunk])[:, None], train=False)
-                if y.dim() == 2:  # per-member labels (M, N)
-                    yc = y[:, a: a + self.eval_chunk].T
-                else:
-                    yc = y[a: a + self.eval_chunk, None].expand(-1, self.size)  # (b, M)
-                wc = w[:, a: a + self.eval_chunk].T.double() if w is not None else torch.ones_like(yc, dtype=torch.float64)
-                ce = F.cross_entropy(logits.flatten(0, 1), yc.flatten(), reduction="none").view_as(wc)
-                loss_sum += (ce.double() * wc).sum(0)
-                correct += ((logits.argmax(-1) == yc).double() * wc).sum(0)
-                count += wc.sum(0)
-            out[f"{split}_loss"] = (loss_sum / count).float()
-            out[f"{split}_acc"] = (correct / count).float()
+            n = len(x)
+            y = y if y.dim() == 2 else y[None].expand(self.size, -1)  # (M, n) labels
+            w = w.double() if w is not None else torch.ones(self.size, n, dtype=torch.float64, device=self.device)
+            sums = torch.zeros(3, self.size, dtype=torch.float64, device=self.device)  # loss, correct, count
+            chunk = min(self.eval_chunk, n)
+            for a in range(0, n, chunk):
+                i = torch.arange(a, a + chunk, device=self.device)
+                ok = i < n
+                i = i.clamp(max=n - 1)
+                sums += torch.stack(self._eval_fn(self.flat, x[i], y[:, i].T, (w[:, i] * ok).T))
+            out[f"{split}_loss"] = (sums[0] / sums[2]).float()
+            out[f"{split}_acc"] = (sums[1] / sums[2]).float()
         if self.prunable and self.prune_epochs:
             out["sparsity"] = self.sparsity()
         bad = self.diverged | ~torch.isfinite(self.flat_weights()).all(1)
