@@ -73,7 +73,7 @@ def test_ties_go_to_the_first_position_like_max_pool():
                                               ("vit_t", {"patch": 4, "dim": 16, "depth": 1}, "digits")])
 def test_fused_population_matches_grouped(arch, kw, data_name, request):
     """Every registry architecture with a conv (vit_t: the stride-`patch` patch embedding) on the kernels."""
-    data = request.getfixturevalue(data_name)
+    data = request.getfixturevalue(data_name).to(DEVICE)
     members = [MemberSpec(seed=i, lr=1e-3 * (i + 1), batch_size=16, dropout=0.2 * i, init="xavier_uniform",
                           activation="tanh") for i in range(2)]
     pops = [Population(arch, kw, members, data, conv=c) for c in ("grouped", "fused")]
@@ -93,7 +93,7 @@ def test_training_loss_compiles_to_one_graph(conv, digits28):
 
     members = [MemberSpec(seed=i, batch_size=8, dropout=0.5, activation=a, optimizer=o)
                for i, (a, o) in enumerate([("tanh", "adam"), ("relu", "sgd")])]
-    pop = Population("cnn_s", {}, members, digits28, conv=conv, precision="bf16")
+    pop = Population("cnn_s", {}, members, digits28.to(DEVICE), conv=conv, precision="bf16")
     xb, y, _, key = pop._batch(pop.epoch_order(1), 1, 0)
     explained = torch._dynamo.explain(pop._loss)(pop.flat.detach().requires_grad_(True), xb, y, key)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
@@ -107,12 +107,12 @@ def test_compiled_step_matches_eager(digits28):
     is traced under fake tensors: a global index map used there fails only here (seen on the H100)."""
     members = [MemberSpec(seed=i, batch_size=8, dropout=0.5 * i, activation=a, optimizer=o)
                for i, (a, o) in enumerate([("tanh", "adam"), ("relu", "sgd")])]
-    data = dataclasses.replace(digits28, x_test=digits28.x_test[:40], y_test=digits28.y_test[:40])  # interpreter: slow
+    data = dataclasses.replace(digits28, x_test=digits28.x_test[:40], y_test=digits28.y_test[:40]).to(DEVICE)
     pops = [Population("cnn_s", {}, members, data, conv="fused", compile=c, train_eval_samples=40) for c in (False, True)]
     for p in pops:
         p.train_epoch(1, max_steps=2)
     assert torch.allclose(pops[0].flat, pops[1].flat, atol=1e-5)
-    assert not torch.equal(pops[0].flat, Population("cnn_s", {}, members, digits28).flat)  # it trained
+    assert not torch.equal(pops[0].flat, Population("cnn_s", {}, members, data).flat)  # it trained
     eager, compiled = (p.evaluate() for p in pops)
     for k in eager:
         assert torch.allclose(eager[k], compiled[k], atol=1e-5), k

@@ -158,7 +158,7 @@ def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: 
         if epoch > 0:
             bar.set_postfix_str(f"epoch {epoch}: train {trained - start:.1f} s, evaluate {evaluated - trained:.1f} s",
                                 refresh=False)
-            bar.update(len(ids) / cfg.epochs)
+            bar.update(len(ids))  # model-epochs
     writer.done(ids, pop.diverged.cpu().numpy())
 
 
@@ -192,7 +192,8 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
     todo = [p for p in np.unique(plan[plan >= 0]) if not done[plan == p].all()]
     writer = AsyncWriter(partial)
     t0, trained, phases = time.perf_counter(), 0, {"train": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
-    bar = tqdm(total=int(sum((plan == p).sum() for p in todo)), unit="member", disable=not progress,
+    n_todo = int(sum((plan == p).sum() for p in todo))
+    bar = tqdm(total=n_todo * cfg.epochs, unit="model-epoch", disable=not progress,
                desc=f"{cfg.name} on {device.type}", smoothing=0.1)
     try:
         for p in todo[:max_populations]:
