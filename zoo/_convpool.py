@@ -144,6 +144,12 @@ def _dot_dtype(dtype: torch.dtype):
     return tl.float32, "ieee"
 
 
+def _stages(dtype: torch.dtype) -> int:
+    """Software-pipeline depth: fp32 operand tiles are twice as large, and three stages of them overflow an
+    H100's 227 KiB of shared memory (cnn_gap's band gradient asked for 272 KiB)."""
+    return 1 if dtype == torch.float32 else 3
+
+
 def _reference(x, w, b, stride, padding, pool):
     """The same function from stock PyTorch ops (grouped conv + max-pool): fallback and test oracle.
     x (B, 1, C, H, W) is every member's input: one dense conv with M*O output channels."""
@@ -273,7 +279,7 @@ def _band_fwd(x, t, b, band: Band):
     with _on(x.device):
         _band_fwd_kernel[(M, triton.cdiv(n_rows, BAND_R))](
             x, t, b, z, arg, M, x.shape[1], n_rows, *band.kernel_args(), BAND_R, block_k, *_dot_dtype(x.dtype),
-            num_warps=NUM_WARPS)
+            num_warps=NUM_WARPS, num_stages=_stages(x.dtype))
     return z, arg
 
 
@@ -290,7 +296,7 @@ def _band_dt(gz, arg, x, band: Band) -> torch.Tensor:
     with _on(x.device):
         _band_dt_kernel[(M, n_split, n_kc)](
             x, gz, arg, dt, M, n_rows, *band.kernel_args(), BAND_R_DT, block_k, *_dot_dtype(x.dtype),
-            num_warps=NUM_WARPS)
+            num_warps=NUM_WARPS, num_stages=_stages(x.dtype))
     return dt[0] if n_split == 1 else dt.sum(0)
 
 
