@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Multi-GPU scaling of `python -m zoo.build`: the same zoo on 1 GPU, then on K GPUs with torchrun (each rank
+# one shard, rank 0 merges), each with a cold compile cache; prints wall times, the scaling efficiency
+# T1 / (K * TK), and how far the two zoos are apart (members see the same batches wherever they train).
+# Usage: bash benchmarks/zoo_scaling.sh K "zoo overrides"
+# e.g.   bash benchmarks/zoo_scaling.sh 2 "--config configs/zoo/mnist_cnn_s_hyp.yaml precision=bf16 compile=true \
+#            train_eval_samples=10000 epochs=3 checkpoints=[0,1,2,3]"      (nvidia-h200-x2, MNIST carried)
+# Logs go to ${OUT:-data/scaling_logs}.
+set -euo pipefail
+K=$1; args=$2
+log=${OUT:-data/scaling_logs}; mkdir -p "$log" data/zoos
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+run() {  # name, command...: cold caches, wall seconds to $log/name.s, progress lines to $log/name.log
+  local name=$1; shift
+  local t0; t0=$(date +%s.%N)
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$name TRITON_CACHE_DIR=/tmp/tri_$name "$@" 2>&1 | tr '\r' '\n' \
+    | { grep -E "epoch [0-9]+:|trained|written|Error" || true; } | tail -n 6 > "$log/$name.log"
+  python -c "import sys; print(float(sys.argv[1]) - float(sys.argv[2]))" "$(date +%s.%N)" "$t0" > "$log/$name.s"
+  cat "$log/$name.log"; echo "$name: $(cat "$log/$name.s") s wall"
+}
+run g1 python -m zoo.build $args --out data/zoos/g1.h5 --overwrite
+run g$K torchrun --standalone --nproc_per_node="$K" -m zoo.build $args --out "data/zoos/g$K.h5" --overwrite
+python - "$K" "$log" <<'PY'
+import sys, h5py, numpy as np, pyarrow.parquet as pq
+k, log = int(sys.argv[1]), sys.argv[2]
+t1, tk = (float(open(f"{log}/g{n}.s").read()) for n in (1, k))
+print(f"1 GPU {t1:.1f} s, {k} GPUs {tk:.1f} s: speed-up {t1 / tk:.2f}x, scaling efficiency {t1 / (k * tk):.1%}")
+a, b = (pq.read_table(f"data/zoos/g{n}.parquet").to_pandas().sort_values(["model_id", "epoch"]) for n in (1, k))
+with h5py.File("data/zoos/g1.h5") as fa, h5py.File(f"data/zoos/g{k}.h5") as fb:
+    wa, wb = fa["weights"][:], fb["weights"][:]
+print(f"weights {wa.shape}: max |diff| {np.nanmax(np.abs(wa - wb)):.3g}; "
+      f"test_acc max |diff| {np.nanmax(np.abs(a.test_acc.values - b.test_acc.values)):.3g}; rows {len(a)} vs {len(b)}")
+PY
