@@ -51,6 +51,30 @@ def test_shared_input_matches_per_member_input(geometry):
     assert torch.allclose(gx, rx, atol=1e-4, rtol=1e-4)
 
 
+def test_large_batches_launch_in_pieces(monkeypatch):
+    """CUDA allows 65,535 blocks on a grid's second axis (an H100 evaluation chunk of 60,000 MNIST images
+    needs 67,500): the forward launches whole-image pieces, here 4 + 1 images (2 blocks of 16 rows each)."""
+    import zoo._convpool as cp
+
+    g = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in [(5, 1, 1, 12, 12), (3, 8, 1, 5, 5), (3, 8)])
+    whole = conv_pool(x, w, b, 1, 0, 2)
+    band = cp.band_plan(1, 12, 12, 8, 5, 1, 2)
+    assert band.Hq * band.NXC == 8  # rows per image
+    monkeypatch.setattr(cp, "MAX_GRID_Y", 2)
+    monkeypatch.setattr(cp, "BAND_R", 16)
+    grids, kernel = [], cp._band_fwd_kernel
+
+    class Spy:  # records each launch grid (the interpreter itself has no grid limit)
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(cp, "_band_fwd_kernel", Spy())
+    assert torch.allclose(conv_pool(x, w, b, 1, 0, 2), whole, atol=1e-6)
+    assert grids == [(3, 2), (3, 1)]
+    assert torch.allclose(whole, _reference(x, w, b, 1, 0, 2), atol=1e-5)
+
+
 def test_first_layer_gets_no_input_gradient():
     x = torch.randn(2, 2, 1, 12, 12, device=DEVICE)
     w = torch.randn(2, 8, 1, 5, 5, device=DEVICE, requires_grad=True)

@@ -34,6 +34,7 @@ except ImportError:  # CPU installs: the torch fallback below
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BAND_R, BAND_R_DT, NUM_WARPS = 64, 128, 4  # rows per program (forward, band gradient); measured on an H100
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis
 
 
 def available(device: torch.device) -> bool:
@@ -274,12 +275,17 @@ def _band_fwd(x, t, b, band: Band):
     B, M = x.shape[0], t.shape[0]
     z = torch.empty(B, M, band.O, band.Hq, band.Wq, device=x.device, dtype=x.dtype)
     arg = torch.empty(z.shape if band.P > 1 else (0,), device=x.device, dtype=torch.int8)
-    n_rows = B * band.Hq * band.NXC
     block_k = next(k for k in (64, 32, 16) if band.KB % k == 0)
+    # members on grid axis 0 (members sharing input rows run together); axis 1 holds at most MAX_GRID_Y
+    # row blocks, so large evaluation chunks go in several launches of whole images
+    per_launch = max(1, MAX_GRID_Y * BAND_R // (band.Hq * band.NXC))
     with _on(x.device):
-        _band_fwd_kernel[(M, triton.cdiv(n_rows, BAND_R))](
-            x, t, b, z, arg, M, x.shape[1], n_rows, *band.kernel_args(), BAND_R, block_k, *_dot_dtype(x.dtype),
-            num_warps=NUM_WARPS, num_stages=_stages(x.dtype))
+        for a in range(0, B, per_launch):
+            xs, zs, args = x[a: a + per_launch], z[a: a + per_launch], arg[a: a + per_launch] if band.P > 1 else arg
+            n_rows = len(xs) * band.Hq * band.NXC
+            _band_fwd_kernel[(M, triton.cdiv(n_rows, BAND_R))](
+                xs, t, b, zs, args, M, x.shape[1], n_rows, *band.kernel_args(), BAND_R, block_k,
+                *_dot_dtype(x.dtype), num_warps=NUM_WARPS, num_stages=_stages(x.dtype))
     return z, arg
 
 
