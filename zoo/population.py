@@ -520,8 +520,9 @@ class Population:
         return x, y, w
 
     def _eval_chunk(self, flat, xb, y, w):
-        """xb (b, C, H, W) uint8 images every member sees, y (b, M) labels, w (b, M) float64 sample weights
-        -> (M,) weighted loss sum, weighted correct count, weight sum."""
+        """xb (b, C, H, W) uint8 images every member sees, y (b, M) labels, w (b, M) bool: which samples count
+        for which member -> (M,) loss sum, correct count, sample count (float64)."""
+        w = w.double()
         logits = self.forward(self.data.normalize(xb)[:, None], False, self.views(flat))  # (b, M, classes)
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(w)
         return (ce.double() * w).sum(0), ((logits.argmax(-1) == y).double() * w).sum(0), w.sum(0)
@@ -529,21 +530,22 @@ class Population:
     @torch.no_grad()
     def evaluate(self) -> dict[str, torch.Tensor]:
         """Loss and accuracy of every member on train (its own pool and labels), test and val: (M,) each.
-        A split's chunks all have one size (the last one padded with weight-0 images), so compile traces one shape."""
+        A split's chunks all have one size (the last one padded with images that count for no member), so
+        compile traces one shape."""
         out = {}
         splits = ["train", "test"] + (["val"] if self.data.x_val is not None else [])
         for split in splits:
             x, y, w = self._split(split)
             n = len(x)
             y = y if y.dim() == 2 else y[None].expand(self.size, -1)  # (M, n) labels
-            w = w.double() if w is not None else torch.ones(self.size, n, dtype=torch.float64, device=self.device)
+            w = w if w is not None else torch.ones(self.size, n, dtype=torch.bool, device=self.device)  # (M, n)
             sums = torch.zeros(3, self.size, dtype=torch.float64, device=self.device)  # loss, correct, count
             chunk = min(self.eval_chunk, n)
             for a in range(0, n, chunk):
                 i = torch.arange(a, a + chunk, device=self.device)
                 ok = i < n
                 i = i.clamp(max=n - 1)
-                sums += torch.stack(self._eval_fn(self.flat, x[i], y[:, i].T, (w[:, i] * ok).T))
+                sums += torch.stack(self._eval_fn(self.flat, x[i], y[:, i].T, (w[:, i] & ok).T))
             out[f"{split}_loss"] = (sums[0] / sums[2]).float()
             out[f"{split}_acc"] = (sums[1] / sums[2]).float()
         if self.prunable and self.prune_epochs:
