@@ -1,0 +1,35 @@
+"""The benchmark scripts run (their CPU smoke runs) and report what their docstrings promise."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> str:
+    done = subprocess.run([sys.executable, "-W", "error", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_zoo_throughput_reports_rates_and_agreement(tmp_path):
+    out = _run("benchmarks/zoo_throughput.py", "--dataset", "digits", "--archs", "cnn_gap", "--members", "8",
+               "--steps", "2", "--solo-steps", "5", "--variants", "fp32", "--check", "2",
+               "--json", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())
+    rates = [r for r in rows if "rate" in r]
+    assert [r["path"] for r in rates] == ["plain loop", "fp32"] and all(r["rate"] > 0 for r in rates)
+    checks = [r for r in rows if "check" in r]
+    assert checks and all(len(q) == 4 for c in checks for q in c["results"])
+    assert all(c["agree"] and c["tolerance"] >= 0.002 for c in checks)
+    assert "| cnn_gap | fp32 | 8 |" in out
+
+
+def test_population_size_drift_is_zero_on_cpu():
+    """On CPU the sums a member sees do not depend on how many members share its population."""
+    out = _run("benchmarks/population_size_drift.py", "--steps", "1,2")
+    lines = [ln for ln in out.splitlines() if ln.startswith("step")]
+    assert len(lines) == 2
+    assert all("population 256 vs 128: median 0 q90 0 max 0 |" in ln for ln in lines), lines
