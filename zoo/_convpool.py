@@ -78,10 +78,12 @@ if triton is not None:
                          C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Hq: tl.constexpr,
                          Wq: tl.constexpr, S: tl.constexpr, P: tl.constexpr, SP: tl.constexpr, XQ: tl.constexpr,
                          XWP: tl.constexpr, NXC: tl.constexpr, KB: tl.constexpr, BO: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+                         WINNERS: tl.constexpr):
         """z = maxpool_P(conv_S(x, w) + b) for a tile of rows (image, pooled row, column chunk) of member m:
         band (R, KB) @ t[m] (KB, N = P*P*XQ*BO), t holding w at every (pool position, pooled column)
-        (a banded Toeplitz matrix), then the max over the P*P positions; the winner goes to arg (int8)."""
+        (a banded Toeplitz matrix), then the max over the P*P positions; with WINNERS, which position won
+        goes to arg (int8, for the backward pass)."""
         m = tl.program_id(0)
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         rok = r < n_rows
@@ -103,7 +105,7 @@ if triton is not None:
         out = img[:, None] * (O * Hq * Wq) + o[None, :] * (Hq * Wq) + yq[:, None] * Wq + xo  # (B, M, O, Hq, Wq)
         ok = rok[:, None] & (o < O)[None, :] & (xo < Wq)
         tl.store(z_ptr + out, best.to(z_ptr.dtype.element_ty), mask=ok)
-        if P > 1:
+        if WINNERS:
             tl.store(arg_ptr + out, arg.to(tl.int8), mask=ok)
 
     @triton.jit
@@ -269,23 +271,25 @@ def _band_of(x: torch.Tensor, O: int, KS: int, stride: int, pool: int) -> Band |
     return band_plan(x.shape[2], x.shape[3], x.shape[4], O, KS, stride, pool)
 
 
-def _band_fwd(x, t, b, band: Band):
+def _band_fwd(x, t, b, band: Band, winners: bool = True):
     """x (B, M or 1, C, H, W) pre-padded, t (M, KB, N) -> z (B, M, O, Hq, Wq) in x's dtype, arg int8 (empty
-    when pool 1). An x of one member is every member's input (evaluation: the images are read once into L2)."""
+    without pool or `winners`). An x of one member is every member's input (evaluation: the images are read
+    once into L2)."""
     B, M = x.shape[0], t.shape[0]
     z = torch.empty(B, M, band.O, band.Hq, band.Wq, device=x.device, dtype=x.dtype)
-    arg = torch.empty(z.shape if band.P > 1 else (0,), device=x.device, dtype=torch.int8)
+    winners = winners and band.P > 1
+    arg = torch.empty(z.shape if winners else (0,), device=x.device, dtype=torch.int8)
     block_k = next(k for k in (64, 32, 16) if band.KB % k == 0)
     # members on grid axis 0 (members sharing input rows run together); axis 1 holds at most MAX_GRID_Y
     # row blocks, so large evaluation chunks go in several launches of whole images
     per_launch = max(1, MAX_GRID_Y * BAND_R // (band.Hq * band.NXC))
     with _on(x.device):
         for a in range(0, B, per_launch):
-            xs, zs, args = x[a: a + per_launch], z[a: a + per_launch], arg[a: a + per_launch] if band.P > 1 else arg
+            xs, zs, args = x[a: a + per_launch], z[a: a + per_launch], arg[a: a + per_launch] if winners else arg
             n_rows = len(xs) * band.Hq * band.NXC
             _band_fwd_kernel[(M, triton.cdiv(n_rows, BAND_R))](
                 xs, t, b, zs, args, M, x.shape[1], n_rows, *band.kernel_args(), BAND_R, block_k,
-                *_dot_dtype(x.dtype), num_warps=NUM_WARPS, num_stages=_stages(x.dtype))
+                *_dot_dtype(x.dtype), winners, num_warps=NUM_WARPS, num_stages=_stages(x.dtype))
     return z, arg
 
 
@@ -325,9 +329,10 @@ def _unpool_grid(gz, arg, pool: int, stride: int, KS: int, H: int, W: int) -> to
 # Custom ops: opaque to torch.compile (dynamo never traces into Triton), differentiable through autograd.
 @torch.library.custom_op("weightzoo::band_conv_pool_raw", mutates_args=())
 def _band_raw_op(x: torch.Tensor, t: torch.Tensor, b: torch.Tensor, O: int, KS: int, stride: int, pool: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Band-kernel conv + pool of pre-padded x with band matrix t (no autograd: the input gradient's conv)."""
-    return _band_fwd(x.contiguous(), t.contiguous(), b.contiguous(), _band_of(x, O, KS, stride, pool))
+                 ) -> torch.Tensor:
+    """Band-kernel conv + pool of pre-padded x with band matrix t, without autograd and without storing pool
+    winners (the input gradient's conv; evaluation)."""
+    return _band_fwd(x.contiguous(), t.contiguous(), b.contiguous(), _band_of(x, O, KS, stride, pool), False)[0]
 
 
 def _band_fake(x, M, O, KS, stride, pool):
@@ -338,7 +343,7 @@ def _band_fake(x, M, O, KS, stride, pool):
 
 @_band_raw_op.register_fake
 def _(x, t, b, O, KS, stride, pool):
-    return _band_fake(x, t.shape[0], O, KS, stride, pool)
+    return _band_fake(x, t.shape[0], O, KS, stride, pool)[0]
 
 
 @torch.library.custom_op("weightzoo::band_conv_pool", mutates_args=())
@@ -389,7 +394,7 @@ def _band_backward(ctx, gz, _garg):
         up = _unpool_grid(gz.to(x.dtype), arg, pool, stride, KS, x.shape[-2], x.shape[-1])
         w_t = w.flip(-1, -2).transpose(1, 2).reshape(M, -1)  # (M, C*O*k*k): the flipped kernel, C <-> O
         t_flip = torch.where(flip_valid, w_t.to(x.dtype)[:, flip_src], 0.0)
-        dx = _band_raw_op(up, t_flip, w.new_zeros(M, C), C, KS, 1, 1)[0]
+        dx = _band_raw_op(up, t_flip, w.new_zeros(M, C), C, KS, 1, 1)
     return dx, None, dw, db, None, None, None, None, None
 
 
@@ -417,5 +422,5 @@ def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1
     flip_valid, flip_src, _ = _band_maps(flip, x.device)
     t = band_matrix(w.detach(), band, x.dtype)
     if shared:
-        return _band_raw_op(xp, t, b, O, KS, stride, pool)[0]
+        return _band_raw_op(xp, t, b, O, KS, stride, pool)
     return _band_op(xp, t, w, b, fold, flip_valid, flip_src, stride, pool)[0]
