@@ -59,10 +59,23 @@ def member_pools(members: Sequence[MemberSpec], y_train: torch.Tensor) -> torch.
     keep = torch.tensor([int(math.floor(m.train_fraction * n)) for m in members], device=dev)
     pool = torch.zeros(len(members), n, dtype=torch.bool, device=dev)
     pool.scatter_(1, draw, torch.arange(n, device=dev).expand(len(members), -1) < keep[:, None])
-    for i, m in enumerate(members):  # once per population, not per step
+    classes = class_table(members, int(y_train.max()) + 1, dev)
+    return pool if classes is None else pool & classes[:, y_train]
+
+
+def class_table(members: Sequence[MemberSpec], num_classes: int, device) -> torch.Tensor | None:
+    """(M, K) bool: the classes each member trains and is evaluated on (all for members without a
+    class_subset), K covering num_classes and every listed id; None when no member has a subset.
+    Indexed by labels, `table[:, y]` is the (M, N) mask of samples that count for each member."""
+    if not any(m.class_subset for m in members):
+        return None
+    k = max([num_classes] + [c + 1 for m in members for c in m.classes() or []])
+    table = torch.ones(len(members), k, dtype=torch.bool)
+    for i, m in enumerate(members):
         if m.classes():
-            pool[i] &= torch.isin(y_train, torch.tensor(m.classes(), device=dev))
-    return pool
+            table[i] = False
+            table[i, m.classes()] = True
+    return table.to(device)
 
 
 def noisy_labels(y: torch.Tensor, idx: torch.Tensor, seeds: torch.Tensor, noise: torch.Tensor,
@@ -330,6 +343,7 @@ class Population:
         self.t = torch.zeros(len(members), device=self.device)
         self.diverged = torch.zeros(len(members), dtype=torch.bool, device=self.device)
         self.pool = member_pools(members, data.y_train)
+        self.class_table = class_table(members, data.num_classes, self.device)  # (M, K) or None: evaluation masks
         n_pool = self.pool.sum(1) if self.pool is not None else torch.full_like(self.seeds, len(data.y_train))
         self.n_steps = n_pool // self.batch_size  # (M,) drop_last, as a DataLoader with drop_last=True
         self.uneven = bool((self.n_steps != self.n_steps.max()).any())
@@ -513,11 +527,7 @@ class Population:
             w = self.pool[:, idx] if self.pool is not None else None
             return d.x_train[idx], y, w
         x, y = (d.x_test, d.y_test) if split == "test" else (d.x_val, d.y_val)
-        w = None
-        if any(m.class_subset for m in self.members):
-            w = torch.stack([torch.isin(y, torch.tensor(m.classes() or range(d.num_classes), device=self.device))
-                             for m in self.members])
-        return x, y, w
+        return x, y, self.class_table[:, y] if self.class_table is not None else None
 
     def _eval_chunk(self, flat, xb, y, w):
         """xb (b, C, H, W) uint8 images every member sees, y (b, M) labels, w (b, M) bool: which samples count
