@@ -14,7 +14,7 @@ from zoo._config import run_cli
 from zoo.build import build, main
 from zoo.config import HPARAMS
 from zoo.solo import accuracy
-from zoo.store import table_from_h5
+from zoo.store import _copy_weights, table_from_h5
 
 from conftest import TINY, tiny_config
 
@@ -105,7 +105,29 @@ def test_shards_merge_into_the_full_zoo(tmp_path, tiny_zoo):
     # shards hold other population mates than the full build: batched kernels round differently (~1e-5)
     assert np.allclose(w1, w2, rtol=0, atol=1e-4) and np.allclose(m1["test_acc"], m2["test_acc"], atol=1e-3)
     assert pq.read_table(tmp_path / "m.parquet").num_rows == 48
+    for i, s in enumerate(shards):  # each shard is every 3rd member, copied bit for bit (stored chunks)
+        with h5py.File(s) as f:
+            assert np.array_equal(np.flatnonzero(f["models/done"][:]), np.arange(16)[i::3])
+        ws, ms = _read_all(s)
+        assert np.array_equal(w2[i::3], ws[i::3]) and np.array_equal(m2["test_acc"][i::3], ms["test_acc"][i::3])
     assert run_cli(zoo.merge.main, [str(tmp_path / "m2.h5"), str(shards[0])]) == 2  # incomplete
+
+
+@pytest.mark.parametrize("same_layout", [True, False])
+def test_weight_rows_copy_as_stored_or_row_by_row(tmp_path, same_layout):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 3, 50)).astype("f4")
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        kw = dict(chunks=(1, 1, 50), compression="gzip", compression_opts=4, shuffle=True, fillvalue=np.nan)
+        src = f.create_dataset("src", w.shape, "f4", **kw)
+        src[[1, 4]] = w[[1, 4]]
+        src[2, 0] = w[2, 0]  # a member with one checkpoint written (not in ids: must not travel)
+        dst = f.create_dataset("dst", w.shape, "f4", **(kw if same_layout else dict(chunks=(1, 3, 50),
+                                                                                    fillvalue=np.nan)))
+        dst[0] = w[0]
+        _copy_weights(src, dst, np.array([1, 4]))
+        out = dst[:]
+    assert np.array_equal(out[[0, 1, 4]], w[[0, 1, 4]]) and np.isnan(out[[2, 3, 5]]).all()
 
 
 def test_pruned_zoo_records_sparsity(tmp_path):

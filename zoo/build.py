@@ -182,7 +182,9 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.grayscale, cfg.resize, cfg.val_fraction, device)
     layout = param_layout(_template(cfg, data, members[0].activation))
     i, n = shard
-    ids = np.arange(len(members))[i * len(members) // n:(i + 1) * len(members) // n]
+    # every n-th member from i: each shard gets the same mix of factors (a contiguous slice of the HYP grid gave
+    # one rank tanh/relu and the other sigmoid/gelu, which trained 2.5 % and evaluated 10 % slower on 2 H200s)
+    ids = np.arange(len(members))[i::n]
     cfg_yaml = to_yaml(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     plan, done, same = _open_partial(partial, cfg, cfg_yaml, members, ids, data, layout, shard, device)
@@ -236,7 +238,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--out", help="output .h5 path (default data/zoos/<name>.h5)")
     ap.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing zoo / discard a partial build")
-    ap.add_argument("--shard", default="0/1", help="build only slice i of n of the members")
+    ap.add_argument("--shard", default="0/1", help="build only members i, i+n, i+2n, ... (shard i of n)")
     ap.add_argument("--max-populations", type=int, help="stop after this many populations (resume later)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. epochs=5 grid.lr=[0.01]")

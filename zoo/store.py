@@ -227,8 +227,7 @@ def merge(out: Path, shards: Sequence[Path], overwrite: bool = False) -> Path:
             f.attrs.pop("shard", None)
             for s in srcs[1:]:
                 ids = np.flatnonzero(s["models/done"][:])
-                for i in ids:
-                    f["weights"][i] = s["weights"][i]
+                _copy_weights(s["weights"], f["weights"], ids)
                 for name in s["metrics"]:
                     f[f"metrics/{name}"][ids] = s[f"metrics/{name}"][ids]
                 for name in ("done", "diverged"):
@@ -239,6 +238,25 @@ def merge(out: Path, shards: Sequence[Path], overwrite: bool = False) -> Path:
     os.replace(partial, out)
     write_table(out, out.with_suffix(".parquet"))
     return out
+
+
+def _copy_weights(src: h5py.Dataset, dst: h5py.Dataset, ids: np.ndarray) -> None:
+    """Copy these members' weight rows. Chunks go across as stored (compressed bytes): decoding and
+    re-encoding gzip costs ~10 s per GB (`benchmarks/merge_speed.py`). Other layouts copy row by row."""
+    same_layout = (src.chunks, src.compression, src.compression_opts, src.shuffle) == \
+        (dst.chunks, dst.compression, dst.compression_opts, dst.shuffle)
+    if not same_layout or src.chunks[:2] != (1, 1) or not hasattr(src.id, "chunk_iter"):  # HDF5 < 1.14
+        for i in ids:
+            dst[i] = src[i]
+        return
+    keep = np.zeros(src.shape[0], bool)
+    keep[ids] = True
+    offsets: list[tuple[int, ...]] = []  # allocated chunks only: never-written rows stay NaN fill
+    src.id.chunk_iter(lambda info: offsets.append(info.chunk_offset))  # one pass (get_chunk_info(k) is O(k))
+    for offset in offsets:
+        if keep[offset[0]]:
+            mask, data = src.id.read_direct_chunk(offset)
+            dst.id.write_direct_chunk(offset, data, mask)
 
 
 PLACEMENT_KEYS = ("device",)  # where a build ran, not what it built: shards and resumes may differ here

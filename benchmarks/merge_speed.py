@@ -1,0 +1,79 @@
+"""Merging shard zoos: stored-chunk copy (`zoo.store._copy_weights`) against decoding and re-encoding rows.
+
+The 2-GPU HYP build (2 x 1,280 members x 51 checkpoints x 2,464 floats, 1.29 GB of float32) spent ~34 s
+outside its ranks' training (torchrun start, the barrier, the merge); this measures the merge's part.
+
+    python benchmarks/merge_speed.py                                 # HYP size, ~2 min on 2 CPU cores
+    python benchmarks/merge_speed.py --members 64 --checkpoints 5    # seconds
+
+Writes two shard files the way `zoo.build` lays them out (gzip 4 + shuffle, one chunk per member and
+checkpoint), filled with normal weights (as incompressible as trained ones), then times on the same files:
+`merge` as it is, and the plain h5py copy of the second shard's rows (`dst[i] = src[i]`), which decodes and
+re-encodes every chunk. Prints both times and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo.config import MemberSpec  # noqa: E402
+from zoo.store import create_partial, merge  # noqa: E402
+
+
+def write_shard(path: Path, i: int, n: int, members: int, checkpoints: int, params: int) -> np.ndarray:
+    """A complete shard i of n (members i, i+n, ...); returns its member ids."""
+    specs = [MemberSpec(seed=s) for s in range(members)]
+    create_partial(path, "{}", {"shard": f"{i}/{n}", "dataset": "mnist", "architecture": "cnn_s"}, specs, list(range(checkpoints)), params, ["test_acc"],
+                   np.zeros(members, np.int64))
+    ids = np.arange(members)[i::n]
+    rng = np.random.default_rng(i)
+    with h5py.File(path, "r+") as f:
+        for m in ids:
+            f["weights"][m] = (0.1 * rng.standard_normal((checkpoints, params))).astype("f4")
+        f["metrics/test_acc"][ids] = rng.random((len(ids), checkpoints))
+        f["models/done"][ids] = True
+    return ids
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--members", type=int, default=2560)
+    ap.add_argument("--checkpoints", type=int, default=51)
+    ap.add_argument("--params", type=int, default=2464, help="cnn_s on MNIST")
+    ap.add_argument("--dir", default=None, help="where the files go (default: a temporary folder)")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
+        shards = [Path(tmp) / f"s{i}.h5" for i in range(2)]
+        t0 = time.perf_counter()
+        ids = [write_shard(p, i, 2, a.members, a.checkpoints, a.params) for i, p in enumerate(shards)]
+        gb = a.members * a.checkpoints * a.params * 4 / 1e9
+        print(f"2 shards, {a.members} members x {a.checkpoints} checkpoints x {a.params} params "
+              f"({gb:.2f} GB float32, {sum(p.stat().st_size for p in shards) / 1e9:.2f} GB on disk) "
+              f"written in {time.perf_counter() - t0:.1f} s", flush=True)
+        t0 = time.perf_counter()
+        merge(Path(tmp) / "m.h5", shards)
+        t_merge = time.perf_counter() - t0
+        with h5py.File(shards[1]) as s, h5py.File(Path(tmp) / "m.h5") as m:
+            assert all(np.array_equal(s["weights"][i], m["weights"][i]) for i in ids[1][:8])
+        with h5py.File(shards[1]) as s, h5py.File(Path(tmp) / "rows.h5", "w") as d:
+            w = s["weights"]
+            dst = d.create_dataset("weights", w.shape, "f4", chunks=w.chunks, compression="gzip",
+                                   compression_opts=4, shuffle=True, fillvalue=np.nan)
+            t0 = time.perf_counter()
+            for i in ids[1]:
+                dst[i] = w[i]
+            t_rows = time.perf_counter() - t0
+    print(f"merge (shard 0 by H5Ocopy, shard 1 as stored chunks): {t_merge:.2f} s")
+    print(f"shard 1's rows decoded and re-encoded alone (the plain h5py copy): {t_rows:.2f} s "
+          f"-> merge is {t_rows / t_merge:.1f}x faster than that copy by itself")
+
+
+if __name__ == "__main__":
+    main()
