@@ -153,7 +153,9 @@ def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: 
             writer.checkpoint(ids, slots[epoch], pop.flat_weights().cpu().numpy(), metrics)
             handed = time.perf_counter()
         seconds["train"] += trained - start
+        seconds["epoch 1"] += (trained - start) * (epoch == 1)  # compilation and graph capture land here
         seconds["evaluate"] += evaluated - trained
+        seconds["epoch 0"] += (evaluated - trained) * (epoch == 0)  # the evaluation's compilation lands here
         seconds["checkpoint"] += handed - evaluated
         if epoch > 0:
             bar.set_postfix_str(f"epoch {epoch}: train {trained - start:.1f} s, evaluate {evaluated - trained:.1f} s",
@@ -193,17 +195,21 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
                          f"pass --overwrite to discard it, or rerun with the same config to resume")
     todo = [p for p in np.unique(plan[plan >= 0]) if not done[plan == p].all()]
     writer = AsyncWriter(partial)
-    t0, trained, phases = time.perf_counter(), 0, {"train": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
+    t0, trained = time.perf_counter(), 0
+    phases = dict.fromkeys(["setup", "train", "epoch 1", "evaluate", "epoch 0", "checkpoint"], 0.0)
     n_todo = int(sum((plan == p).sum() for p in todo))
     bar = tqdm(total=n_todo * cfg.epochs, unit="model-epoch", disable=not progress,
                desc=f"{cfg.name} on {device.type}", smoothing=0.1)
     try:
         for p in todo[:max_populations]:
             pids = np.flatnonzero(plan == p)
+            t_setup = time.perf_counter()
             pop = Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in pids], data,
                              cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile,
                              eval_bytes(cfg, device),
                              conv=cfg.conv, cuda_graphs=cfg.cuda_graphs)
+            _sync(device)
+            phases["setup"] += time.perf_counter() - t_setup
             _train_population(pop, pids, cfg, writer, bar, phases)
             trained += len(pids)
     finally:
@@ -214,7 +220,9 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
     if trained:
         print(f"trained {trained} members x {cfg.epochs} epochs in {seconds:.1f} s on {device}: "
               f"{trained * cfg.epochs / seconds:.2f} model-epochs/s, {trained / seconds:.3f} members/s "
-              f"(train {phases['train']:.1f} s, evaluate {phases['evaluate']:.1f} s, checkpoint handoff "
+              f"(population setup {phases['setup']:.1f} s, train {phases['train']:.1f} s of which epoch 1 "
+              f"{phases['epoch 1']:.1f} s, evaluate {phases['evaluate']:.1f} s of which epoch 0 "
+              f"{phases['epoch 0']:.1f} s, checkpoint handoff "
               f"{phases['checkpoint']:.1f} s, final write {time.perf_counter() - t_close:.1f} s)")
     if max_populations is not None and len(todo) > max_populations:
         return None
