@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -188,3 +189,13 @@ def test_torchrun_splits_members_across_ranks_and_merges(tmp_path, tiny_zoo):
     (w1, m1), (w2, m2) = _read_all(tiny_zoo), _read_all(out)
     # shards hold other population mates than the full build: batched kernels round differently (~1e-5)
     assert np.allclose(w1, w2, rtol=0, atol=1e-4) and np.allclose(m1["test_acc"], m2["test_acc"], atol=1e-3)
+
+
+def test_summary_splits_time_into_phases(tmp_path, capsys):
+    assert run_cli(main, TINY + ["--out", str(tmp_path / "z.h5"), "--quiet", "population_size=8"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("trained 16 members"))
+    num = lambda key: float(re.search(rf"{key} ([0-9.]+) s", line).group(1))
+    total = float(re.search(r"epochs in ([0-9.]+) s", line).group(1))
+    parts = [num("population setup"), num("train"), num("evaluate"), num("checkpoint handoff"), num("final write")]
+    assert num("of which epoch 1") <= num("train") and num("of which epoch 0") <= num("evaluate")
+    assert abs(sum(parts) - total) <= 0.3  # the phases cover the build's time (each printed to 0.05 s)
