@@ -57,3 +57,14 @@ def test_layout_round_trip():
     rebuilt = create_model("vit_t", in_channels=1, input_size=28, num_classes=10)
     rebuilt.load_state_dict(unflatten(flat, layout))
     assert torch.equal(flatten_state(rebuilt), flat)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_init_sets_every_parameter(name):
+    # Population re-initialises one module per member (init_flat): no value may survive from the last member
+    model = create_model(name, in_channels=1, input_size=28, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    init_weights(model, "kaiming_uniform", 1.0, torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from zoo import MemberSpec, Population
-from zoo.population import _Ctx, _dropout, member_order, member_pools, noisy_labels
+from zoo.models import INITS, create_model, flatten_state
+from zoo.population import _Ctx, _dropout, init_flat, init_member, member_order, member_pools, noisy_labels
 from zoo.solo import accuracy, train_solo
 
 ARCHS = [("cnn_s", {}, "digits28"), ("cnn_l", {}, "digits28"), ("cnn_gap", {}, "digits"),
@@ -27,6 +28,17 @@ def _rel(a, b):
 # saturated tanh units and Adam's division by sqrt(v) amplify that to ~1e-5 after 8 steps. A wrong batch,
 # label, init or update rule gives errors of order 1.
 TOL = 5e-4
+
+
+@pytest.mark.parametrize("arch,kw,data_name", ARCHS)
+def test_population_init_equals_per_member_init(arch, kw, data_name):
+    """One re-initialised module (init_flat) gives each member exactly the weights of its own fresh module."""
+    build = lambda: create_model(arch, in_channels=1, input_size=8 if data_name == "digits" else 28, **kw)
+    members = [MemberSpec(seed=s, init=i, init_scale=0.5 + s) for s, i in enumerate(INITS)]
+    flat = init_flat(build(), members)
+    assert flat.shape == (len(INITS), flatten_state(build()).numel())
+    for row, m in zip(flat, members):
+        assert torch.equal(row, flatten_state(init_member(build, m)))
 
 
 @pytest.mark.parametrize("arch,kw,data_name", ARCHS)

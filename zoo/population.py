@@ -25,7 +25,7 @@ from ._convpool import available as triton_available, conv_pool
 from .config import MemberSpec
 from .data import ImageData
 from .models import (ACTIVATIONS, Activation, ClassToken, GlobalAvgPool, PatchEmbed, Residual, SelfAttention, create_model,
-                     init_weights)
+                     flatten_state, init_weights)
 
 CONV_PATHS = ("auto", "grouped", "unfold", "fused")
 _MASK32 = 0xFFFFFFFF
@@ -306,6 +306,17 @@ def init_member(template_fn: Callable[[], nn.Module], m: MemberSpec) -> nn.Modul
     return init_weights(template_fn(), m.init, m.init_scale, g)
 
 
+def init_flat(scratch: nn.Module, members: Sequence[MemberSpec]) -> torch.Tensor:
+    """(M, P) initial weights, state_dict order; row i equals `flatten_state(init_member(..., members[i]))`.
+    One module re-initialised per member (`init_weights` sets every parameter): building a module per
+    member cost 7x more, mostly in the dummy forward that sizes the classifier."""
+    rows = []
+    for m in members:
+        init_weights(scratch, m.init, m.init_scale, torch.Generator().manual_seed(m.seed))
+        rows.append(flatten_state(scratch))
+    return torch.stack(rows)
+
+
 class Population:
     """M members of one architecture sharing the batch size. Activations and optimizers may differ per
     member; members sorted by them (as `zoo.build` plans populations) make one slice each."""
@@ -323,11 +334,11 @@ class Population:
         build = lambda: create_model(architecture, in_channels=C, input_size=H, num_classes=data.num_classes,
                                      activation=members[0].activation, dropout=0.0, **architecture_kwargs)
         self.template = build()
-        states = [init_member(build, m).state_dict() for m in members]
-        self.names = list(states[0])
+        state = self.template.state_dict()
+        self.names = list(state)
         # one (M, P) buffer in state_dict order; layers are views into it, so the optimizer is one update
-        self.flat = torch.stack([torch.cat([s[n].reshape(-1) for n in self.names]) for s in states]).to(self.device)
-        self.shapes = [tuple(states[0][n].shape) for n in self.names]
+        self.flat = init_flat(build(), members).to(self.device)
+        self.shapes = [tuple(state[n].shape) for n in self.names]
         self.offsets = [0] + list(itertools.accumulate(math.prod(sh) for sh in self.shapes))
         prunable = {f"{n}.weight" for n, mod in self.template.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
         self.prunable = [i for i, n in enumerate(self.names) if n in prunable]
