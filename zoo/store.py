@@ -243,7 +243,7 @@ def merge(out: Path, shards: Sequence[Path], overwrite: bool = False) -> Path:
 def _copy_weights(src: h5py.Dataset, dst: h5py.Dataset, ids: np.ndarray) -> None:
     """Copy these members' weight rows. Chunks of one member each go across as stored (compressed bytes):
     decoding and re-encoding one HYP shard's 0.64 GB took 14 s on 2 CPU cores (`benchmarks/merge_speed.py`).
-    Other layouts, and h5py without `chunk_iter` (before 3.8 / HDF5 1.14), copy row by row."""
+    Other layouts, and h5py without `chunk_iter` (it needs h5py >= 3.8 on HDF5 >= 1.12.3), copy row by row."""
     same_layout = (src.chunks, src.compression, src.compression_opts, src.shuffle) == \
         (dst.chunks, dst.compression, dst.compression_opts, dst.shuffle)
     if not same_layout or src.chunks is None or src.chunks[0] != 1 or not hasattr(src.id, "chunk_iter"):
