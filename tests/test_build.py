@@ -114,6 +114,20 @@ def test_shards_merge_into_the_full_zoo(tmp_path, tiny_zoo):
     assert run_cli(zoo.merge.main, [str(tmp_path / "m2.h5"), str(shards[0])]) == 2  # incomplete
 
 
+def test_consuming_merge_equals_copying_merge(tmp_path):
+    shards = [build(tiny_config(), tmp_path / f"s{i}.h5", shard=(i, 2), progress=False, table=False) for i in range(2)]
+    assert not (tmp_path / "s0.parquet").exists()
+    kept = zoo.store.merge(tmp_path / "kept.h5", shards)
+    assert all(p.exists() for p in shards)
+    consumed = zoo.store.merge(tmp_path / "consumed.h5", shards, consume=True)
+    assert not shards[0].exists() and shards[1].exists()  # shard 0's file became the zoo
+    (w1, m1), (w2, m2) = _read_all(kept), _read_all(consumed)
+    assert np.array_equal(w1, w2, equal_nan=True) and all(np.array_equal(m1[k], m2[k]) for k in m1)
+    with h5py.File(kept) as a, h5py.File(consumed) as b:
+        assert dict(a.attrs) == dict(b.attrs) and "shard" not in b.attrs and b["models/done"][:].all()
+    assert pq.read_table(kept.with_suffix(".parquet")).equals(pq.read_table(consumed.with_suffix(".parquet")))
+
+
 @pytest.mark.parametrize("same_layout", [True, False])
 def test_weight_rows_copy_as_stored_or_row_by_row(tmp_path, same_layout):
     rng = np.random.default_rng(0)

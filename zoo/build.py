@@ -165,8 +165,9 @@ def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: 
 
 
 def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False, shard: tuple[int, int] = (0, 1),
-          max_populations: int | None = None, progress: bool = True) -> Path | None:
-    """Build (or resume) the zoo; returns its path, or None when stopped early by `max_populations`."""
+          max_populations: int | None = None, progress: bool = True, table: bool = True) -> Path | None:
+    """Build (or resume) the zoo; returns its path, or None when stopped early by `max_populations`.
+    `table=False` skips the Parquet table (torchrun's temporary shards: the merged zoo gets one)."""
     out = Path(out or cfg.out or f"data/zoos/{cfg.name}.h5")
     if out.suffix != ".h5":
         raise UsageError(f"output path {out} must end in .h5 (the Parquet table goes beside it)")
@@ -227,7 +228,8 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
     if max_populations is not None and len(todo) > max_populations:
         return None
     os.replace(partial, out)
-    write_table(out, out.with_suffix(".parquet"))
+    if table:
+        write_table(out, out.with_suffix(".parquet"))
     return out
 
 
@@ -273,14 +275,14 @@ def _main_distributed(cfg: ZooConfig, args, rank: int, world: int) -> None:
     shard_path = out.with_name(f"{out.stem}.shard{rank}of{world}.h5")
     dist.init_process_group("gloo")
     try:
-        done = build(cfg, shard_path, args.overwrite, (rank, world), args.max_populations, not args.quiet and rank == 0)
+        done = build(cfg, shard_path, args.overwrite, (rank, world), args.max_populations, not args.quiet and rank == 0,
+                     table=False)
         dist.barrier()
         if rank == 0 and done is not None:
             shards = [out.with_name(f"{out.stem}.shard{r}of{world}.h5") for r in range(world)]
-            merge(out, shards, args.overwrite)
-            for s in shards:
+            merge(out, shards, args.overwrite, consume=True)  # shard 0's file becomes the zoo
+            for s in shards[1:]:
                 s.unlink()
-                s.with_suffix(".parquet").unlink()
             print(f"zoo written to {out}")
     finally:
         dist.destroy_process_group()

@@ -203,41 +203,58 @@ def open_zoo(path: str | Path) -> Zoo:
     return Zoo(path)
 
 
-def merge(out: Path, shards: Sequence[Path], overwrite: bool = False) -> Path:
-    """Join shard files (each complete for its members) into one zoo."""
+def merge(out: Path, shards: Sequence[Path], overwrite: bool = False, consume: bool = False) -> Path:
+    """Join shard files (each complete for its members) into one zoo. With `consume` (temporary shards, as
+    torchrun's), the first shard file becomes the zoo and the others are copied into it; the caller
+    deletes them. Otherwise the shards are left as they are."""
     if out.exists() and not overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it or choose another output path")
+    partial = out.with_name(out.name + ".partial")
     srcs = [h5py.File(p, "r") for p in shards]
     try:
-        first = srcs[0]
-        base_cfg = yaml.safe_load(first.attrs["config"])
-        done = np.zeros(first["weights"].shape[0], bool)
-        for p, s in zip(shards, srcs):
-            if s.attrs.get("format") != FORMAT or not same_zoo_config(yaml.safe_load(s.attrs["config"]), base_cfg):
-                raise UsageError(f"shard {p} is not a shard of the same zoo as {shards[0]} (config differs)")
-            done |= s["models/done"][:]
-        if not done.all():
-            raise UsageError(f"shards leave {int((~done).sum())} members unbuilt (e.g. model {int(np.argmin(done))}); "
-                             f"build the missing --shard i/n first")
-        partial = out.with_name(out.name + ".partial")
-        with h5py.File(partial, "w") as f:
-            for key in first:
-                first.copy(first[key], f, name=key)
-            f.attrs.update(dict(first.attrs))
+        _check_shards(shards, srcs)
+        if consume:  # saves copying the first shard (~1/K of the zoo)
+            srcs[0].close()
+            os.replace(shards[0], partial)
+            f = h5py.File(partial, "r+")
+        else:
+            f = h5py.File(partial, "w")
+            for key in srcs[0]:
+                srcs[0].copy(srcs[0][key], f, name=key)
+            f.attrs.update(dict(srcs[0].attrs))
+        with f:
             f.attrs.pop("shard", None)
             for s in srcs[1:]:
-                ids = np.flatnonzero(s["models/done"][:])
-                _copy_weights(s["weights"], f["weights"], ids)
-                for name in s["metrics"]:
-                    f[f"metrics/{name}"][ids] = s[f"metrics/{name}"][ids]
-                for name in ("done", "diverged"):
-                    f[f"models/{name}"][ids] = s[f"models/{name}"][ids]
+                _copy_members(s, f)
     finally:
         for s in srcs:
             s.close()
     os.replace(partial, out)
     write_table(out, out.with_suffix(".parquet"))
     return out
+
+
+def _check_shards(shards: Sequence[Path], srcs: Sequence[h5py.File]) -> None:
+    """Same zoo config in every shard, and every member built in one of them."""
+    base_cfg = yaml.safe_load(srcs[0].attrs["config"])
+    done = np.zeros(srcs[0]["weights"].shape[0], bool)
+    for p, s in zip(shards, srcs):
+        if s.attrs.get("format") != FORMAT or not same_zoo_config(yaml.safe_load(s.attrs["config"]), base_cfg):
+            raise UsageError(f"shard {p} is not a shard of the same zoo as {shards[0]} (config differs)")
+        done |= s["models/done"][:]
+    if not done.all():
+        raise UsageError(f"shards leave {int((~done).sum())} members unbuilt (e.g. model {int(np.argmin(done))}); "
+                         f"build the missing --shard i/n first")
+
+
+def _copy_members(src: h5py.File, dst: h5py.File) -> None:
+    """The finished members of shard `src` into zoo file `dst`: weights, metrics, flags."""
+    ids = np.flatnonzero(src["models/done"][:])
+    _copy_weights(src["weights"], dst["weights"], ids)
+    for name in src["metrics"]:
+        dst[f"metrics/{name}"][ids] = src[f"metrics/{name}"][ids]
+    for name in ("done", "diverged"):
+        dst[f"models/{name}"][ids] = src[f"models/{name}"][ids]
 
 
 def _copy_weights(src: h5py.Dataset, dst: h5py.Dataset, ids: np.ndarray) -> None:
