@@ -128,6 +128,18 @@ def test_consuming_merge_equals_copying_merge(tmp_path):
     assert pq.read_table(kept.with_suffix(".parquet")).equals(pq.read_table(consumed.with_suffix(".parquet")))
 
 
+def test_failed_consuming_merge_gives_the_first_shard_back(tmp_path, monkeypatch):
+    shards = [build(tiny_config(), tmp_path / f"s{i}.h5", shard=(i, 2), progress=False, table=False) for i in range(2)]
+    def fail(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(zoo.store, "_copy_members", fail)
+    with pytest.raises(OSError, match="disk full"):
+        zoo.store.merge(tmp_path / "z.h5", shards, consume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s0.h5", "s1.h5"]
+    monkeypatch.undo()
+    assert zoo.store.merge(tmp_path / "z.h5", shards, consume=True).exists()  # the rerun merges
+
+
 @pytest.mark.parametrize("same_layout", [True, False])
 def test_weight_rows_copy_as_stored_or_row_by_row(tmp_path, same_layout):
     rng = np.random.default_rng(0)

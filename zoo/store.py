@@ -222,10 +222,15 @@ def merge(out: Path, shards: Sequence[Path], overwrite: bool = False, consume: b
             for key in srcs[0]:
                 srcs[0].copy(srcs[0][key], f, name=key)
             f.attrs.update(dict(srcs[0].attrs))
-        with f:
-            f.attrs.pop("shard", None)
-            for s in srcs[1:]:
-                _copy_members(s, f)
+        try:
+            with f:
+                f.attrs.pop("shard", None)
+                for s in srcs[1:]:
+                    _copy_members(s, f)
+        except BaseException:
+            if consume:  # give shard 0 its file back (complete for its members; a rerun merges again)
+                os.replace(partial, shards[0])
+            raise
     finally:
         for s in srcs:
             s.close()
