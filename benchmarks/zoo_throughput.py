@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import MemberSpec, Population, load_dataset  # noqa: E402
 from zoo import ZooConfig, _convpool  # noqa: E402
-from zoo.build import eval_bytes  # noqa: E402
+from zoo.build import eval_bytes, run_order  # noqa: E402
 from zoo.population import member_order  # noqa: E402
 from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
 
@@ -69,7 +69,7 @@ def members(n: int, batch: int) -> list[MemberSpec]:
     acts, opts = ["gelu", "relu", "sigmoid", "tanh"], [("adam", 1e-3), ("sgd", 1e-2)]
     ms = [MemberSpec(seed=i, activation=acts[i % 4], optimizer=opts[i // 4 % 2][0], lr=opts[i // 4 % 2][1],
                      dropout=0.5 * (i // 8 % 2), batch_size=batch, init="kaiming_uniform") for i in range(n)]
-    return sorted(ms, key=lambda m: (m.activation, m.optimizer, m.seed))
+    return [ms[j] for j in run_order(ms, range(n))]
 
 
 def time_solo(arch, data, batch, steps) -> float:

@@ -259,7 +259,12 @@ def _maps(band: Band, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
 def band_matrix(w: torch.Tensor, band: Band, dtype: torch.dtype) -> torch.Tensor:
     """w (M, O, C, k, k) -> (M, KB, N) banded Toeplitz matrix in `dtype` (one fused gather under compile)."""
     valid, src, _ = _band_maps(band, w.device)
-    return torch.where(valid, w.reshape(len(w), -1).to(dtype)[:, src], 0.0)
+    return _scatter_band(w.reshape(len(w), -1), valid, src, dtype)
+
+
+def _scatter_band(w_flat: torch.Tensor, valid: torch.Tensor, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w_flat (M, O*C*k*k) placed by the maps of `_band_maps` -> (M, KB, N) in `dtype`."""
+    return torch.where(valid, w_flat.to(dtype)[:, src], 0.0)
 
 
 def _on(device: torch.device):
@@ -393,7 +398,7 @@ def _band_backward(ctx, gz, _garg):
     if ctx.needs_input_grad[0]:
         up = _unpool_grid(gz.to(x.dtype), arg, pool, stride, KS, x.shape[-2], x.shape[-1])
         w_t = w.flip(-1, -2).transpose(1, 2).reshape(M, -1)  # (M, C*O*k*k): the flipped kernel, C <-> O
-        t_flip = torch.where(flip_valid, w_t.to(x.dtype)[:, flip_src], 0.0)
+        t_flip = _scatter_band(w_t, flip_valid, flip_src, x.dtype)
         dx = _band_raw_op(up, t_flip, w.new_zeros(M, C), C, KS, 1, 1)
     return dx, None, dw, db, None, None, None, None, None
 
@@ -418,9 +423,9 @@ def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1
     flip = band_plan(O, xp.shape[-2] + KS - 1, xp.shape[-1] + KS - 1, C, KS, 1, 1)  # the input gradient's conv
     if band is None or flip is None:  # too many channels for one GEMM tile
         return _reference(x, w, b, stride, padding, pool)
+    t = band_matrix(w.detach(), band, x.dtype)
+    if shared:  # forward only: the backward's index maps are not needed
+        return _band_raw_op(xp, t, b, O, KS, stride, pool)
     fold = _band_maps(band, x.device)[2]
     flip_valid, flip_src, _ = _band_maps(flip, x.device)
-    t = band_matrix(w.detach(), band, x.dtype)
-    if shared:
-        return _band_raw_op(xp, t, b, O, KS, stride, pool)
     return _band_op(xp, t, w, b, fold, flip_valid, flip_src, stride, pool)[0]

@@ -78,6 +78,12 @@ def eval_bytes(cfg: ZooConfig, device: torch.device) -> int:
     return max(1 << 30, int(memory_budget(cfg, device) / 4))
 
 
+def run_order(members: Sequence[MemberSpec], ids) -> list[int]:
+    """`ids` in the order a population lays members out: by (activation, optimizer), then id, so each
+    activation and optimizer is one slice."""
+    return sorted(ids, key=lambda j: (members[j].activation, members[j].optimizer, j))
+
+
 def plan_populations(members: Sequence[MemberSpec], ids: np.ndarray, cfg: ZooConfig, data: ImageData,
                      device: torch.device) -> np.ndarray:
     """Population id per member (-1 outside `ids`): groups of equal batch size, sorted by (activation,
@@ -89,7 +95,7 @@ def plan_populations(members: Sequence[MemberSpec], ids: np.ndarray, cfg: ZooCon
         m = members[i]
         groups.setdefault(m.batch_size, []).append(int(i))
     for batch, group in groups.items():
-        group = sorted(group, key=lambda j: (members[j].activation, members[j].optimizer, j))
+        group = run_order(members, group)
         cap = cfg.population_size or max(1, int(budget // member_bytes(_template(cfg, data, "relu"),
                                                                         data.input_shape, batch)))
         if device.type == "cpu" and not cfg.population_size:
