@@ -23,16 +23,18 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo.build import shard_ids  # noqa: E402
 from zoo.config import MemberSpec  # noqa: E402
 from zoo.store import create_partial, merge  # noqa: E402
 
 
 def write_shard(path: Path, i: int, n: int, members: int, checkpoints: int, params: int) -> np.ndarray:
-    """A complete shard i of n (members i, i+n, ...); returns its member ids."""
-    specs = [MemberSpec(seed=s) for s in range(members)]
+    """A complete shard i of n of HYP-like members (`zoo.build.shard_ids`); returns its member ids."""
+    acts, opts = ("gelu", "relu", "sigmoid", "tanh"), ("adam", "sgd")
+    specs = [MemberSpec(seed=s, activation=acts[s % 4], optimizer=opts[s // 4 % 2]) for s in range(members)]
     create_partial(path, "{}", {"shard": f"{i}/{n}", "dataset": "mnist", "architecture": "cnn_s"}, specs, list(range(checkpoints)), params, ["test_acc"],
                    np.zeros(members, np.int64))
-    ids = np.arange(members)[i::n]
+    ids = shard_ids(specs, i, n)
     rng = np.random.default_rng(i)
     with h5py.File(path, "r+") as f:
         for m in ids:

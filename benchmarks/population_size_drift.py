@@ -3,7 +3,7 @@
 A member's batches, init and dropout masks do not depend on its population mates, but on a GPU the order of
 some float sums does: the band-gradient kernel splits rows by population size, cuBLAS picks batched-GEMM
 kernels by batch count. In bf16 such differences flip roundings; chaotic members then amplify them. This
-trains the same members in a population of M and of M/2 (every second member, as rank 0 of 2 GPUs gets) and
+trains the same members in a population of M and of M/2 (rank 0's shard of 2, `zoo.build.shard_ids`) and
 prints their relative weight difference as steps go by, with the same members' bf16-vs-fp32 difference as
 the scale of float-level noise.
 
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import Population, ZooConfig, load_dataset  # noqa: E402
 from zoo._config import load_config  # noqa: E402
-from zoo.build import DEFAULT_ZOO, run_order  # noqa: E402
+from zoo.build import DEFAULT_ZOO, run_order, shard_ids  # noqa: E402
 from zoo.config import expand_members  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main():
     over = [f"dataset={args.dataset}"] if args.dataset else []
     cfg = load_config(ZooConfig, args.config, over, None if args.config else DEFAULT_ZOO)
     members = expand_members(cfg)
-    first, every = run_order(members, range(0, len(members), 2)), run_order(members, range(len(members)))
+    first, every = run_order(members, shard_ids(members, 0, 2)), run_order(members, range(len(members)))
     pos = torch.tensor([every.index(j) for j in first])  # rank 0's members' rows in the big population
     data = load_dataset(cfg.dataset, cfg.data_root, False, cfg.grayscale, cfg.resize, cfg.val_fraction, args.device)
     pops = {name: Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in ids], data, precision=p)

@@ -58,6 +58,7 @@ def sync(device):
 
 
 RECIPE = "adam_tanh"  # set by --recipe
+HYP_ACTS = ["gelu", "relu", "sigmoid", "tanh"]  # set by --acts: the hyp recipe's activations
 
 
 def members(n: int, batch: int) -> list[MemberSpec]:
@@ -66,9 +67,9 @@ def members(n: int, batch: int) -> list[MemberSpec]:
                            batch_size=batch, init="kaiming_uniform") for i in range(n)]
     # "hyp": a Model Zoos HYP-like mix in one population (4 activations x 2 optimizers, dropout 0 / 0.5),
     # sorted as zoo.build plans it, so each activation and optimizer is one slice
-    acts, opts = ["gelu", "relu", "sigmoid", "tanh"], [("adam", 1e-3), ("sgd", 1e-2)]
-    ms = [MemberSpec(seed=i, activation=acts[i % 4], optimizer=opts[i // 4 % 2][0], lr=opts[i // 4 % 2][1],
-                     dropout=0.5 * (i // 8 % 2), batch_size=batch, init="kaiming_uniform") for i in range(n)]
+    acts, opts, a = HYP_ACTS, [("adam", 1e-3), ("sgd", 1e-2)], len(HYP_ACTS)
+    ms = [MemberSpec(seed=i, activation=acts[i % a], optimizer=opts[i // a % 2][0], lr=opts[i // a % 2][1],
+                     dropout=0.5 * (i // (2 * a) % 2), batch_size=batch, init="kaiming_uniform") for i in range(n)]
     return [ms[j] for j in run_order(ms, range(n))]
 
 
@@ -209,14 +210,16 @@ def main():
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--recipe", choices=["adam_tanh", "hyp"], default="adam_tanh",
                     help="hyp: mixed activations/optimizers and dropout (no plain-loop agreement check)")
+    ap.add_argument("--acts", default="gelu,relu,sigmoid,tanh",
+                    help="the hyp recipe's activations (fewer: fewer activation/optimizer slices per population)")
     ap.add_argument("--eval", type=int, default=0, metavar="N",
                     help="also time one evaluation (train metrics on N samples, test and val on all)")
     ap.add_argument("--block-r", type=int, default=0, help="rows per Triton conv program (default: the module's)")
     args = ap.parse_args()
     if args.block_r:
         _convpool.BAND_R = args.block_r
-    global RECIPE, EVAL_SAMPLES
-    RECIPE, EVAL_SAMPLES = args.recipe, args.eval
+    global RECIPE, EVAL_SAMPLES, HYP_ACTS
+    RECIPE, EVAL_SAMPLES, HYP_ACTS = args.recipe, args.eval, args.acts.split(",")
     if RECIPE == "hyp" and args.check:
         ap.error("--recipe hyp trains hashed-dropout members the plain loop cannot reproduce; pass --check 0")
     dev = torch.device(args.device)

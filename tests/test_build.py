@@ -12,8 +12,8 @@ import yaml
 import zoo
 import zoo.merge
 from zoo._config import run_cli
-from zoo.build import build, main
-from zoo.config import HPARAMS
+from zoo.build import build, main, run_order, shard_ids
+from zoo.config import HPARAMS, MemberSpec, expand_members
 from zoo.solo import accuracy
 from zoo.store import _copy_weights, table_from_h5
 
@@ -97,6 +97,30 @@ def test_partial_of_another_config_is_refused(tmp_path):
         build(tiny_config("population_size=3", "epochs=1", "checkpoints=[0,1]"), out, progress=False)
 
 
+def test_partial_of_a_shard_with_other_members_is_refused(tmp_path, monkeypatch):
+    out = tmp_path / "s0.h5"
+    monkeypatch.setattr(zoo.build, "shard_ids", lambda members, i, n: np.arange(len(members))[i::n])  # old layout
+    build(tiny_config("population_size=3"), out, shard=(0, 2), max_populations=1, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(zoo.UsageError, match="another config or shard"):
+        build(tiny_config("population_size=3"), out, shard=(0, 2), progress=False)
+
+
+def test_shards_are_equal_pieces_of_the_population_order_with_few_slices():
+    grid = [(a, o) for a in ("gelu", "relu", "sigmoid", "tanh") for o in ("adam", "sgd")] * 10  # ids interleave
+    members = [MemberSpec(seed=j, activation=a, optimizer=o) for j, (a, o) in enumerate(grid)]
+    order = run_order(members, range(80))
+    for n in (1, 2, 3, 5):
+        shards = [shard_ids(members, i, n) for i in range(n)]
+        assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(80))  # a partition of the members
+        assert {len(s) for s in shards} <= {80 // n, -(-80 // n)}  # equal up to one member
+        for s in shards:  # a contiguous piece of the layout order: at most ceil(8 / n) + 1 of its 8 slices
+            k = order.index(run_order(members, s)[0])
+            assert run_order(members, s) == order[k:k + len(s)]
+            assert len({(members[j].activation, members[j].optimizer) for j in s}) <= -(-8 // n) + 1
+    assert {members[j].activation for j in shard_ids(members, 0, 2)} == {"gelu", "relu"}
+
+
 def test_shards_merge_into_the_full_zoo(tmp_path, tiny_zoo):
     shards = [tmp_path / f"s{i}.h5" for i in range(3)]
     for i, s in enumerate(shards):
@@ -106,11 +130,13 @@ def test_shards_merge_into_the_full_zoo(tmp_path, tiny_zoo):
     # shards hold other population mates than the full build: batched kernels round differently (~1e-5)
     assert np.allclose(w1, w2, rtol=0, atol=1e-4) and np.allclose(m1["test_acc"], m2["test_acc"], atol=1e-3)
     assert pq.read_table(tmp_path / "m.parquet").num_rows == 48
-    for i, s in enumerate(shards):  # each shard is every 3rd member, copied bit for bit (stored chunks)
+    members = expand_members(tiny_config())
+    for i, s in enumerate(shards):  # each shard is its piece of the members, copied bit for bit (stored chunks)
+        ids = shard_ids(members, i, 3)
         with h5py.File(s) as f:
-            assert np.array_equal(np.flatnonzero(f["models/done"][:]), np.arange(16)[i::3])
+            assert np.array_equal(np.flatnonzero(f["models/done"][:]), ids)
         ws, ms = _read_all(s)
-        assert np.array_equal(w2[i::3], ws[i::3]) and np.array_equal(m2["test_acc"][i::3], ms["test_acc"][i::3])
+        assert np.array_equal(w2[ids], ws[ids]) and np.array_equal(m2["test_acc"][ids], ms["test_acc"][ids])
     assert run_cli(zoo.merge.main, [str(tmp_path / "m2.h5"), str(shards[0])]) == 2  # incomplete
 
 
