@@ -39,3 +39,10 @@ def test_merge_speed_times_both_copies(tmp_path):
     out = _run("benchmarks/merge_speed.py", "--members", "16", "--checkpoints", "3", "--dir", str(tmp_path))
     assert "merge (shard 0 by H5Ocopy, shard 1 as stored chunks):" in out and "x faster" in out
     assert list(tmp_path.iterdir()) == []  # the shard files were temporary
+
+
+def test_step_kernels_grow_with_activation_and_optimizer_slices():
+    out = _run("-W", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",  # inductor's import
+               "benchmarks/step_kernels.py", "--members", "16")
+    counts = [int(ln.split(": ")[1].split()[0]) for ln in out.splitlines() if "generated kernels" in ln]
+    assert len(counts) == 3 and 0 < counts[0] < counts[1] < counts[2], out
