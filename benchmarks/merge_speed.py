@@ -24,14 +24,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo.build import shard_ids  # noqa: E402
-from zoo.config import MemberSpec  # noqa: E402
 from zoo.store import create_partial, merge  # noqa: E402
+from zoo_throughput import hyp_members  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
 def write_shard(path: Path, i: int, n: int, members: int, checkpoints: int, params: int) -> np.ndarray:
     """A complete shard i of n of HYP-like members (`zoo.build.shard_ids`); returns its member ids."""
-    acts, opts = ("gelu", "relu", "sigmoid", "tanh"), ("adam", "sgd")
-    specs = [MemberSpec(seed=s, activation=acts[s % 4], optimizer=opts[s // 4 % 2]) for s in range(members)]
+    specs = hyp_members(members, 10, ("gelu", "relu", "sigmoid", "tanh"))
     create_partial(path, "{}", {"shard": f"{i}/{n}", "dataset": "mnist", "architecture": "cnn_s"}, specs, list(range(checkpoints)), params, ["test_acc"],
                    np.zeros(members, np.int64))
     ids = shard_ids(specs, i, n)

@@ -22,19 +22,16 @@ import torch
 import torch._inductor.metrics as inductor_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo.build import run_order  # noqa: E402
-from zoo.config import MemberSpec  # noqa: E402
 from zoo.data import load_dataset  # noqa: E402
 from zoo.population import Population  # noqa: E402
+from zoo_throughput import hyp_members  # noqa: E402  (this folder is on sys.path when run as a script)
 
 MIXES = "tanh:adam;gelu,relu:adam,sgd;gelu,relu,sigmoid,tanh:adam,sgd"
 
 
 def kernels(arch: str, data, n: int, acts: list[str], opts: list[str], batch: int) -> int:
     """Kernels inductor generates for a compiled step of n members cycling through acts x opts."""
-    ms = [MemberSpec(seed=i, activation=acts[i % len(acts)], optimizer=opts[i // len(acts) % len(opts)],
-                     dropout=0.5, batch_size=batch) for i in range(n)]
-    pop = Population(arch, {}, [ms[j] for j in run_order(ms, range(n))], data, compile=True)
+    pop = Population(arch, {}, hyp_members(n, batch, acts, opts), data, compile=True)
     order = pop.epoch_order(1)
     torch._dynamo.reset()
     inductor_metrics.reset()

@@ -65,11 +65,18 @@ def members(n: int, batch: int) -> list[MemberSpec]:
     if RECIPE == "adam_tanh":  # the recipe of issue 4: Adam, tanh; lr varies per member so members really differ
         return [MemberSpec(seed=i, activation="tanh", optimizer="adam", lr=(1e-3, 3e-4, 3e-3)[i % 3],
                            batch_size=batch, init="kaiming_uniform") for i in range(n)]
-    # "hyp": a Model Zoos HYP-like mix in one population (4 activations x 2 optimizers, dropout 0 / 0.5),
-    # sorted as zoo.build plans it, so each activation and optimizer is one slice
-    acts, opts, a = HYP_ACTS, [("adam", 1e-3), ("sgd", 1e-2)], len(HYP_ACTS)
-    ms = [MemberSpec(seed=i, activation=acts[i % a], optimizer=opts[i // a % 2][0], lr=opts[i // a % 2][1],
-                     dropout=0.5 * (i // (2 * a) % 2), batch_size=batch, init="kaiming_uniform") for i in range(n)]
+    return hyp_members(n, batch, HYP_ACTS)
+
+
+HYP_LR = {"adam": 1e-3, "sgd": 1e-2}
+
+
+def hyp_members(n: int, batch: int, acts, opts=("adam", "sgd")) -> list[MemberSpec]:
+    """A Model Zoos HYP-like mix in one population (these activations x optimizers, dropout 0 / 0.5), sorted
+    as zoo.build plans it, so each activation and optimizer is one slice."""
+    a, o = len(acts), len(opts)
+    ms = [MemberSpec(seed=i, activation=acts[i % a], optimizer=opts[i // a % o], lr=HYP_LR[opts[i // a % o]],
+                     dropout=0.5 * (i // (o * a) % 2), batch_size=batch, init="kaiming_uniform") for i in range(n)]
     return [ms[j] for j in run_order(ms, range(n))]
 
 
