@@ -20,6 +20,7 @@ for _var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # cold on-disk cac
     os.environ.setdefault(_var, tempfile.mkdtemp(prefix=_var.lower() + "_"))
 
 import argparse  # noqa: E402
+import ast  # noqa: E402
 import cProfile  # noqa: E402
 import io  # noqa: E402
 import pstats  # noqa: E402
@@ -28,6 +29,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo.data import load_dataset  # noqa: E402
@@ -87,12 +89,17 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="training steps per phase")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--profile", action="store_true", help="profile the cold passes")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY (Python literal), e.g. triton.autotune_pointwise=False")
     args = ap.parse_args()
+    for item in args.inductor:
+        key, value = item.split("=", 1)
+        setattr(torch._inductor.config, key, ast.literal_eval(value))  # unknown keys raise
     dev = torch.device(args.device)
     data = load_dataset(args.dataset, args.data_root, device=dev)
     members = hyp_members(args.members, args.batch, args.acts.split(","), args.opts.split(","))
     print(f"{args.arch}, {args.members} members ({args.acts} x {args.opts}), batch {args.batch}, {args.precision}, "
-          f"{dev}; caches {os.environ['TORCHINDUCTOR_CACHE_DIR']}", flush=True)
+          f"{dev}; caches {os.environ['TORCHINDUCTOR_CACHE_DIR']}; inductor {args.inductor}", flush=True)
     pop = timed("setup (incl. eager forward: JIT)", lambda: Population(
         args.arch, {}, members, data, train_eval_samples=args.eval_samples, precision=args.precision,
         compile=True, cuda_graphs=True), dev, args.profile)

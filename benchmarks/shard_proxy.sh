@@ -12,6 +12,7 @@ set -euo pipefail
 K=$1; args=$2
 log=${OUT:-data/scaling_logs}; mkdir -p "$log" data/zoos
 export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/bytecode_cache.sh"
 run() {  # name, command...: cold caches; wall seconds to $log/name.s, progress and phase lines to $log/name.log
   local name=$1; shift
   local t0; t0=$(date +%s.%N)

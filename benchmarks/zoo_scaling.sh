@@ -10,6 +10,7 @@ set -euo pipefail
 K=$1; args=$2
 log=${OUT:-data/scaling_logs}; mkdir -p "$log" data/zoos
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "$0")/bytecode_cache.sh"
 run() {  # name, command...: cold caches, wall seconds to $log/name.s, progress lines to $log/name.log (live)
   local name=$1; shift
   local t0; t0=$(date +%s.%N)

@@ -184,7 +184,7 @@ def report_agreement(arch: str, variant: str, quads) -> dict:
             "agree": diff <= tol}
 
 
-def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, rows=25) -> str:
+def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, rows=40) -> str:
     """Profiler table of 5 training steps, or of one evaluation (`--eval N --profile`)."""
     dev = data.x_train.device
     pop = population(arch, data, n_members, batch, precision, compile_, conv, graphs)
@@ -212,7 +212,7 @@ def main():
     ap.add_argument("--solo-steps", type=int, default=200)
     ap.add_argument("--variants", default="fp32,bf16,bf16+compile")
     ap.add_argument("--check", type=int, default=3, help="members trained one epoch both ways")
-    ap.add_argument("--profile", action="store_true", help="profile 5 steps of the last variant (with --eval: one evaluation)")
+    ap.add_argument("--profile", action="store_true", help="profile 5 steps of the last variant at each population size (with --eval: one evaluation)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--recipe", choices=["adam_tanh", "hyp"], default="adam_tanh",
@@ -260,8 +260,9 @@ def main():
             for variant in ("fp32", args.variants.split(",")[-1]):
                 rows.append(report_agreement(arch, variant, agreement(arch, data, args.check, args.batch,
                                                                       *VARIANTS[variant])))
-        if args.profile:
-            print(profile(arch, data, int(args.members.split(",")[-1]), args.batch, *VARIANTS[args.variants.split(",")[-1]]))
+        for m in (int(v) for v in args.members.split(",")) if args.profile else ():
+            print(f"{arch}, {m} members, {args.variants.split(',')[-1]}:")
+            print(profile(arch, data, m, args.batch, *VARIANTS[args.variants.split(",")[-1]]))
     print("\n| arch | path | members | model-epochs/s | ms/step | ratio | peak GiB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "rate" in r:

@@ -11,6 +11,9 @@ ARCHS = [("cnn_s", {}, "digits28"), ("cnn_l", {}, "digits28"), ("cnn_gap", {}, "
 LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _members(opt, n=3, activation="tanh", **kw):
     return [MemberSpec(seed=10 + i, optimizer=opt, lr=LR[opt] * (1 + i), weight_decay=1e-3 * i,
                        activation=activation, init="xavier_uniform", batch_size=32, **kw) for i in range(n)]
@@ -131,16 +134,22 @@ def test_evaluation_does_not_depend_on_chunk_size(digits):
         assert torch.allclose(v, whole[k], atol=1e-6), k
 
 
-def test_diverging_member_is_flagged_and_others_continue(digits):
+@pytest.mark.parametrize("compile", [False, True])
+def test_diverging_member_is_flagged_and_others_continue(digits, compile):
+    """Compiled, the divergence bookkeeping runs inside the optimizer's graph (in-place updates). On the GPU
+    when there is one: the fused kernels' path, and the torch there (2.11) fails to compile grouped convs on
+    the CPU (an inductor lowering error, "View" bias), which the CPU tests' torch does not."""
+    digits = digits.to(torch.device(DEVICE)) if compile else digits
     good = _members("sgd", 2, activation="relu")
     bad = MemberSpec(seed=99, optimizer="sgd", lr=1e8, activation="relu", batch_size=32, init="normal", init_scale=10.0)
-    mixed, alone = Population("cnn_gap", {}, [good[0], bad, good[1]], digits), Population("cnn_gap", {}, good, digits)
+    mixed = Population("cnn_gap", {}, [good[0], bad, good[1]], digits, compile=compile)
+    alone = Population("cnn_gap", {}, good, digits)
     for p in (mixed, alone):
         p.train_epoch(1)
     assert mixed.diverged.tolist() == [False, True, False]
     w = mixed.flat_weights()
     assert torch.isnan(w[1]).all() and torch.isfinite(w[[0, 2]]).all()
-    assert _rel(w[[0, 2]], alone.flat_weights()) < 1e-5
+    assert _rel(w[[0, 2]], alone.flat_weights()) < (1e-4 if compile else 1e-5)  # compiled: another sum order
     assert torch.isnan(mixed.evaluate()["test_acc"][1])
 
 
@@ -209,6 +218,19 @@ def test_graph_batch_from_device_counters_matches_python_ints(digits):
         a = pop._batch(order, 3, s)
         b = pop._batch(order, torch.tensor(3), torch.tensor(s))
         assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_compiled_graph_batch_matches_eager_batch(digits):
+    """The graphed step cuts its batches with the compiled `_batch_fn` (integer hashes fused): the same
+    images, labels, active flags and dropout keys as the eager `_batch`, bit for bit."""
+    members = _members("adam", 3, label_noise=0.3, dropout=0.2)
+    members[2] = MemberSpec(**{**vars(members[2]), "train_fraction": 0.5})
+    pop = Population("cnn_gap", {}, members, digits.to(torch.device(DEVICE)), compile=True)
+    order = pop.epoch_order(3)
+    for s in (0, int(pop.n_steps.max()) - 1):
+        a = pop._batch(order, 3, s)
+        b = pop._batch_fn(order, torch.tensor(3, device=DEVICE), torch.tensor(s, device=DEVICE))
+        assert all(u.dtype == v.dtype and torch.equal(u, v) for u, v in zip(a, b))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -376,6 +376,9 @@ class Population:
         self._loss_fn = torch.compile(self._loss, dynamic=False) if compile else self._loss
         self._apply_fn = torch.compile(self._apply, dynamic=False) if compile else self._apply
         self._eval_fn = torch.compile(self._eval_chunk, dynamic=False) if compile else self._eval_chunk
+        # the graphed step's batch (step and epoch as device tensors): ~60 tiny integer ops (hashes for labels
+        # and dropout keys) fused into a few kernels; eagerly each is a kernel of ~2 us in every step's graph
+        self._batch_fn = torch.compile(self._batch, dynamic=False) if compile else self._batch
         if compile and self.conv == "fused":
             self._build_kernel_maps()
 
@@ -416,16 +419,22 @@ class Population:
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(B, M).mean(0)
         return torch.where(torch.isfinite(loss), loss, 0.0).sum(), loss
 
-    def _apply(self, flat, grad, state, t, active, diverged):
-        """Every member's optimizer update on the flat buffer; inactive members keep their values,
-        diverged ones are zeroed. flat, grad, state (M, P); t, active, diverged (M,)."""
-        t = t + active.float()
+    def _apply(self, flat, grad, state, t, active, diverged, loss):
+        """Every member's optimizer update, in place on flat, state, t and diverged (inside the compiled
+        graph, so the write-backs fuse into the update's kernels instead of costing copies and tiny kernels
+        of their own every step). Members whose loss is not finite become diverged and are zeroed; inactive
+        members keep their values. flat, grad, state (M, P); t, active, diverged, loss (M,)."""
+        diverged.logical_or_(~torch.isfinite(loss))
+        on = active & ~diverged
+        t_new = t + on.float()
         col = lambda v: v[:, None]
-        new, bufs = self._update_runs(flat, grad, state, col(self.lr), col(self.wd), col(t.clamp(min=1)))
+        new, bufs = self._update_runs(flat, grad, state, col(self.lr), col(self.wd), col(t_new.clamp(min=1)))
         if self.mask is not None:
             new = new * self.mask
-        new = torch.where(col(diverged), 0.0, torch.where(col(active), new, flat))
-        return new, [torch.where(col(active), b, s) for b, s in zip(bufs, state)], t
+        new = torch.where(col(diverged), 0.0, torch.where(col(on), new, flat))
+        bufs = [torch.where(col(on), b, s) for b, s in zip(bufs, state)]
+        for old, value in zip([flat, *state, t], [new, *bufs, t_new]):
+            old.copy_(value)
 
     def _update_runs(self, flat, grad, state, lr, wd, t):
         """Each member's own optimizer on its rows of the flat buffer: one update per optimizer run."""
@@ -442,11 +451,8 @@ class Population:
         flat = self.flat.detach().requires_grad_(True)
         total, loss = self._loss_fn(flat, xb, y, step_key)
         (grad,) = torch.autograd.grad(total, flat)
-        self.diverged.logical_or_(~torch.isfinite(loss))
         with torch.no_grad():
-            new, state, t = self._apply_fn(self.flat, grad, self.state, self.t, active & ~self.diverged, self.diverged)
-            for old, value in zip([self.flat, *self.state, self.t], [new, *state, t]):
-                old.copy_(value)
+            self._apply_fn(self.flat, grad, self.state, self.t, active, self.diverged, loss.detach())
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """(M, N) each member's shuffled sample order for `epoch` (its pool first)."""
@@ -472,7 +478,7 @@ class Population:
             self.step(*self._batch(order, epoch, s))
 
     def _graph_body(self) -> None:
-        self.step(*self._batch(self._g_order, self._g_epoch, self._g_step))
+        self.step(*self._batch_fn(self._g_order, self._g_epoch, self._g_step))
         self._g_step.add_(1)
 
     def _run_steps_graphed(self, order: torch.Tensor, epoch: int, steps: range) -> None:

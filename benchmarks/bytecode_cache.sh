@@ -1,0 +1,18 @@
+# Sourced by the scaling scripts. The device's Python sets PYTHONDONTWRITEBYTECODE=1 and its packages ship no
+# .pyc files, so every process compiles the source of each module it imports: ~13 s per process there
+# (py-spy, benchmarks/NOTES.md session 7), paid once per rank, which a normal install (pip writes .pyc files)
+# does not pay. Give the runs a bytecode cache and fill it before anything is timed.
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
+python - <<'PY'
+import importlib
+for name in ("zoo.build", "zoo.merge", "torch.distributed", "torch._dynamo", "torch._inductor.compile_fx",
+             "torch._inductor.codegen.triton", "torch._inductor.runtime.triton_heuristics",
+             "torch._inductor.compile_worker.subproc_pool", "torch._functorch.partitioners",
+             "torch._dynamo.backends.debugging", "functorch.compile", "triton.compiler",
+             "triton.backends.nvidia.compiler", "networkx", "jinja2", "h5py", "pyarrow.parquet"):
+    try:
+        importlib.import_module(name)
+    except ImportError:  # CPU installs have no triton
+        pass
+PY
