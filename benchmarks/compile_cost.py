@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo import _convpool  # noqa: E402
 from zoo.data import load_dataset  # noqa: E402
 from zoo.population import Population  # noqa: E402
 from zoo_throughput import hyp_members  # noqa: E402  (this folder is on sys.path when run as a script)
@@ -98,6 +99,8 @@ def main():
     ap.add_argument("--eval-samples", type=int, default=10000, help="train_eval_samples of the population")
     ap.add_argument("--steps", type=int, default=20, help="training steps per phase")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--jit-threads", type=int, default=_convpool.JIT_THREADS,
+                    help="threads compiling the band kernels at setup (1: one after another)")
     ap.add_argument("--summarize", metavar="SPY_RAW", help="only summarize a py-spy raw file of an earlier run")
     ap.add_argument("--rate", type=int, default=100, help="py-spy's samples per second (-r) for --summarize")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
@@ -105,6 +108,7 @@ def main():
     args = ap.parse_args()
     if args.summarize:
         return summarize(args.summarize, args.rate)
+    _convpool.JIT_THREADS = args.jit_threads
     for item in args.inductor:
         key, value = item.split("=", 1)
         setattr(torch._inductor.config, key, ast.literal_eval(value))  # unknown keys raise
@@ -112,10 +116,10 @@ def main():
     data = load_dataset(args.dataset, args.data_root, device=dev)
     members = hyp_members(args.members, args.batch, args.acts.split(","), args.opts.split(","))
     print(f"{args.arch}, {args.members} members ({args.acts} x {args.opts}), batch {args.batch}, {args.precision}, "
-          f"{dev}; caches {os.environ['TORCHINDUCTOR_CACHE_DIR']}; inductor {args.inductor}", flush=True)
+          f"{dev}; caches {os.environ['TORCHINDUCTOR_CACHE_DIR']}; inductor {args.inductor}; jit threads {args.jit_threads}", flush=True)
     make = lambda: Population(args.arch, {}, members, data, train_eval_samples=args.eval_samples,  # noqa: E731
                               precision=args.precision, compile=True, cuda_graphs=True)
-    pop = timed("setup (incl. eager forward: JIT)", make, dev)
+    pop = timed("setup (incl. kernel JIT)", make, dev)
     timed("evaluate, cold", pop.evaluate, dev)
     timed("evaluate, warm", pop.evaluate, dev)
     timed(f"train {args.steps} steps, cold", lambda: pop.train_epoch(1, args.steps), dev)

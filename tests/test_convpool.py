@@ -170,3 +170,20 @@ def test_fold_is_the_adjoint_of_the_band_matrix(geometry):
     assert torch.allclose(lhs, (w.reshape(3, -1) * folded).sum(1))
     # and the band matrix holds every weight exactly P*P*XQ times (once per pool position and pooled column)
     assert torch.equal(_band_maps(band, w.device)[0].sum(), torch.tensor(O * C * KS * KS * P * P * band.XQ))
+
+
+@pytest.mark.skipif(not available(torch.device(DEVICE)), reason="needs Triton (GPU or its interpreter)")
+def test_recorded_launches_do_not_run_and_dedupe_by_specialization():
+    """`recording` collects the kernels' launches without running them; `_distinct` keeps one per
+    specialization (dtypes and alignment of tensors, values of the rest), which `precompile` compiles."""
+    from zoo._convpool import _distinct, recording
+
+    x, w, b = (torch.randn(*s, device=DEVICE) for s in [(3, 2, 1, 12, 12), (2, 4, 1, 3, 3), (2, 4)])
+    with recording() as launches:
+        z = conv_pool(x, w, b, 1, 1, 2)
+        conv_pool(x, w, b, 1, 1, 2)  # the same specialization again
+        conv_pool(x[:, :, :, :8, :8].contiguous(), w, b, 1, 1, 2)  # another geometry (constexprs)
+    assert len(launches) == 3 and len(_distinct(launches)) == 2
+    assert z.shape == (3, 2, 4, 6, 6)
+    assert not torch.allclose(z, _reference(x, w, b, 1, 1, 2), atol=1e-3)  # not run: z holds no result
+    assert len(_distinct(launches[:1] * 5)) == 1

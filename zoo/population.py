@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._config import UsageError
+from . import _convpool
 from ._convpool import available as triton_available, conv_pool
 from .config import MemberSpec
 from .data import ImageData
@@ -382,13 +383,23 @@ class Population:
         if compile and self.conv == "fused":
             self._build_kernel_maps()
 
-    @torch.no_grad()
     def _build_kernel_maps(self) -> None:
-        """One eager forward on a single image: fills the conv kernels' index-map caches, which dynamo
-        must not see change while it traces (torch 2.11 fails the guard on that dict)."""
-        xb = self.data.x_train[:1, None].expand(1, self.size, *self.data.input_shape)
-        y = torch.zeros(1, self.size, dtype=torch.long, device=self.device)
-        self._loss(self.flat, xb, y, torch.zeros_like(self.seeds))
+        """One eager training step and one evaluation chunk with the conv kernels' launches recorded, not run:
+        fills the kernels' index-map caches, which dynamo must not see change while it traces (torch 2.11 fails
+        the guard on that dict), and JIT-compiles every kernel specialization the compiled step and evaluation
+        will launch, in threads (serially, ~13 s per process on the H100; benchmarks/NOTES.md session 7)."""
+        with _convpool.recording() as launches:
+            xb, y, _, key = self._batch(self.epoch_order(1), 1, 0)
+            flat = self.flat.detach().requires_grad_(True)
+            torch.autograd.grad(self._loss(flat, xb, y, key)[0], flat)
+            with torch.no_grad():
+                for split in ["train", "test"] + (["val"] if self.data.x_val is not None else []):
+                    x, y_split, _ = self._split(split)
+                    n = min(self.eval_chunk, len(x))
+                    y_split = y_split if y_split.dim() == 2 else y_split[None].expand(self.size, -1)
+                    self._eval_chunk(self.flat, x[:n], y_split[:, :n].T, torch.ones(n, self.size, dtype=torch.bool,
+                                                                                     device=self.device))
+        _convpool.precompile(launches)
 
     @property
     def size(self) -> int:
