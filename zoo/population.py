@@ -386,8 +386,9 @@ class Population:
     def _build_kernel_maps(self) -> None:
         """One eager training step and one evaluation chunk with the conv kernels' launches recorded, not run:
         fills the kernels' index-map caches, which dynamo must not see change while it traces (torch 2.11 fails
-        the guard on that dict), and JIT-compiles every kernel specialization the compiled step and evaluation
-        will launch, in threads (serially, ~13 s per process on the H100; benchmarks/NOTES.md session 7)."""
+        the guard on that dict), and JIT-compiles the kernel specializations they launch in threads (one after
+        another they took ~13 s per process on the H100). The compiled step and evaluation are meant to launch
+        the same ones; whether all match is not yet checked (benchmarks/NOTES.md, session 7)."""
         with _convpool.recording() as launches:
             xb, y, _, key = self._batch(self.epoch_order(1), 1, 0)
             flat = self.flat.detach().requires_grad_(True)
