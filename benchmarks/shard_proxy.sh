@@ -12,15 +12,7 @@ set -euo pipefail
 K=$1; args=$2
 log=${OUT:-data/scaling_logs}; mkdir -p "$log" data/zoos
 export PYTHONUNBUFFERED=1
-source "$(dirname "$0")/bytecode_cache.sh"
-run() {  # name, command...: cold caches; wall seconds to $log/name.s, progress and phase lines to $log/name.log
-  local name=$1; shift
-  local t0; t0=$(date +%s.%N)
-  TORCHINDUCTOR_CACHE_DIR=/tmp/ind_p$name TRITON_CACHE_DIR=/tmp/tri_p$name "$@" 2>&1 | stdbuf -o0 tr '\r' '\n' \
-    | { grep --line-buffered -E "epoch [0-9]+:|trained|written|[Ee]rror" || true; } > "$log/$name.log"
-  python -c "import sys; print(float(sys.argv[1]) - float(sys.argv[2]))" "$(date +%s.%N)" "$t0" > "$log/$name.s"
-  echo "$name: $(cat "$log/$name.s") s wall; $(grep trained "$log/$name.log" | tail -n 1)"
-}
+source "$(dirname "$0")/scaling_common.sh"  # bytecode cache; run NAME COMMAND...
 run all python -m zoo.build $args --out data/zoos/p_all.h5 --overwrite
 shards=()
 for ((i = 0; i < K; i++)); do

@@ -2,11 +2,14 @@
 
 A build compiles its band-kernel specializations one after another (12.9 s per process on the H100,
 benchmarks/NOTES.md session 7). This compiles N distinct forward-kernel specializations (cnn_s-like
-geometries) with `JITFunction.warmup` (no launch), first serially, then in N threads, each time other geometries
-into a cold TRITON_CACHE_DIR, and prints both wall times: a ratio near N means compiling them in threads pays.
+geometries) as `zoo._convpool.precompile` does at population setup (recorded launches, `JITFunction.warmup`,
+nothing launched), first serially, then in N threads, each time other geometries into a cold
+TRITON_CACHE_DIR, and prints both wall times: a ratio near N means compiling them in threads pays.
 
 Device run (any GPU):
     python benchmarks/triton_jit_threads.py --n 6
+CPU smoke run (Triton's interpreter compiles nothing, so both times are ~0):
+    TRITON_INTERPRET=1 python benchmarks/triton_jit_threads.py --n 2 --device cpu
 """
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -24,35 +26,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import _convpool as cp  # noqa: E402
 
 
-def geometries(n: int) -> list[cp.Band]:
-    """n distinct band plans: cnn_s's first conv (1 -> 8 channels, 5x5, pool 2) at growing input sizes."""
-    return [cp.band_plan(1, 28 + 4 * i, 28 + 4 * i, 8, 5, 1, 2) for i in range(n)]
+def launches(sizes, dev: str) -> list:
+    """Recorded (not run) forward launches of cnn_s's first conv (1 -> 8 channels, 5x5, pool 2, 64 members,
+    bf16) at these input sizes: one specialization each."""
+    with cp.recording() as out:
+        for size in sizes:
+            x = torch.randn(10, 64, 1, size, size, device=dev, dtype=torch.bfloat16)
+            cp.conv_pool(x, torch.randn(64, 8, 1, 5, 5, device=dev), torch.randn(64, 8, device=dev), 1, 0, 2)
+    return out
 
 
-def compile_one(band: cp.Band) -> None:
-    bf16 = torch.bfloat16
-    cp._band_fwd_kernel.warmup(bf16, bf16, torch.float32, bf16, torch.int8, 1280, 1280, 360, *band.kernel_args(),
-                               cp.BAND_R, 16, *cp._dot_dtype(bf16), True, grid=(1,), num_warps=cp.NUM_WARPS,
-                               num_stages=cp._stages(bf16))
-
-
-def timed(bands, threads: int) -> float:
+def timed(recorded, threads: int) -> float:
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(compile_one, bands))
+    cp.precompile(recorded, threads)
     return time.perf_counter() - t0
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=6)
+    ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="tri_jit_"))  # cold
-    bands = geometries(2 * args.n + 1)  # distinct kernels for each timing: nothing comes from a cache
-    timed(bands[:1], 1)  # Triton's own one-time set-up (driver, launcher build) outside the timings
-    serial, threaded = timed(bands[1: args.n + 1], 1), timed(bands[args.n + 1:], args.n)
+    sizes = [28 + 4 * i for i in range(2 * args.n + 1)]  # distinct kernels for each timing: none from a cache
+    timed(launches(sizes[:1], args.device), 1)  # Triton's own one-time set-up (driver, launcher build) outside the timings
+    recorded = [launches(sizes[1: args.n + 1], args.device), launches(sizes[args.n + 1:], args.device)]
+    assert all(len(cp._distinct(r)) == args.n for r in recorded), "expected one specialization per size"
+    serial, threaded = timed(recorded[0], 1), timed(recorded[1], args.n)
     print(f"{args.n} band-kernel compiles: serial {serial:.2f} s, {args.n} threads {threaded:.2f} s, "
-          f"speed-up {serial / threaded:.2f}x")
+          f"speed-up {serial / max(threaded, 1e-9):.2f}x")
 
 
 if __name__ == "__main__":

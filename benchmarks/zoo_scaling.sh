@@ -10,15 +10,7 @@ set -euo pipefail
 K=$1; args=$2
 log=${OUT:-data/scaling_logs}; mkdir -p "$log" data/zoos
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-source "$(dirname "$0")/bytecode_cache.sh"
-run() {  # name, command...: cold caches, wall seconds to $log/name.s, progress lines to $log/name.log (live)
-  local name=$1; shift
-  local t0; t0=$(date +%s.%N)
-  TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$name TRITON_CACHE_DIR=/tmp/tri_$name "$@" 2>&1 | stdbuf -o0 tr '\r' '\n' \
-    | { grep --line-buffered -E "epoch [0-9]+:|trained|written|[Ee]rror" || true; } > "$log/$name.log"
-  python -c "import sys; print(float(sys.argv[1]) - float(sys.argv[2]))" "$(date +%s.%N)" "$t0" > "$log/$name.s"
-  tail -n 6 "$log/$name.log"; echo "$name: $(cat "$log/$name.s") s wall"
-}
+source "$(dirname "$0")/scaling_common.sh"  # bytecode cache; run NAME COMMAND...
 # K GPUs first: on a tight device budget its (shorter) result is in hand before the 1-GPU run starts
 run g$K torchrun --standalone --nproc_per_node="$K" -m zoo.build $args --out "data/zoos/g$K.h5" --overwrite
 run g1 python -m zoo.build $args --out data/zoos/g1.h5 --overwrite

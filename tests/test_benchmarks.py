@@ -46,3 +46,9 @@ def test_step_kernels_grow_with_activation_and_optimizer_slices():
                "benchmarks/step_kernels.py", "--members", "16")
     counts = [int(ln.split(": ")[1].split()[0]) for ln in out.splitlines() if "generated kernels" in ln]
     assert len(counts) == 3 and 0 < counts[0] < counts[1] < counts[2], out
+
+
+def test_triton_jit_threads_compiles_one_specialization_per_size():
+    import torch  # CPU: conftest runs Triton's interpreter (inherited), which compiles nothing
+    out = _run("benchmarks/triton_jit_threads.py", "--n", "2", "--device", "cuda" if torch.cuda.is_available() else "cpu")
+    assert "2 band-kernel compiles: serial" in out and "speed-up" in out

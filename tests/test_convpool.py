@@ -119,7 +119,7 @@ def test_training_loss_compiles_to_one_graph(conv, digits28):
     members = [MemberSpec(seed=i, batch_size=8, dropout=0.5, activation=a, optimizer=o)
                for i, (a, o) in enumerate([("tanh", "adam"), ("relu", "sgd")])]
     pop = Population("cnn_s", {}, members, digits28.to(DEVICE), conv=conv, precision="bf16")
-    pop._build_kernel_maps()  # as compile=True does: dynamo fails its guard if the plan cache fills while it traces
+    pop._prepare_kernels()  # as compile=True does: dynamo fails its guard if the plan cache fills while it traces
     xb, y, _, key = pop._batch(pop.epoch_order(1), 1, 0)
     explained = torch._dynamo.explain(pop._loss)(pop.flat.detach().requires_grad_(True), xb, y, key)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]

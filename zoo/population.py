@@ -381,25 +381,22 @@ class Population:
         # and dropout keys) fused into a few kernels; eagerly each is a kernel of ~2 us in every step's graph
         self._batch_fn = torch.compile(self._batch, dynamic=False) if compile else self._batch
         if compile and self.conv == "fused":
-            self._build_kernel_maps()
+            self._prepare_kernels()
 
-    def _build_kernel_maps(self) -> None:
-        """One eager training step and one evaluation chunk with the conv kernels' launches recorded, not run:
-        fills the kernels' index-map caches, which dynamo must not see change while it traces (torch 2.11 fails
-        the guard on that dict), and JIT-compiles the kernel specializations they launch in threads (one after
-        another they took ~13 s per process on the H100). The compiled step and evaluation are meant to launch
-        the same ones; whether all match is not yet checked (benchmarks/NOTES.md, session 7)."""
+    def _prepare_kernels(self) -> None:
+        """One eager training step and each split's first evaluation chunk with the conv kernels' launches
+        recorded, not run: fills the kernels' index-map caches, which dynamo must not see change while it
+        traces (torch 2.11 fails the guard on that dict), and JIT-compiles the kernel specializations they
+        launch in threads (one after another they took ~13 s per process on the H100). The compiled step and
+        evaluation are meant to launch the same ones; whether all match is not yet checked (benchmarks/NOTES.md,
+        session 7)."""
         with _convpool.recording() as launches:
             xb, y, _, key = self._batch(self.epoch_order(1), 1, 0)
             flat = self.flat.detach().requires_grad_(True)
             torch.autograd.grad(self._loss(flat, xb, y, key)[0], flat)
             with torch.no_grad():
-                for split in ["train", "test"] + (["val"] if self.data.x_val is not None else []):
-                    x, y_split, _ = self._split(split)
-                    n = min(self.eval_chunk, len(x))
-                    y_split = y_split if y_split.dim() == 2 else y_split[None].expand(self.size, -1)
-                    self._eval_chunk(self.flat, x[:n], y_split[:, :n].T, torch.ones(n, self.size, dtype=torch.bool,
-                                                                                     device=self.device))
+                for split in self._eval_splits():
+                    self._eval_chunk(self.flat, *next(self._eval_chunks(split)))
         _convpool.precompile(launches)
 
     @property
@@ -566,25 +563,32 @@ class Population:
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(w)
         return (ce.double() * w).sum(0), ((logits.argmax(-1) == y).double() * w).sum(0), w.sum(0)
 
+    def _eval_chunks(self, split: str):
+        """The arguments of `_eval_chunk` after `flat`, chunk by chunk of `split`: images (b, C, H, W), labels
+        (b, M), which samples count for which member (b, M) bool. All chunks have one size (the last one padded
+        with images that count for no member), so compile traces one shape."""
+        x, y, w = self._split(split)
+        n = len(x)
+        y = y if y.dim() == 2 else y[None].expand(self.size, -1)  # (M, n) labels
+        w = w if w is not None else torch.ones(self.size, n, dtype=torch.bool, device=self.device)  # (M, n)
+        chunk = min(self.eval_chunk, n)
+        for a in range(0, n, chunk):
+            i = torch.arange(a, a + chunk, device=self.device)
+            ok = i < n
+            i = i.clamp(max=n - 1)
+            yield x[i], y[:, i].T, (w[:, i] & ok).T
+
+    def _eval_splits(self) -> list[str]:
+        return ["train", "test"] + (["val"] if self.data.x_val is not None else [])
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, torch.Tensor]:
-        """Loss and accuracy of every member on train (its own pool and labels), test and val: (M,) each.
-        A split's chunks all have one size (the last one padded with images that count for no member), so
-        compile traces one shape."""
+        """Loss and accuracy of every member on train (its own pool and labels), test and val: (M,) each."""
         out = {}
-        splits = ["train", "test"] + (["val"] if self.data.x_val is not None else [])
-        for split in splits:
-            x, y, w = self._split(split)
-            n = len(x)
-            y = y if y.dim() == 2 else y[None].expand(self.size, -1)  # (M, n) labels
-            w = w if w is not None else torch.ones(self.size, n, dtype=torch.bool, device=self.device)  # (M, n)
+        for split in self._eval_splits():
             sums = torch.zeros(3, self.size, dtype=torch.float64, device=self.device)  # loss, correct, count
-            chunk = min(self.eval_chunk, n)
-            for a in range(0, n, chunk):
-                i = torch.arange(a, a + chunk, device=self.device)
-                ok = i < n
-                i = i.clamp(max=n - 1)
-                sums += torch.stack(self._eval_fn(self.flat, x[i], y[:, i].T, (w[:, i] & ok).T))
+            for args in self._eval_chunks(split):
+                sums += torch.stack(self._eval_fn(self.flat, *args))
             out[f"{split}_loss"] = (sums[0] / sums[2]).float()
             out[f"{split}_acc"] = (sums[1] / sums[2]).float()
         if self.prunable and self.prune_epochs:

@@ -1,4 +1,6 @@
-# Sourced by the scaling scripts. The device's Python sets PYTHONDONTWRITEBYTECODE=1 and its packages ship no
+# Sourced by the scaling scripts (zoo_scaling.sh, shard_proxy.sh), after they set $log.
+#
+# Bytecode cache. The device's Python sets PYTHONDONTWRITEBYTECODE=1 and its packages ship no
 # .pyc files, so every process compiles the source of each module it imports: ~13 s per process there
 # (py-spy, benchmarks/NOTES.md session 7), paid once per rank, which a normal install (pip writes .pyc files)
 # does not pay. Give the runs a bytecode cache and fill it before anything is timed.
@@ -16,3 +18,12 @@ for name in ("zoo.build", "zoo.merge", "torch.distributed", "torch._dynamo", "to
     except ImportError:  # CPU installs have no triton
         pass
 PY
+
+run() {  # name, command...: cold caches, wall seconds to $log/name.s, progress lines to $log/name.log (live)
+  local name=$1; shift
+  local t0; t0=$(date +%s.%N)
+  TORCHINDUCTOR_CACHE_DIR=/tmp/ind_$name TRITON_CACHE_DIR=/tmp/tri_$name "$@" 2>&1 | stdbuf -o0 tr '\r' '\n' \
+    | { grep --line-buffered -E "epoch [0-9]+:|trained|written|[Ee]rror" || true; } > "$log/$name.log"
+  python -c "import sys; print(float(sys.argv[1]) - float(sys.argv[2]))" "$(date +%s.%N)" "$t0" > "$log/$name.s"
+  tail -n 6 "$log/$name.log"; echo "$name: $(cat "$log/$name.s") s wall"
+}
