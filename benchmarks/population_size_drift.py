@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import Population, ZooConfig, load_dataset  # noqa: E402
-from zoo._config import load_config  # noqa: E402
+from zoo.cli import load_config  # noqa: E402
 from zoo.build import DEFAULT_ZOO, run_order, shard_ids  # noqa: E402
 from zoo.config import expand_members  # noqa: E402
 

@@ -14,27 +14,25 @@ import yaml
 from tqdm import tqdm
 
 import zoo
-from zoo._config import UsageError
+from zoo import Layout, UsageError
 
 from ._fit import load_run
-
-FORMAT = "weightzoo-embeddings/1"
-
+from .embeddings import EXCLUDED, write_embeddings
 
 def embed_zoo(zoo_path: str | Path, run: str | Path, out: str | Path | None = None, overwrite: bool = False,
               device: str = "cpu", batch_size: int = 256, progress: bool = True) -> Path:
     z = zoo.open_zoo(zoo_path)
     module, meta = load_run(run, device)
-    if z.layout != json.loads(meta["layout"]):
+    if z.layout != Layout.from_json(meta["layout"]):
         raise UsageError(f"{run} was fitted on another architecture ({meta['architecture']}) than {z.path} "
                          f"({z.architecture}); fit a hyper-representation on this zoo first")
     out = Path(out or z.path.with_suffix(".embeddings.h5"))
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it")
     same_zoo = Path(meta["zoo"]).resolve() == z.path.resolve()
-    split = meta["split"] if same_zoo else np.full(z.n_models, -1, np.int8)
+    split = meta["split"] if same_zoo else np.full(z.n_models, EXCLUDED, np.int8)
     emb = np.full((z.n_models, z.n_checkpoints, module.cfg.d_latent), np.nan, np.float32)
-    done = z.file["models/done"][:] & ~z.file["models/diverged"][:]
+    done = z.done & ~z.diverged
     rows = [(m, s) for m in np.flatnonzero(done) for s in range(z.n_checkpoints)]
     for a in tqdm(range(0, len(rows), batch_size), unit="batch", disable=not progress, desc="embedding"):
         chunk = rows[a:a + batch_size]
@@ -44,24 +42,5 @@ def embed_zoo(zoo_path: str | Path, run: str | Path, out: str | Path | None = No
         if ok.any():
             e[ok] = module.embed(flats[ok]).float()
         emb[tuple(np.array(chunk).T)] = e.cpu().numpy()
-    _write(out, emb, split, z, run, meta)
+    write_embeddings(out, emb, split, z, Path(run), meta)
     return out
-
-
-def _write(out: Path, emb: np.ndarray, split: np.ndarray, z: zoo.Zoo, run, meta) -> None:
-    tmp = out.with_name(out.name + ".partial")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("embeddings", data=emb, chunks=(1, emb.shape[1], emb.shape[2]))
-        f.create_dataset("split", data=split.astype(np.int8))
-        f.create_dataset("checkpoints/epoch", data=z.epochs.astype(np.int32))
-        f.create_dataset("models/model_id", data=np.arange(z.n_models, dtype=np.int64))
-        f.attrs.update({"format": FORMAT, "zoo": str(z.path), "model": str(run), "version": zoo.__version__,
-                        "config": yaml.safe_dump(meta["config"], sort_keys=False)})
-    n, k = emb.shape[:2]
-    table = pa.table({"model_id": np.repeat(np.arange(n), k), "checkpoint": np.tile(np.arange(k, dtype=np.int32), n),
-                      "epoch": np.tile(z.epochs.astype(np.int32), n), "split": np.repeat(split.astype(np.int8), k),
-                      "row": np.arange(n * k)})
-    pq_tmp = out.with_suffix(".parquet.tmp")
-    pq.write_table(table, pq_tmp)
-    os.replace(tmp, out)
-    os.replace(pq_tmp, out.with_suffix(".parquet"))

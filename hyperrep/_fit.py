@@ -12,20 +12,12 @@ import torch
 import yaml
 
 import zoo
-from zoo._config import UsageError, load_config, to_dict
-from zoo.models import create_model
+from zoo import Layout, Permuter, UsageError, load_config
+from zoo.cli import to_dict
 
-from .augment import Permuter, find_couplings
 from .config import FitConfig
-from .data import TRAIN, ZooDataModule, layer_stats, split_members, usable_members
+from .data import TRAIN, ZooDataModule, layer_stats, split_members
 from .module import HyperRepModule
-
-
-def permuter_for(z: zoo.Zoo) -> Permuter:
-    C, H, _ = z.input_shape
-    template = create_model(z.architecture, in_channels=C, input_size=H, num_classes=z.num_classes,
-                            **z.architecture_kwargs)
-    return Permuter(z.layout, find_couplings(template, z.input_shape))
 
 
 def _slots(cfg: FitConfig, z: zoo.Zoo) -> list[int]:
@@ -78,11 +70,11 @@ def fit_run(cfg: FitConfig, overwrite: bool = False) -> Path | None:
     if (out / "model.pt").exists() and not overwrite:
         raise UsageError(f"{out / 'model.pt'} already exists; pass --overwrite to refit or choose another --out")
     slots = _slots(cfg, z)
-    split = split_members(usable_members(z, slots), cfg.splits, cfg.split_seed)
+    split = split_members(z.usable(slots), cfg.splits, cfg.split_seed)
     mean, std = layer_stats(z, np.flatnonzero(split == TRAIN), slots)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = HyperRepModule(cfg, z.layout, mean, std)
-    permuter = permuter_for(z) if cfg.permute or cfg.align else None
+    permuter = Permuter.of(z.spec) if cfg.permute or cfg.align else None
     reference = torch.from_numpy(z.weights(int(np.flatnonzero(split == TRAIN)[0]), slots[-1])) if cfg.align else None
     dm = ZooDataModule(str(z.path), split, slots, cfg.batch_size, cfg.num_workers, permuter, cfg.permute, reference)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +97,7 @@ def _export(out: Path, module: HyperRepModule, cfg: FitConfig, z: zoo.Zoo, split
     tmp = out / "model.pt.tmp"
     torch.save({"state_dict": module.state_dict(), "split": torch.from_numpy(split), "slots": torch.tensor(slots)}, tmp)
     meta = {"format": "weightzoo-hyperrep/1", "version": zoo.__version__, "config": to_dict(cfg),
-            "zoo": str(z.path), "architecture": z.architecture, "layout": json.dumps(z.layout),
+            "zoo": str(z.path), "architecture": z.architecture, "layout": z.layout.to_json(),
             "n_tokens": module.tokenizer.n_tokens,
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
     (out / "hyperrep.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
@@ -122,7 +114,7 @@ def load_run(run: str | Path, device: str = "cpu") -> tuple[HyperRepModule, dict
     cfg = load_config(FitConfig, None, [], meta["config"])
     blob = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     sd = blob["state_dict"]
-    module = HyperRepModule(cfg, json.loads(meta["layout"]), sd["mean"], sd["std"])
+    module = HyperRepModule(cfg, Layout.from_json(meta["layout"]), sd["mean"], sd["std"])
     module.load_state_dict(sd)
     meta["split"], meta["slots"] = blob["split"].numpy(), blob["slots"].tolist()
     return module.to(device).eval(), meta

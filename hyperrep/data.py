@@ -1,20 +1,15 @@
 """Weights from a zoo file, read lazily: member splits, normalisation statistics, and a DataModule."""
 from __future__ import annotations
 
-import math
-
 import h5py
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from zoo import UsageError
-from zoo.store import Zoo
+from zoo import Permuter, UsageError, Zoo
 
-from .augment import Permuter
-
-TRAIN, VAL, TEST, EXCLUDED = 0, 1, 2, -1
+from .embeddings import EXCLUDED, TEST, TRAIN, VAL
 
 
 def split_members(usable: np.ndarray, fractions, seed: int) -> np.ndarray:
@@ -25,13 +20,6 @@ def split_members(usable: np.ndarray, fractions, seed: int) -> np.ndarray:
     split = np.full(len(usable), EXCLUDED, np.int8)
     split[ids[:n_train]], split[ids[n_train:n_train + n_val]], split[ids[n_train + n_val:]] = TRAIN, VAL, TEST
     return split
-
-
-def usable_members(z: Zoo, slots: list[int]) -> np.ndarray:
-    """Members that finished, did not diverge, and have finite weights at every used checkpoint."""
-    done, diverged = z.file["models/done"][:], z.file["models/diverged"][:]
-    finite = np.isfinite(z.file["metrics/test_loss"][:][:, slots]).all(1)
-    return done & ~diverged & finite
 
 
 def layer_stats(z: Zoo, members: np.ndarray, slots: list[int], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,10 +34,9 @@ def layer_stats(z: Zoo, members: np.ndarray, slots: list[int], chunk: int = 256)
         n += w.shape[0] * w.shape[1]
     mean, std = np.zeros(z.n_params), np.ones(z.n_params)
     for e in z.layout:
-        sl = slice(e["offset"], e["offset"] + math.prod(e["shape"]))
-        m = total[sl].sum() / (n * (sl.stop - sl.start))
-        v = total_sq[sl].sum() / (n * (sl.stop - sl.start)) - m * m
-        mean[sl], std[sl] = m, math.sqrt(max(v, 0.0)) + 1e-8
+        m = total[e.slice].sum() / (n * e.size)
+        v = total_sq[e.slice].sum() / (n * e.size) - m * m
+        mean[e.slice], std[e.slice] = m, np.sqrt(max(v, 0.0)) + 1e-8
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 

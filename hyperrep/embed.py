@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from zoo._config import run_cli
+from zoo.cli import run_cli
 
 from ._embed import embed_zoo
 

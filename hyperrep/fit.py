@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from zoo._config import load_config, run_cli
+from zoo.cli import load_config, run_cli
 
 from ._fit import fit_run
 from .config import FitConfig

@@ -4,6 +4,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from zoo import Layout
+
 from .augment import add_noise, erase_tokens
 from .config import FitConfig
 from .model import AEShape, HyperAE, sane_loss
@@ -11,7 +13,7 @@ from .tokens import Tokenizer
 
 
 class HyperRepModule(L.LightningModule):
-    def __init__(self, cfg: FitConfig, layout: list[dict], mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, cfg: FitConfig, layout: Layout, mean: torch.Tensor, std: torch.Tensor):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = Tokenizer.from_layout(layout, cfg.token_size)

@@ -12,35 +12,35 @@ from dataclasses import dataclass
 
 import torch
 
+from zoo import Layout, TensorEntry
 
-def layer_groups(layout: list[dict]) -> list[list[dict]]:
+
+def layer_groups(layout: Layout) -> list[list[TensorEntry]]:
     """Consecutive layout entries of one module (e.g. '3.weight', '3.bias') form a layer."""
-    groups: list[list[dict]] = []
+    groups: list[list[TensorEntry]] = []
     for e in layout:
-        prefix = e["name"].rsplit(".", 1)[0] if "." in e["name"] else ""
-        if groups and groups[-1][0]["name"].rsplit(".", 1)[0] == prefix and e["name"].rsplit(".", 1)[-1] in (
-                "weight", "bias"):
+        if groups and groups[-1][0].module == e.module and e.kind in ("weight", "bias"):
             groups[-1].append(e)
         else:
             groups.append([e])
     return groups
 
 
-def _unit_rows(group: list[dict]) -> list[list[int]]:
+def _unit_rows(group: list[TensorEntry]) -> list[list[int]]:
     """Flat indices of each unit's values: weight/bias tensors are split along dim 0; any other tensor
     (class token, positions) along all but its last dim."""
     first = group[0]
-    if first["name"].rsplit(".", 1)[-1] in ("weight", "bias"):
-        n_units = first["shape"][0]
+    if first.kind in ("weight", "bias"):
+        n_units = first.shape[0]
         rows = [[] for _ in range(n_units)]
         for e in group:
-            per = math.prod(e["shape"][1:])
+            per = math.prod(e.shape[1:])
             for u in range(n_units):
-                rows[u].extend(range(e["offset"] + u * per, e["offset"] + (u + 1) * per))
+                rows[u].extend(range(e.offset + u * per, e.offset + (u + 1) * per))
         return rows
-    last = first["shape"][-1]
-    n_units = math.prod(first["shape"]) // last
-    return [list(range(first["offset"] + u * last, first["offset"] + (u + 1) * last)) for u in range(n_units)]
+    last = first.shape[-1]
+    n_units = first.size // last
+    return [list(range(first.offset + u * last, first.offset + (u + 1) * last)) for u in range(n_units)]
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Tokenizer:
     token_size: int
 
     @classmethod
-    def from_layout(cls, layout: list[dict], token_size: int) -> "Tokenizer":
+    def from_layout(cls, layout: Layout, token_size: int) -> "Tokenizer":
         if token_size < 1:
             raise ValueError(f"token_size must be >= 1, got {token_size}")
         rows, pos = [], []
@@ -64,9 +64,7 @@ class Tokenizer:
                     rows.append(chunk + [-1] * (token_size - len(chunk)))
                     pos.append((len(pos), layer, within))
                     within += 1
-        last = layout[-1]
-        n_params = last["offset"] + math.prod(last["shape"])
-        return cls(torch.tensor(rows), torch.tensor(pos), n_params, token_size)
+        return cls(torch.tensor(rows), torch.tensor(pos), layout.n_params, token_size)
 
     @property
     def n_tokens(self) -> int:

@@ -15,6 +15,8 @@ from sklearn.model_selection import GridSearchCV, GroupKFold
 from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
 
+from hyperrep.embeddings import TEST
+
 from .features import ProbeData, target_kind, target_values
 
 COLUMNS = ("W linear", "s(W) linear", "s(W) gbm", "emb linear")
@@ -24,8 +26,8 @@ PRIMARY = {"continuous": "r2", "categorical": "accuracy"}
 def member_split(data: ProbeData, seed: int, test_fraction: float) -> np.ndarray:
     """Bool per row: in the test split. Whole members only; the hyperrep fit's test members when known."""
     members = data.rows["member"].to_numpy()
-    if data.emb_split is not None and (data.emb_split == 2).any() and (data.emb_split != 2).any():
-        return data.emb_split == 2
+    if data.emb_split is not None and (data.emb_split == TEST).any() and (data.emb_split != TEST).any():
+        return data.emb_split == TEST
     uniq = np.unique(members)
     test = np.random.default_rng(seed).permutation(uniq)[: max(1, int(round(test_fraction * len(uniq))))]
     return np.isin(members, test)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import zoo
-from zoo._config import UsageError, run_cli
+from zoo.cli import UsageError, run_cli
 
 from ._probe import _default_embeddings, evaluate_probes, markdown_table, plot_predictions
 from .features import ALL_TARGETS, load_probe_data, target_kind

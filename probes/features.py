@@ -5,17 +5,15 @@ variance and the 0/25/50/75/100 % quantiles.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 
 import zoo
-from zoo import UsageError
-from zoo.config import HPARAMS
+from hyperrep.embeddings import Embeddings
+from zoo import HPARAMS, Layout, UsageError
 
 STAT_NAMES = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
 METRIC_TARGETS = ("test_acc", "train_acc", "gen_gap", "epoch", "test_loss", "train_loss", "sparsity")
@@ -34,41 +32,33 @@ class ProbeData:
     stat_names: list[str]
 
 
-def weight_stats(W: np.ndarray, layout: list[dict]) -> tuple[np.ndarray, list[str]]:
+def weight_stats(W: np.ndarray, layout: Layout) -> tuple[np.ndarray, list[str]]:
     """(n, P) -> (n, 7 x n_tensors) statistics per layer tensor."""
     cols, names = [], []
     for e in layout:
-        block = W[:, e["offset"]: e["offset"] + math.prod(e["shape"])].astype(np.float64)
+        block = W[:, e.slice].astype(np.float64)
         q = np.quantile(block, [0, 0.25, 0.5, 0.75, 1.0], axis=1).T
         cols.append(np.column_stack([block.mean(1), block.var(1), q]))
-        names += [f"{e['name']}.{s}" for s in STAT_NAMES]
+        names += [f"{e.name}.{s}" for s in STAT_NAMES]
     return np.concatenate(cols, 1).astype(np.float32), names
 
 
 def _rows_of(z: zoo.Zoo, zoo_index: int) -> pd.DataFrame:
     t = z.table.to_pandas()
     t = t[~t["diverged"] & np.isfinite(t["test_acc"]) & np.isfinite(t["train_acc"])]
-    done = z.file["models/done"][:]
-    t = t[done[t["model_id"].to_numpy()]].copy()
+    t = t[z.done[t["model_id"].to_numpy()]].copy()
     t["gen_gap"] = t["train_acc"] - t["test_acc"]
     t["zoo"] = zoo_index
     t["member"] = zoo_index * 10**7 + t["model_id"]  # unique across zoos, for member splits
     return t.reset_index(drop=True)
 
 
-def _embeddings(path: Path, z: zoo.Zoo, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
-        raise UsageError(f"embeddings file {path} does not exist; run python -m hyperrep.embed --zoo {z.path} first")
-    with h5py.File(path, "r") as f:
-        if f.attrs.get("format") != "weightzoo-embeddings/1":
-            raise UsageError(f"{path} is not a weightzoo embeddings file (format {f.attrs.get('format')!r})")
-        e = f["embeddings"]
-        if e.shape[:2] != (z.n_models, z.n_checkpoints):
-            raise UsageError(f"{path} holds embeddings for {e.shape[0]} x {e.shape[1]} (member, checkpoint) pairs "
-                             f"but {z.path} has {z.n_models} x {z.n_checkpoints}: embeddings of another zoo")
-        emb = e[:][rows["model_id"].to_numpy(), rows["checkpoint"].to_numpy()]
-        split = f["split"][:][rows["model_id"].to_numpy()]
-    return emb, split
+def _embeddings(e: Embeddings, z: zoo.Zoo, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    if e.embeddings.shape[:2] != (z.n_models, z.n_checkpoints):
+        raise UsageError(f"{e.path} holds embeddings for {e.embeddings.shape[0]} x {e.embeddings.shape[1]} (member, "
+                         f"checkpoint) pairs but {z.path} has {z.n_models} x {z.n_checkpoints}: embeddings of another zoo")
+    ids = rows["model_id"].to_numpy()
+    return e.embeddings[ids, rows["checkpoint"].to_numpy()], e.split[ids]
 
 
 def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Path] | None = None,
@@ -85,11 +75,10 @@ def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Pat
             rows = _rows_of(z, i)
             if checkpoints:
                 rows = rows[rows["checkpoint"].isin(checkpoints)].reset_index(drop=True)
-            w = z.file["weights"]
-            Ws.append(np.stack([w[m, c] for m, c in zip(rows["model_id"], rows["checkpoint"])]) if len(rows)
+            Ws.append(np.stack([z.weights(m, c) for m, c in zip(rows["model_id"], rows["checkpoint"])]) if len(rows)
                       else np.zeros((0, z.n_params), np.float32))
             if embedding_paths:
-                e, s = _embeddings(Path(embedding_paths[i]), z, rows)
+                e, s = _embeddings(Embeddings.open(embedding_paths[i]), z, rows)
                 embs.append(e)
                 splits.append(s)
             frames.append(rows)

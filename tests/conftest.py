@@ -8,7 +8,7 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
 import pytest
 
 from zoo import load_dataset
-from zoo._config import load_config
+from zoo.cli import load_config
 from zoo.build import DEFAULT_ZOO
 from zoo.config import ZooConfig
 

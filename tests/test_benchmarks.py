@@ -35,9 +35,9 @@ def test_population_size_drift_is_zero_on_cpu():
     assert all("population 256 vs 128: median 0 q90 0 max 0 |" in ln for ln in lines), lines
 
 
-def test_merge_speed_times_both_copies(tmp_path):
-    out = _run("benchmarks/merge_speed.py", "--members", "16", "--checkpoints", "3", "--dir", str(tmp_path))
-    assert "merge (shard 0 by H5Ocopy, shard 1 as stored chunks):" in out and "x faster" in out
+def test_join_speed_times_both_copies(tmp_path):
+    out = _run("benchmarks/join_speed.py", "--members", "16", "--checkpoints", "3", "--dir", str(tmp_path))
+    assert "join (shard 0 by H5Ocopy, shard 1 as stored chunks):" in out and "x faster" in out
     assert list(tmp_path.iterdir()) == []  # the shard files were temporary
 
 

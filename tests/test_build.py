@@ -10,12 +10,13 @@ import pytest
 import yaml
 
 import zoo
-import zoo.merge
-from zoo._config import run_cli
+import zoo.join
+from zoo.cli import run_cli
 from zoo.build import build, main, run_order, shard_ids
 from zoo.config import HPARAMS, MemberSpec, expand_members
 from zoo.solo import accuracy
-from zoo.store import _copy_weights, table_from_h5
+from zoo.join import _copy_weights
+from zoo.store import table_from_h5
 
 from conftest import TINY, tiny_config
 
@@ -87,7 +88,7 @@ def test_resume_on_another_device_and_merge_of_per_device_shards_are_allowed(tmp
     assert build(tiny_config("population_size=8", "device=cpu"), out, progress=False) == out  # was device=auto
     shards = [build(tiny_config(f"device={d}"), tmp_path / f"s{i}.h5", shard=(i, 2), progress=False)
               for i, d in enumerate(["auto", "cpu"])]
-    assert zoo.merge.main([str(tmp_path / "m.h5"), *map(str, shards)]) is None
+    assert zoo.join.main([str(tmp_path / "m.h5"), *map(str, shards)]) is None
 
 
 def test_partial_of_another_config_is_refused(tmp_path):
@@ -125,7 +126,7 @@ def test_shards_merge_into_the_full_zoo(tmp_path, tiny_zoo):
     shards = [tmp_path / f"s{i}.h5" for i in range(3)]
     for i, s in enumerate(shards):
         assert run_cli(main, TINY + ["--out", str(s), "--shard", f"{i}/3", "--quiet"]) == 0
-    assert run_cli(zoo.merge.main, [str(tmp_path / "m.h5"), *map(str, shards)]) == 0
+    assert run_cli(zoo.join.main, [str(tmp_path / "m.h5"), *map(str, shards)]) == 0
     (w1, m1), (w2, m2) = _read_all(tiny_zoo), _read_all(tmp_path / "m.h5")
     # shards hold other population mates than the full build: batched kernels round differently (~1e-5)
     assert np.allclose(w1, w2, rtol=0, atol=1e-4) and np.allclose(m1["test_acc"], m2["test_acc"], atol=1e-3)
@@ -137,15 +138,15 @@ def test_shards_merge_into_the_full_zoo(tmp_path, tiny_zoo):
             assert np.array_equal(np.flatnonzero(f["models/done"][:]), ids)
         ws, ms = _read_all(s)
         assert np.array_equal(w2[ids], ws[ids]) and np.array_equal(m2["test_acc"][ids], ms["test_acc"][ids])
-    assert run_cli(zoo.merge.main, [str(tmp_path / "m2.h5"), str(shards[0])]) == 2  # incomplete
+    assert run_cli(zoo.join.main, [str(tmp_path / "m2.h5"), str(shards[0])]) == 2  # incomplete
 
 
 def test_consuming_merge_equals_copying_merge(tmp_path):
     shards = [build(tiny_config(), tmp_path / f"s{i}.h5", shard=(i, 2), progress=False, table=False) for i in range(2)]
     assert not (tmp_path / "s0.parquet").exists()
-    kept = zoo.store.merge(tmp_path / "kept.h5", shards)
+    kept = zoo.join.join(tmp_path / "kept.h5", shards)
     assert all(p.exists() for p in shards)
-    consumed = zoo.store.merge(tmp_path / "consumed.h5", shards, consume=True)
+    consumed = zoo.join.join(tmp_path / "consumed.h5", shards, consume=True)
     assert not shards[0].exists() and shards[1].exists()  # shard 0's file became the zoo
     (w1, m1), (w2, m2) = _read_all(kept), _read_all(consumed)
     assert np.array_equal(w1, w2, equal_nan=True) and all(np.array_equal(m1[k], m2[k]) for k in m1)
@@ -158,12 +159,12 @@ def test_failed_consuming_merge_gives_the_first_shard_back(tmp_path, monkeypatch
     shards = [build(tiny_config(), tmp_path / f"s{i}.h5", shard=(i, 2), progress=False, table=False) for i in range(2)]
     def fail(src, dst):
         raise OSError("disk full")
-    monkeypatch.setattr(zoo.store, "_copy_members", fail)
+    monkeypatch.setattr(zoo.join, "_copy_members", fail)
     with pytest.raises(OSError, match="disk full"):
-        zoo.store.merge(tmp_path / "z.h5", shards, consume=True)
+        zoo.join.join(tmp_path / "z.h5", shards, consume=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s0.h5", "s1.h5"]
     monkeypatch.undo()
-    assert zoo.store.merge(tmp_path / "z.h5", shards, consume=True).exists()  # the rerun merges
+    assert zoo.join.join(tmp_path / "z.h5", shards, consume=True).exists()  # the rerun merges
 
 
 @pytest.mark.parametrize("same_layout", [True, False])

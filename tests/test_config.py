@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from zoo import UsageError
-from zoo._config import load_config, to_yaml
+from zoo.cli import load_config, to_yaml
 from zoo.build import DEFAULT_ZOO
 from zoo.config import MemberSpec, ZooConfig, expand_members
 

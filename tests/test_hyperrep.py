@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import zoo
-from hyperrep import FitConfig, Permuter, Tokenizer, find_couplings, fit_run, load_run, nt_xent, split_members
+from hyperrep import FitConfig, Tokenizer, fit_run, load_run, nt_xent, split_members
 from hyperrep.data import layer_stats
 from hyperrep import embed_zoo
 from hyperrep.fit import main as fit_main
-from zoo._config import load_config, run_cli
-from zoo.models import flatten_state, init_weights, list_models, param_layout, unflatten
+from zoo.cli import load_config, run_cli
+from zoo import Layout, Permuter, find_couplings
+from zoo.models import flatten_state, init_weights, list_models
 
 from test_models import SHAPES
 
@@ -32,7 +33,7 @@ def _net(name, seed=0):
 @pytest.mark.parametrize("token_size", [7, 64])
 def test_tokenization_round_trip_is_bitwise(name, token_size):
     net, _ = _net(name)
-    layout = param_layout(net)
+    layout = Layout.of(net)
     tok = Tokenizer.from_layout(layout, token_size)
     w = flatten_state(net)
     flat = torch.stack([w, torch.randn_like(w) * 1e30, -torch.rand_like(w) * 1e-30])
@@ -47,7 +48,7 @@ def test_tokenization_round_trip_is_bitwise(name, token_size):
 
 def test_token_is_one_unit_incoming_weights_and_bias():
     net, _ = _net("cnn_s")
-    tok = Tokenizer.from_layout(param_layout(net), 256)
+    tok = Tokenizer.from_layout(Layout.of(net), 256)
     tokens = tok.tokenize(flatten_state(net))
     conv2 = net[4]  # conv(8, 6, 5): a unit has 8*25 weights + 1 bias
     row = tokens[8 + 2]  # 8 conv1 tokens come first; unit 2 of conv2
@@ -58,12 +59,12 @@ def test_token_is_one_unit_incoming_weights_and_bias():
 @pytest.mark.parametrize("name", list_models())
 def test_permutation_augmentation_preserves_function(name):
     net, shape = _net(name)
-    layout, flat = param_layout(net), flatten_state(net)
+    layout, flat = Layout.of(net), flatten_state(net)
     perm = Permuter(layout, find_couplings(net, shape))
     assert perm.couplings, name
     idx = perm.random_index(torch.Generator().manual_seed(3))
     other, _ = _net(name, seed=1)
-    other.load_state_dict(unflatten(flat[idx], layout))
+    other.load_state_dict(layout.unflatten(flat[idx]))
     x = torch.randn(6, *shape)
     with torch.no_grad():
         assert torch.allclose(other(x), net(x), atol=1e-5, rtol=1e-4)
@@ -84,8 +85,7 @@ def test_layer_stats_match_numpy(tiny_zoo):
         members = np.array([0, 2, 5])
         mean, std = layer_stats(z, members, [0, 2], chunk=2)
         w = z.file["weights"][members][:, [0, 2]].reshape(-1, z.n_params)
-        e = z.layout[2]
-        sl = slice(e["offset"], e["offset"] + int(np.prod(e["shape"])))
+        sl = z.layout[2].slice
         assert np.allclose(mean[sl], w[:, sl].mean(), atol=1e-6) and np.allclose(std[sl], w[:, sl].std(), rtol=1e-4)
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from zoo import UsageError, create_model, init_weights, list_models
-from zoo.models import INITS, flatten_state, param_layout, unflatten
+from zoo import Layout
+from zoo.models import INITS, flatten_state
 
 SHAPES = {"cnn_s": (1, 28), "cnn_l": (3, 32), "cnn_gap": (1, 28), "mlp": (1, 8), "vit_t": (3, 28)}
 
@@ -52,10 +53,10 @@ def test_inits_are_seeded_and_distinct(init):
 
 def test_layout_round_trip():
     model = create_model("vit_t", in_channels=1, input_size=28, num_classes=10)
-    layout = param_layout(model)
+    layout = Layout.of(model)
     flat = flatten_state(model)
     rebuilt = create_model("vit_t", in_channels=1, input_size=28, num_classes=10)
-    rebuilt.load_state_dict(unflatten(flat, layout))
+    rebuilt.load_state_dict(layout.unflatten(flat))
     assert torch.equal(flatten_state(rebuilt), flat)
 
 

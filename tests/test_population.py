@@ -3,7 +3,8 @@ import torch
 
 from zoo import MemberSpec, Population
 from zoo.models import INITS, create_model, flatten_state
-from zoo.population import _Ctx, _dropout, init_flat, init_member, member_order, member_pools, noisy_labels
+from zoo.engine import _Ctx, _dropout
+from zoo.population import init_flat, init_member, member_order, member_pools, noisy_labels
 from zoo.solo import accuracy, train_solo
 
 ARCHS = [("cnn_s", {}, "digits28"), ("cnn_l", {}, "digits28"), ("cnn_gap", {}, "digits"),
@@ -129,7 +130,7 @@ def test_evaluation_does_not_depend_on_chunk_size(digits):
     pop.train_epoch(1, max_steps=2)
     assert pop.eval_chunk >= len(digits.x_test)  # one chunk per split
     whole = pop.evaluate()
-    pop.eval_chunk = 7
+    pop.evaluator.chunk = 7
     for k, v in pop.evaluate().items():
         assert torch.allclose(v, whole[k], atol=1e-6), k
 

@@ -10,8 +10,9 @@ import pytest
 from probes import evaluate_probes, load_probe_data, member_split, score, weight_stats
 from probes.evaluate import main
 from zoo import create_model, list_models
-from zoo._config import run_cli
-from zoo.models import flatten_state, param_layout
+from zoo.cli import run_cli
+from zoo import Layout
+from zoo.models import flatten_state
 
 from test_models import SHAPES
 
@@ -19,12 +20,12 @@ from test_models import SHAPES
 @pytest.mark.parametrize("name", list_models())
 def test_weight_statistics_on_every_architecture(name):
     c, s = SHAPES[name]
-    layout = param_layout(create_model(name, in_channels=c, input_size=s))
+    layout = Layout.of(create_model(name, in_channels=c, input_size=s))
     W = np.random.default_rng(0).normal(size=(4, flatten_state(create_model(name, in_channels=c, input_size=s)).numel()))
     sW, names = weight_stats(W, layout)
     assert sW.shape == (4, 7 * len(layout)) and len(names) == sW.shape[1] and np.isfinite(sW).all()
     e = layout[0]
-    block = W[:, :int(np.prod(e["shape"]))]
+    block = W[:, e.slice]
     assert np.allclose(sW[:, :7], np.column_stack([block.mean(1), block.var(1),
                                                    *np.quantile(block, [0, .25, .5, .75, 1], axis=1)]), atol=1e-5)
 

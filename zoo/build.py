@@ -4,7 +4,7 @@ Full size, one GPU (Model Zoos' MNIST hyperparameter zoo, 2,560 members x 50 epo
     python -m zoo.build --config configs/zoo/mnist_cnn_s_hyp.yaml --device cuda
 Several hosts / a SLURM array: one slice each, then join them:
     python -m zoo.build --config ... --shard 0/4 --out data/zoos/hyp.0.h5   (… 3/4)
-    python -m zoo.merge data/zoos/hyp.h5 data/zoos/hyp.*.h5
+    python -m zoo.join data/zoos/hyp.h5 data/zoos/hyp.*.h5
 Tiny CPU run (seconds):
     python -m zoo.build epochs=2 checkpoints=[0,1,2] grid.activation=[tanh] --out /tmp/tiny.h5
 No arguments: the embedded default (digits, 256 members, 7 checkpoints): about 30 s on 2 CPU cores.
@@ -26,12 +26,15 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ._config import UsageError, load_config, run_cli, to_yaml
+from .cli import UsageError, load_config, run_cli, to_yaml
 from .config import MemberSpec, ZooConfig, expand_members
-from .data import ImageData, load_dataset
-from .models import create_model, n_params, param_layout
-from .population import Population, member_bytes
-from .store import AsyncWriter, config_of, create_partial, merge, same_zoo_config, write_table
+from .data import DataSpec, ImageData
+from .io import check_new_output, output_lock
+from .join import join
+from .population import Population, member_bytes, spec_for
+from .spec import ModelSpec
+from .store import same_zoo_config
+from .writer import ZooWriter, partial_path
 
 DEFAULT_ZOO = {
     "name": "digits_default", "dataset": "digits", "architecture": "cnn_gap", "epochs": 8,
@@ -52,12 +55,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _template(cfg: ZooConfig, data: ImageData, activation: str) -> torch.nn.Module:
-    C, H, W = data.input_shape
-    if H != W:
-        raise UsageError(f"images are {H}x{W}; architectures take square images: set resize=N")
-    return create_model(cfg.architecture, in_channels=C, input_size=H, num_classes=data.num_classes,
-                        activation=activation, dropout=0.0, **cfg.architecture_kwargs)
+def model_spec(cfg: ZooConfig, data: ImageData) -> ModelSpec:
+    """The members' network: the config's architecture on the dataset's images and classes."""
+    return spec_for(cfg.architecture, cfg.architecture_kwargs, data)
 
 
 # On CPU, populations past ~64 members get slower (page faults on huge activation buffers): the default
@@ -105,7 +105,7 @@ def plan_populations(members: Sequence[MemberSpec], ids: np.ndarray, cfg: ZooCon
         groups.setdefault(m.batch_size, []).append(int(i))
     for batch, group in groups.items():
         group = run_order(members, group)
-        cap = cfg.population_size or max(1, int(budget // member_bytes(_template(cfg, data, "relu"),
+        cap = cfg.population_size or max(1, int(budget // member_bytes(model_spec(cfg, data).create("relu"),
                                                                         data.input_shape, batch)))
         if device.type == "cpu" and not cfg.population_size:
             cap = min(cap, CPU_POPULATION_CAP)
@@ -122,29 +122,25 @@ def _metric_names(cfg: ZooConfig) -> list[str]:
     return names + (["sparsity"] if cfg.prune_epochs else [])
 
 
-def _zoo_attrs(cfg: ZooConfig, data: ImageData, layout: list[dict], shard: tuple[int, int]) -> dict:
-    return {"architecture": cfg.architecture, "architecture_kwargs": json.dumps(cfg.architecture_kwargs),
-            "dataset": cfg.dataset, "input_shape": json.dumps(list(data.input_shape)),
-            "num_classes": data.num_classes, "layout": json.dumps(layout),
-            "input_mean": json.dumps(data.mean.tolist()), "input_std": json.dumps(data.std.tolist()),
-            "shard": f"{shard[0]}/{shard[1]}"}
-
-
-def _open_partial(partial: Path, cfg: ZooConfig, cfg_yaml: str, members, ids, data, layout, shard, device):
-    """Create the partial file, or check that an existing one is this build's; returns (plan, done)."""
+def _open_partial(out: Path, cfg: ZooConfig, cfg_yaml: str, members, ids, data: ImageData, shard,
+                  device) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Create the partial file, or check that an existing one is this build's; returns (plan, done, same)."""
+    partial = partial_path(out)
     if partial.exists():
         try:
-            same = same_zoo_config(config_of(partial), yaml.safe_load(cfg_yaml))
             with h5py.File(partial, "r") as f:
                 plan = f["models/population"][:]  # a shard's members: the ones with a population
-                same = same and f.attrs.get("shard") == f"{shard[0]}/{shard[1]}" and \
-                    np.array_equal(np.flatnonzero(plan >= 0), ids)
+                same = same_zoo_config(yaml.safe_load(f.attrs["config"]), yaml.safe_load(cfg_yaml)) and \
+                    f.attrs.get("shard") == f"{shard[0]}/{shard[1]}" and np.array_equal(np.flatnonzero(plan >= 0), ids)
                 return plan, f["models/done"][:], same
         except (OSError, KeyError):
-            raise UsageError(f"{partial} is not a readable partial zoo; delete it or pass --overwrite") from None
+            raise UsageError(f"{partial} is not a readable partial zoo (truncated?); delete it or pass "
+                             f"--overwrite to start again") from None
     plan = plan_populations(members, ids, cfg, data, device)
-    create_partial(partial, cfg_yaml, _zoo_attrs(cfg, data, layout, shard), members, cfg.checkpoints,
-                   n_params(layout), _metric_names(cfg), plan)
+    attrs = {"input_mean": json.dumps(data.mean.tolist()), "input_std": json.dumps(data.std.tolist()),
+             "shard": f"{shard[0]}/{shard[1]}"}
+    ZooWriter.create(out, model_spec(cfg, data), members, cfg.checkpoints, _metric_names(cfg), dataset=cfg.dataset,
+                     config=cfg_yaml, attrs=attrs, fields={"population": plan.astype(np.int32)}).close()
     return plan, np.zeros(len(members), bool), True
 
 
@@ -153,7 +149,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: AsyncWriter, bar: tqdm,
+def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: ZooWriter, bar: tqdm,
                       seconds: dict[str, float]) -> None:
     """Train, evaluate and hand checkpoints to the writer; adds wall time per phase to `seconds`
     (synchronised once per epoch, so the split is exact and costs nothing measurable)."""
@@ -167,7 +163,7 @@ def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: 
         if epoch in slots:
             metrics = {k: v.cpu().numpy() for k, v in pop.evaluate().items()}
             evaluated = time.perf_counter()
-            writer.checkpoint(ids, slots[epoch], pop.flat_weights().cpu().numpy(), metrics)
+            writer.write(ids, slots[epoch], pop.flat_weights().cpu().numpy(), metrics)
             handed = time.perf_counter()
         seconds["train"] += trained - start
         seconds["epoch 1"] += (trained - start) * (epoch == 1)  # compilation and graph capture land here
@@ -184,45 +180,50 @@ def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: 
 def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False, shard: tuple[int, int] = (0, 1),
           max_populations: int | None = None, progress: bool = True, table: bool = True) -> Path | None:
     """Build (or resume) the zoo; returns its path, or None when stopped early by `max_populations`.
-    `table=False` skips the Parquet table (torchrun's temporary shards: the merged zoo gets one)."""
+    `table=False` skips the Parquet table (torchrun's temporary shards: the joined zoo gets one).
+    One build writes `out` at a time (an exclusive lock `OUT.lock`); the HDF5 rename is its commit point."""
     out = Path(out or cfg.out or f"data/zoos/{cfg.name}.h5")
     if out.suffix != ".h5":
         raise UsageError(f"output path {out} must end in .h5 (the Parquet table goes beside it)")
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite to rebuild it or choose another --out")
-    partial = out.with_name(out.name + ".partial")
-    if overwrite and partial.exists():
-        partial.unlink()
+    if max_populations is not None and max_populations < 1:
+        raise UsageError(f"--max-populations must be >= 1, got {max_populations}")
+    check_new_output(out, overwrite, "zoo")
     device = resolve_device(cfg.device)
+    members = expand_members(cfg)
+    if not members:
+        raise UsageError("the config expands to no members; give grid values or n_random >= 1")
+    with output_lock(out):
+        if overwrite and partial_path(out).exists():
+            partial_path(out).unlink()
+        return _build_locked(cfg, out, members, device, shard, max_populations, progress, table)
+
+
+def _build_locked(cfg: ZooConfig, out: Path, members: list[MemberSpec], device: torch.device, shard, max_populations,
+                  progress: bool, table: bool) -> Path | None:
     if device.type == "cuda" and device.index is not None:
         # torchrun rank r works on cuda:r: make it current, or CUDA-graph capture streams and Triton launches
         # go to cuda:0 (seen on 2 H200s: "operation not permitted when stream is capturing" on rank 1)
         torch.cuda.set_device(device)
-    members = expand_members(cfg)
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.grayscale, cfg.resize, cfg.val_fraction, device)
-    layout = param_layout(_template(cfg, data, members[0].activation))
+    data = DataSpec.of(cfg).load(device)
+    model_spec(cfg, data).layout()  # fails early, with the reason, on shapes the architecture cannot take
     ids = shard_ids(members, *shard)
-    cfg_yaml = to_yaml(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plan, done, same = _open_partial(partial, cfg, cfg_yaml, members, ids, data, layout, shard, device)
+    plan, done, same = _open_partial(out, cfg, to_yaml(cfg), members, ids, data, shard, device)
     if not same:
-        raise UsageError(f"{partial} holds an interrupted build with another config or shard; "
+        raise UsageError(f"{partial_path(out)} holds an interrupted build with another config or shard; "
                          f"pass --overwrite to discard it, or rerun with the same config to resume")
     todo = [p for p in np.unique(plan[plan >= 0]) if not done[plan == p].all()]
-    writer = AsyncWriter(partial)
-    t0, trained = time.perf_counter(), 0
     phases = dict.fromkeys(["setup", "train", "epoch 1", "evaluate", "epoch 0", "checkpoint"], 0.0)
-    n_todo = int(sum((plan == p).sum() for p in todo))
-    bar = tqdm(total=n_todo * cfg.epochs, unit="model-epoch", disable=not progress,
-               desc=f"{cfg.name} on {device.type}", smoothing=0.1)
+    bar = tqdm(total=int(sum((plan == p).sum() for p in todo)) * cfg.epochs, unit="model-epoch",
+               disable=not progress, desc=f"{cfg.name} on {device.type}", smoothing=0.1)
+    writer = ZooWriter.resume(out, background=True)
+    t0, trained = time.perf_counter(), 0
     try:
         for p in todo[:max_populations]:
             pids = np.flatnonzero(plan == p)
             t_setup = time.perf_counter()
             pop = Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in pids], data,
                              cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile,
-                             eval_bytes(cfg, device),
-                             conv=cfg.conv, cuda_graphs=cfg.cuda_graphs)
+                             eval_bytes(cfg, device), conv=cfg.conv, cuda_graphs=cfg.cuda_graphs)
             _sync(device)
             phases["setup"] += time.perf_counter() - t_setup
             _train_population(pop, pids, cfg, writer, bar, phases)
@@ -231,20 +232,19 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
         bar.close()
         t_close = time.perf_counter()
         writer.close()
-    seconds = time.perf_counter() - t0
     if trained:
-        print(f"trained {trained} members x {cfg.epochs} epochs in {seconds:.1f} s on {device}: "
-              f"{trained * cfg.epochs / seconds:.2f} model-epochs/s, {trained / seconds:.3f} members/s "
-              f"(population setup {phases['setup']:.1f} s, train {phases['train']:.1f} s of which epoch 1 "
-              f"{phases['epoch 1']:.1f} s, evaluate {phases['evaluate']:.1f} s of which epoch 0 "
-              f"{phases['epoch 0']:.1f} s, checkpoint handoff "
-              f"{phases['checkpoint']:.1f} s, final write {time.perf_counter() - t_close:.1f} s)")
+        _print_summary(trained, cfg, device, time.perf_counter() - t0, phases, time.perf_counter() - t_close)
     if max_populations is not None and len(todo) > max_populations:
         return None
-    os.replace(partial, out)
-    if table:
-        write_table(out, out.with_suffix(".parquet"))
-    return out
+    return writer.commit(table, required=plan >= 0)
+
+
+def _print_summary(trained: int, cfg: ZooConfig, device, seconds: float, phases: dict, final: float) -> None:
+    print(f"trained {trained} members x {cfg.epochs} epochs in {seconds:.1f} s on {device}: "
+          f"{trained * cfg.epochs / seconds:.2f} model-epochs/s, {trained / seconds:.3f} members/s "
+          f"(population setup {phases['setup']:.1f} s, train {phases['train']:.1f} s of which epoch 1 "
+          f"{phases['epoch 1']:.1f} s, evaluate {phases['evaluate']:.1f} s of which epoch 0 "
+          f"{phases['epoch 0']:.1f} s, checkpoint handoff {phases['checkpoint']:.1f} s, final write {final:.1f} s)")
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -295,7 +295,7 @@ def _main_distributed(cfg: ZooConfig, args, rank: int, world: int) -> None:
         dist.barrier()
         if rank == 0 and done is not None:
             shards = [out.with_name(f"{out.stem}.shard{r}of{world}.h5") for r in range(world)]
-            merge(out, shards, args.overwrite, consume=True)  # shard 0's file becomes the zoo
+            join(out, shards, args.overwrite, consume=True)  # shard 0's file becomes the zoo
             for s in shards[1:]:
                 s.unlink()
             print(f"zoo written to {out}")

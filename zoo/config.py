@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ._config import UsageError, _coerce
+from .cli import Config, UsageError, coerce, option
+from .engine import CONV_PATHS
 from .models import ACTIVATIONS, INITS
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -61,7 +62,7 @@ DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
 
 
 @dataclass(frozen=True)
-class ZooConfig:
+class ZooConfig(Config):
     """`python -m zoo.build` config. Members = `fixed` hparams, then the `grid` product (or `n_random`
     draws from `random`), each repeated for `seeds` consecutive seeds starting at `seed`."""
     name: str = "digits_default"
@@ -69,32 +70,30 @@ class ZooConfig:
     data_root: str = "data/datasets"
     download: bool = False
     grayscale: bool = False
-    resize: int | None = None
-    val_fraction: float = 0.0
+    resize: int | None = option(None, ge=1)
+    val_fraction: float = option(0.0, ge=0, lt=1)
     architecture: str = "cnn_gap"
     architecture_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 8
+    epochs: int = option(8, ge=1)
     checkpoints: list[int] = (0, 1, 2, 4, 8)
     fixed: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list] = field(default_factory=dict)
     random: dict[str, dict[str, list]] = field(default_factory=dict)
-    n_random: int = 0
-    seeds: int = 1
-    seed: int = 0
+    n_random: int = option(0, ge=0)
+    seeds: int = option(1, ge=1)
+    seed: int = option(0, ge=0)
     prune_epochs: list[int] = ()
-    population_size: int = 0  # 0: as many as fit the device memory budget
-    memory_fraction: float = 0.6  # of free GPU memory (CPU: of 8 GiB) a population may use
-    train_eval_samples: int = 0  # train metrics on this many training samples per member; 0 = all
+    population_size: int = option(0, ge=0)  # 0: as many as fit the device memory budget
+    memory_fraction: float = option(0.6, gt=0, le=1)  # of free GPU memory (CPU: of 8 GiB) a population may use
+    train_eval_samples: int = option(0, ge=0)  # train metrics on this many training samples per member; 0 = all
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = option("fp32", choices=("fp32", "bf16"))
     compile: bool = False
     cuda_graphs: bool = True  # on CUDA, replay each training step as one captured CUDA graph (no launch overhead)
-    conv: str = "auto"  # auto (fused on CUDA with Triton, else grouped), grouped, unfold (im2col + bmm), fused (Triton)
+    conv: str = option("auto", choices=CONV_PATHS)  # auto: fused (Triton) on CUDA, else grouped; unfold: im2col + bmm
     out: str = ""  # default data/zoos/<name>.h5
 
-    def __post_init__(self):
-        if self.epochs < 1:
-            raise UsageError(f"epochs must be >= 1, got {self.epochs}")
+    def check(self):
         bad = [c for c in self.checkpoints if not 0 <= c <= self.epochs]
         if bad or not self.checkpoints or list(self.checkpoints) != sorted(set(self.checkpoints)):
             raise UsageError(f"checkpoints must be increasing epochs in [0, epochs={self.epochs}], got {list(self.checkpoints)}")
@@ -104,21 +103,26 @@ class ZooConfig:
             for hp in table:
                 if hp not in HPARAMS:
                     raise UsageError(f"unknown hyperparameter '{hp}' in {key}; valid: {', '.join(HPARAMS)}")
+        for hp, values in self.grid.items():
+            if not isinstance(values, (list, tuple)) or not values:
+                raise UsageError(f"grid.{hp} must be a non-empty list of values, got {values!r}")
         for hp, spec in self.random.items():
-            if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
                 raise UsageError(f"random.{hp} must be one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
+            (dist, args), = spec.items()
+            if dist == "choice" and not args or dist != "choice" and (len(args) != 2 or args[0] > args[1]):
+                raise UsageError(f"random.{hp}: {dist} needs " + ("a non-empty list of values" if dist == "choice"
+                                 else f"[low, high] with low <= high, got {list(args)}"))
+            if dist == "log_uniform" and args[0] <= 0:
+                raise UsageError(f"random.{hp}: log_uniform needs low > 0, got {list(args)}")
         if self.random and self.n_random < 1:
             raise UsageError("random sampling needs n_random >= 1 (number of members to draw)")
         if self.grid and self.random:
             raise UsageError("set either grid or random, not both")
-        if self.precision not in ("fp32", "bf16"):
-            raise UsageError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.seeds < 1:
-            raise UsageError(f"seeds must be >= 1, got {self.seeds}")
 
 
 def _hp(name: str, value: Any, where: str) -> Any:
-    return _coerce(value, _HP_TYPES[name], f"{where}.{name}")
+    return coerce(value, _HP_TYPES[name], f"{where}.{name}")
 
 
 def _draw(name: str, spec: dict[str, list], rng: np.random.Generator) -> Any:

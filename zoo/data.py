@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._config import UsageError
+from .cli import UsageError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "svhn", "npz:PATH")
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -201,6 +201,28 @@ def _resize(x: np.ndarray, size: int) -> np.ndarray:
     t = torch.from_numpy(x).float()
     t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1])
     return t.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which dataset a zoo trains on and how it is preprocessed (the data keys of a zoo config)."""
+    name: str = "digits"
+    root: str = "data/datasets"
+    download: bool = False
+    grayscale: bool = False
+    resize: int | None = None
+    val_fraction: float = 0.0
+
+    @classmethod
+    def of(cls, cfg) -> "DataSpec":
+        """From a zoo config (a `ZooConfig` or the mapping stored in a zoo file)."""
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        return cls(get("dataset", "digits"), get("data_root", "data/datasets"), bool(get("download", False)),
+                   bool(get("grayscale", False)), get("resize"), float(get("val_fraction", 0.0)))
+
+    def load(self, device: str | torch.device = "cpu") -> ImageData:
+        return load_dataset(self.name, self.root, self.download, self.grayscale, self.resize, self.val_fraction,
+                            device)
 
 
 def load_dataset(name: str, data_root: str | Path = "data/datasets", download: bool = False, grayscale: bool = False,

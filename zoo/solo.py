@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from .config import MemberSpec
 from .data import ImageData
-from .models import create_model
-from .population import init_member, member_order, member_pools, noisy_labels
+from .population import init_member, member_order, member_pools, noisy_labels, spec_for
 
 _OPTIMIZERS = {
     "adam": lambda ps, m: torch.optim.Adam(ps, lr=m.lr, weight_decay=m.weight_decay),
@@ -23,10 +22,8 @@ _OPTIMIZERS = {
 
 
 def build_member(architecture: str, architecture_kwargs: dict, m: MemberSpec, data: ImageData) -> nn.Module:
-    C, H, _ = data.input_shape
-    build = lambda: create_model(architecture, in_channels=C, input_size=H, num_classes=data.num_classes,
-                                 activation=m.activation, dropout=m.dropout, **architecture_kwargs)
-    return init_member(build, m).to(data.x_train.device)
+    spec = spec_for(architecture, architecture_kwargs, data)
+    return init_member(lambda: spec.create(m.activation, m.dropout), m).to(data.x_train.device)
 
 
 def train_solo(architecture: str, architecture_kwargs: dict, m: MemberSpec, data: ImageData, epochs: int,

@@ -1,0 +1,264 @@
+"""The population engine's forward pass: one registry architecture run for M members at once.
+
+Activations are laid out `(B, M, *features)` (or `(B, 1, ...)` when every member sees the same images, as
+in evaluation); parameters are per-member tensors `(M, *shape)`, views of one flat `(M, P)` buffer.
+Convolutions run as fused per-member Triton kernels on CUDA (`_convpool.py`), one grouped convolution
+(groups = M) or im2col + batched matmul; linear layers as one batched matmul. Each layer type of the
+registry has a rule here (`RULES`); a new layer type registers one with `@rule(LayerType)`.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._convpool import available as triton_available, conv_pool
+from ._rng import hash32
+from .cli import UsageError
+from .models import ACTIVATIONS, Activation, ClassToken, GlobalAvgPool, PatchEmbed, Residual, SelfAttention
+from .spec import Layout, ModelSpec
+
+CONV_PATHS = ("auto", "grouped", "unfold", "fused")
+RULES: dict[type, Callable] = {}
+
+
+def rule(layer_type: type):
+    """Decorator: `fn(module, prefix, x (B, M, ...), ctx) -> y` runs `layer_type` for every member."""
+    def deco(fn):
+        RULES[layer_type] = fn
+        return fn
+    return deco
+
+
+def missing_rules(module: nn.Module) -> list[str]:
+    """Names of the layer types in `module` that the engine has no rule for (empty: it can run it)."""
+    return sorted({type(m).__name__ for m in module.modules() if type(m) not in RULES})
+
+
+def runs(values: Sequence[str]) -> list[tuple[str, int, int]]:
+    """[(value, start, stop)]: maximal runs of equal consecutive values (members sorted by value give one each)."""
+    out, start = [], 0
+    for value, group in itertools.groupby(values):
+        n = len(list(group))
+        out.append((value, start, start + n))
+        start += n
+    return out
+
+
+@dataclass
+class _Ctx:
+    params: dict[str, torch.Tensor]  # name -> (M, *shape)
+    act_runs: list[tuple[str, int, int]]  # per-member activation: (name, first member, end) runs along M
+    dropout: torch.Tensor | None  # (M,) rates while training, None when off
+    step_key: torch.Tensor | None  # (M,) int64, a member's key for this step's dropout masks
+    conv: str = "grouped"  # "grouped" conv, "unfold" (im2col + batched matmul) or "fused" (Triton, _convpool.py)
+    bf16: bool = False  # bf16 autocast is on (the fused kernels then run in bf16 as torch's conv would)
+    n_dropout: int = 0  # dropout layers seen so far in this forward pass
+
+
+def _member_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(M,) per-member values, broadcast against a (B, M, *features) activation of `ndim` dims."""
+    return v.view(1, -1, *[1] * (ndim - 2))
+
+
+def _out_size(size: int, k: int, pad: int, dil: int, stride: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _fusable(m: nn.Conv2d, pool: nn.Module | None = None) -> bool:
+    """Square kernel, equal strides/paddings, no dilation or groups (and a plain k x k, stride k max-pool)."""
+    sq = lambda v: v[0] == v[1]
+    ok = sq(m.kernel_size) and sq(m.stride) and sq(m.padding) and m.dilation == (1, 1) and m.groups == 1
+    if pool is not None:
+        k, s = pool.kernel_size, pool.stride
+        ok = ok and isinstance(k, int) and s in (k, (k, k)) and pool.padding == 0 and pool.dilation == 1 \
+            and not pool.ceil_mode
+    return ok and m.padding_mode == "zeros"
+
+
+def _conv_pool(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx, pool: int = 1) -> torch.Tensor:
+    """Triton conv (+ max-pool) on (B, M, C, H, W); in bf16 under autocast, as torch's conv would be."""
+    w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]
+    if ctx.bf16:
+        x = x.to(torch.bfloat16)
+    return conv_pool(x.contiguous(), w, b, m.stride[0], m.padding[0], pool)
+
+
+@rule(nn.Conv2d)
+def _conv(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]  # (M, O, C, k, k), (M, O)
+    M, O = w.shape[:2]
+    B, Mx, C, H, W = x.shape
+    kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation)
+    if ctx.conv == "fused" and _fusable(m):  # the band kernel (it reads a shared input once, too)
+        return _conv_pool(m, p, x, ctx)
+    if Mx == 1 and M > 1:  # every member sees the same images (evaluation): one dense conv
+        y = F.conv2d(x[:, 0], w.reshape(M * O, C, *w.shape[3:]), b.reshape(-1), **kw)
+    elif ctx.conv == "unfold":  # (1, M, O, C*k*k) @ (B, M, C*k*k, L): batched matmul on tensor cores
+        cols = F.unfold(x.reshape(B, M * C, H, W), w.shape[3:], m.dilation, m.padding, m.stride)
+        y = (w.reshape(1, M, O, -1) @ cols.view(B, M, -1, cols.shape[-1])) + b.view(1, M, O, 1)
+        h2, w2 = (_out_size(s, k, p_, d, st) for s, k, p_, d, st in
+                  zip((H, W), w.shape[3:], m.padding, m.dilation, m.stride))
+        return y.view(B, M, O, h2, w2)
+    else:  # (B, M*C, H, W) * (M*O, C, k, k), groups = M
+        y = F.conv2d(x.reshape(B, M * C, H, W), w.reshape(M * O, C, *w.shape[3:]), b.reshape(-1), groups=M, **kw)
+    return y.view(B, M, O, *y.shape[-2:])
+
+
+@rule(nn.Linear)
+def _linear(m: nn.Linear, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]  # (M, O, I), (M, O)
+    if x.shape[1] == 1 and w.shape[0] > 1:  # shared input (evaluation)
+        y = torch.einsum("b...i,moi->bm...o", x[:, 0], w)
+    else:
+        y = torch.einsum("bm...i,moi->bm...o", x, w)
+    return y + b.view(1, b.shape[0], *[1] * (y.dim() - 3), b.shape[1])
+
+
+@rule(nn.MaxPool2d)
+def _pool(m: nn.MaxPool2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    y = F.max_pool2d(x.flatten(1, 2), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    return y.view(*x.shape[:3], *y.shape[-2:])
+
+
+@rule(nn.Dropout)
+def _dropout(m: nn.Dropout, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """Inverted dropout with per-member rates. Masks hash (member key, layer, element): a member's
+    masks do not depend on which other members share its population."""
+    if ctx.dropout is None:
+        return x
+    ctx.n_dropout += 1
+    B, M = x.shape[:2]
+    key = hash32(ctx.step_key, ctx.n_dropout, torch.zeros_like(ctx.step_key)) & 0x7FFFFFFF  # (M,)
+    elem = torch.arange(B * x[0, 0].numel(), device=x.device).view(B, 1, *x.shape[2:])
+    # the xor keeps inductor from folding arange * constant into an int32 index expression, which
+    # overflows for ~10^7-element activations (torch 2.11: "Scalar ... is out of range for type int32")
+    u = hash32(_member_view(key, x.dim()), 0, elem ^ 0x5BD1E995)  # (B, M, ...) uniform in [0, 2^32)
+    keep = _member_view(1.0 - ctx.dropout, x.dim())
+    return x * (u >= _member_view(ctx.dropout.double() * 2**32, x.dim())) / keep
+
+
+@rule(nn.LayerNorm)
+def _layer_norm(m: nn.LayerNorm, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]  # (M, D)
+    y = F.layer_norm(x, m.normalized_shape, eps=m.eps)
+    shape = (1, w.shape[0], *[1] * (x.dim() - 3), w.shape[1])
+    return y * w.view(shape) + b.view(shape)
+
+
+@rule(PatchEmbed)
+def _patch_embed(m: PatchEmbed, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    t = _conv(m.proj, p + "proj.", x, ctx).flatten(3).transpose(2, 3)  # (B, M, P, D)
+    cls, pos = ctx.params[p + "cls"], ctx.params[p + "pos"]  # (M, 1, 1, D), (M, 1, P+1, D)
+    t = torch.cat([cls.transpose(0, 1).expand(len(t), -1, -1, -1), t], dim=2)
+    return t + pos.transpose(0, 1)
+
+
+@rule(SelfAttention)
+def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    B, M, T, D = x.shape
+    q, k, v = _linear(m.qkv, p + "qkv.", x, ctx).reshape(B * M, T, 3, m.heads, D // m.heads).permute(2, 0, 3, 1, 4)
+    # explicit softmax attention: T is tiny, and fused kernels reject batch B*M in the 10^5 range
+    att = torch.softmax((q @ k.transpose(-1, -2)) * (D // m.heads) ** -0.5, dim=-1)
+    y = att @ v  # (B*M, heads, T, D/heads)
+    return _linear(m.out, p + "out.", y.transpose(1, 2).reshape(B, M, T, D), ctx)
+
+
+def _join(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat without the copy when there is one part (a population with one activation/optimizer)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+@rule(Activation)
+def _activation(m: Activation, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """Each member's own activation on its slice of (B, M, ...)."""
+    return _join([ACTIVATIONS[name](x[:, a:b]) for name, a, b in ctx.act_runs], dim=1)
+
+
+@rule(nn.Sequential)
+def _sequential(m: nn.Sequential, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    children = list(m.named_children())
+    i = 0
+    while i < len(children):
+        name, child = children[i]
+        nxt = children[i + 1][1] if i + 1 < len(children) else None
+        if (ctx.conv == "fused" and isinstance(child, nn.Conv2d) and isinstance(nxt, nn.MaxPool2d)
+                and _fusable(child, nxt)):  # conv -> max-pool in one kernel
+            x = _conv_pool(child, f"{p}{name}.", x, ctx, nxt.kernel_size)
+            i += 2
+            continue
+        x = run_layer(child, f"{p}{name}.", x, ctx)
+        i += 1
+    return x
+
+
+rule(nn.Flatten)(lambda m, p, x, ctx: x.flatten(2))
+rule(GlobalAvgPool)(lambda m, p, x, ctx: x.mean(dim=(-2, -1)))
+rule(Residual)(lambda m, p, x, ctx: x + _sequential(m.body, p + "body.", x, ctx))
+rule(ClassToken)(lambda m, p, x, ctx: x[..., 0, :])
+
+
+def run_layer(m: nn.Module, prefix: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    op = RULES.get(type(m))
+    if op is None:
+        raise TypeError(f"population engine has no rule for layer type {type(m).__name__} at '{prefix}'")
+    return op(m, prefix, x, ctx)
+
+
+def resolve_conv(conv: str, device: torch.device) -> str:
+    """'auto' -> the Triton kernels where they run natively (CUDA), else PyTorch's grouped conv."""
+    if conv not in CONV_PATHS:
+        raise UsageError(f"conv must be one of {', '.join(CONV_PATHS)}, got {conv!r}")
+    if conv == "auto":
+        return "fused" if device.type == "cuda" and triton_available(device) else "grouped"
+    return conv
+
+
+class BatchedNet:
+    """The forward pass of M members of one `ModelSpec`, each with its own weights and activation."""
+
+    def __init__(self, spec: ModelSpec, activations: Sequence[str], device: torch.device | str = "cpu",
+                 conv: str = "auto", precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise UsageError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.spec, self.device = spec, torch.device(device)
+        self.template = spec.create(activations[0] if activations else None)
+        missing = missing_rules(self.template)
+        if missing:
+            raise UsageError(f"architecture '{spec.architecture}' uses layer types the population engine has no rule "
+                             f"for: {', '.join(missing)} (add one with zoo.engine.rule)")
+        self.layout = Layout.of(self.template)
+        self.act_runs = runs(list(activations))
+        self.size = len(activations)
+        self.conv = resolve_conv(conv, self.device)
+        self.precision = precision
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """(M, P) -> per-tensor views (M, *shape), state_dict order."""
+        return self.layout.views(flat)
+
+    def forward(self, x: torch.Tensor, params: torch.Tensor | list[torch.Tensor], dropout: torch.Tensor | None = None,
+                step_key: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, M or 1, C, H, W) float, params (M, P) or its views -> (B, M, num_classes) float32 logits.
+        `dropout` (M,) rates with `step_key` (M,) turn dropout on (training)."""
+        views = self.views(params) if isinstance(params, torch.Tensor) else params
+        ctx = _Ctx(dict(zip(self.layout.names, views)), self.act_runs, dropout, step_key, self.conv,
+                   self.precision == "bf16")
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            return run_layer(self.template, "", x, ctx).float()
+
+
+def activation_numel(template: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(sum, max) over leaf layers of output elements for one input sample of `shape`."""
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: sizes.append(o.numel()))
+             for m in template.modules() if not list(m.children())]
+    with torch.no_grad():
+        template.eval()(torch.zeros(1, *shape))
+    for h in hooks:
+        h.remove()
+    return sum(sizes), max(sizes)
