@@ -1,7 +1,8 @@
 """Where a build's fixed cost goes: a population's first evaluation and first training steps, cold caches.
 
 Every `zoo.build` rank pays this once per population whatever its size, so on K GPUs it weighs K times as much
-against the training that K GPUs split (benchmarks/NOTES.md, session 7: ~50-80 s per process on the H100).
+against the training that K GPUs split (~50-80 s per process on the H100: benchmarks/NOTES.md, "Per-process
+fixed cost").
 Each phase runs twice, cold then warm (in-process caches filled); the difference is compilation, Triton JIT
 and graph capture. To see inside a phase, sample the run with py-spy (cProfile does not work here: with
 dynamo on Python 3.12 it attributes nothing to the compile functions) and summarize the samples by phase and
@@ -36,10 +37,11 @@ import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo_throughput import hyp_members  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from zoo import _convpool  # noqa: E402
 from zoo.data import load_dataset  # noqa: E402
 from zoo.population import Population  # noqa: E402
-from zoo_throughput import hyp_members  # noqa: E402  (this folder is on sys.path when run as a script)
 
 # (kind of work, substring of a frame): a sample counts for the first kind any of its frames matches
 KINDS = [("import (no .pyc: source compiled)", "_find_and_load"),
@@ -51,7 +53,8 @@ KINDS = [("import (no .pyc: source compiled)", "_find_and_load"),
 
 def summarize(path: str, rate: int = 100) -> None:
     """Seconds of py-spy raw samples (`--format raw`, `rate` per second) per phase of this script and kind of
-    work (run it on the revision that was sampled: phases are found by line). Idle threads (compile-worker readers, tqdm) are left out; the backward's compile runs on autograd's
+    work (run it on the revision that was sampled: phases are found by line). Idle threads (compile-worker readers,
+tqdm) are left out; the backward's compile runs on autograd's
     thread and counts for the training phase."""
     phases: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     lines, first = inspect.getsourcelines(main)  # stacks name main's line: the timed(...) call of a phase
@@ -116,7 +119,8 @@ def main():
     data = load_dataset(args.dataset, args.data_root, device=dev)
     members = hyp_members(args.members, args.batch, args.acts.split(","), args.opts.split(","))
     print(f"{args.arch}, {args.members} members ({args.acts} x {args.opts}), batch {args.batch}, {args.precision}, "
-          f"{dev}; caches {os.environ['TORCHINDUCTOR_CACHE_DIR']}; inductor {args.inductor}; jit threads {args.jit_threads}", flush=True)
+          f"{dev}; caches {os.environ['TORCHINDUCTOR_CACHE_DIR']}; inductor {args.inductor}; "
+          f"jit threads {args.jit_threads}", flush=True)
     make = lambda: Population(args.arch, {}, members, data, train_eval_samples=args.eval_samples,  # noqa: E731
                               precision=args.precision, compile=True, cuda_graphs=True)
     pop = timed("setup (incl. kernel JIT)", make, dev)

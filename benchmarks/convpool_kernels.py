@@ -1,6 +1,6 @@
 """Per-layer timing of the Triton conv + max-pool kernels (zoo/_convpool.py) against PyTorch's grouped
-conv + max-pool, forward and backward, on cnn_s's conv stages, for a few tile configurations. (Session 2's
-gathered-patch kernels, replaced by the band kernels in session 3: results/h100_s3_convpool_kernels_b64.log.)
+conv + max-pool, forward and backward, on cnn_s's conv stages, for a few tile configurations (band kernels
+against the earlier gathered-patch kernels: results/h100_s3_convpool_kernels_b64.log).
 
 Device run:  python benchmarks/convpool_kernels.py                       # batch 64, 4,096 members
              python benchmarks/convpool_kernels.py --batch 10 --members 2560   # the HYP zoo's shape
@@ -47,9 +47,10 @@ def run_layer(name, B, M, dtype, iters, device, torch_too=True):
     for path, fn in (("triton", _convpool.conv_pool), ("torch", _convpool._reference))[:2 if torch_too else 1]:
         z = fn(x, w, b, s, 0, p)
         g = torch.randn_like(z)
-        out[path + " fwd"] = timed(lambda: fn(x, w, b, s, 0, p), iters, device)
-        out[path + " fwd+bwd"] = timed(lambda: torch.autograd.grad(fn(x, w, b, s, 0, p), [w, b] + ([x] if C > 1 else []),
-                                                                    g), iters, device)
+        inputs = [w, b] + ([x] if C > 1 else [])
+        out[path + " fwd"] = timed(lambda fn=fn: fn(x, w, b, s, 0, p), iters, device)
+        fwd_bwd = lambda fn=fn, g=g, inputs=inputs: torch.autograd.grad(fn(x, w, b, s, 0, p), inputs, g)
+        out[path + " fwd+bwd"] = timed(fwd_bwd, iters, device)
     e = dtype.itemsize
     fwd_bytes = B * M * (C * H * H * e + z[0, 0].numel() * (e + 1))
     return out, fwd_bytes
@@ -70,7 +71,8 @@ def main():
         for name in LAYERS:
             t, nbytes = run_layer(name, args.batch, args.members, dtype, args.iters, device, torch_too=i == 0)
             print(f"{cfg} {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items())
-                  + f"; triton fwd moves >= {nbytes / 2**30:.2f} GiB = {nbytes / t['triton fwd'] / 1e6:.0f} GB/s", flush=True)
+                  + f"; triton fwd moves >= {nbytes / 2**30:.2f} GiB = {nbytes / t['triton fwd'] / 1e6:.0f} GB/s",
+                  flush=True)
 
 
 if __name__ == "__main__":

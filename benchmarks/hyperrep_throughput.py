@@ -51,7 +51,8 @@ def main():
     B, T, S = args.batch, args.window, args.token_size
     tokens = torch.randn(2 * B, T, S, device=dev)
     mask = torch.ones_like(tokens, dtype=torch.bool)
-    pos = torch.stack([torch.arange(T), torch.zeros(T, dtype=torch.long), torch.arange(T)], -1).to(dev).expand(2 * B, -1, -1)
+    pos = torch.stack([torch.arange(T), torch.zeros(T, dtype=torch.long), torch.arange(T)], -1)
+    pos = pos.to(dev).expand(2 * B, -1, -1)
 
     def step():
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):

@@ -23,10 +23,11 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo_throughput import hyp_members  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from zoo import ModelSpec, ZooWriter  # noqa: E402
 from zoo.build import shard_ids  # noqa: E402
 from zoo.join import join  # noqa: E402
-from zoo_throughput import hyp_members  # noqa: E402  (this folder is on sys.path when run as a script)
 
 CNN_S = ModelSpec("cnn_s", {}, (1, 28, 28), 10)  # 2,464 parameters, as the HYP zoo's members
 

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import Population, ZooConfig, load_dataset  # noqa: E402
-from zoo.cli import load_config  # noqa: E402
 from zoo.build import DEFAULT_ZOO, run_order, shard_ids  # noqa: E402
+from zoo.cli import load_config  # noqa: E402
 from zoo.config import expand_members  # noqa: E402
 
 
@@ -54,8 +54,10 @@ def main():
         w = {k: p.flat_weights() for k, p in pops.items()}
         w["all"] = w["all"][pos.to(w["all"].device)]
         size, prec = rel(w["half"], w["all"]), rel(w["half_fp32"], w["all"])
-        q = lambda v: " ".join(f"{s} {float(v.nanquantile(x)):.2g}" for s, x in [("median", .5), ("q90", .9), ("max", 1.)])
-        print(f"step {stop}: population {len(members)} vs {len(first)}: {q(size)} | bf16 vs fp32: {q(prec)}", flush=True)
+        q = lambda v: " ".join(f"{s} {float(v.nanquantile(x)):.2g}"
+                               for s, x in [("median", .5), ("q90", .9), ("max", 1.)])
+        print(f"step {stop}: population {len(members)} vs {len(first)}: {q(size)} | bf16 vs fp32: {q(prec)}",
+              flush=True)
 
 
 if __name__ == "__main__":

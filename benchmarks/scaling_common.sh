@@ -2,7 +2,7 @@
 #
 # Bytecode cache. The device's Python sets PYTHONDONTWRITEBYTECODE=1 and its packages ship no
 # .pyc files, so every process compiles the source of each module it imports: ~13 s per process there
-# (py-spy, benchmarks/NOTES.md session 7), paid once per rank, which a normal install (pip writes .pyc files)
+# (py-spy, benchmarks/NOTES.md "Per-process fixed cost"), paid once per rank, which a normal install (pip writes .pyc files)
 # does not pay. Give the runs a bytecode cache and fill it before anything is timed.
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}

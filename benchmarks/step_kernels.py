@@ -22,9 +22,10 @@ import torch
 import torch._inductor.metrics as inductor_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zoo_throughput import hyp_members  # noqa: E402  (this folder is on sys.path when run as a script)
+
 from zoo.data import load_dataset  # noqa: E402
 from zoo.population import Population  # noqa: E402
-from zoo_throughput import hyp_members  # noqa: E402  (this folder is on sys.path when run as a script)
 
 MIXES = "tanh:adam;gelu,relu:adam,sgd;gelu,relu,sigmoid,tanh:adam,sgd"
 

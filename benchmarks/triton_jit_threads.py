@@ -1,7 +1,7 @@
 """Do Triton JIT compiles of the band kernels run in parallel across threads (do its passes release the GIL)?
 
 A build compiles its band-kernel specializations one after another (12.9 s per process on the H100,
-benchmarks/NOTES.md session 7). This compiles N distinct forward-kernel specializations (cnn_s-like
+benchmarks/NOTES.md, "Per-process fixed cost"). This compiles N distinct forward-kernel specializations (cnn_s-like
 geometries) as `zoo._convpool.precompile` does at population setup (recorded launches, `JITFunction.warmup`,
 nothing launched), first serially, then in N threads, each time other geometries into a cold
 TRITON_CACHE_DIR, and prints both wall times: a ratio near N means compiling them in threads pays.
@@ -49,7 +49,7 @@ def main():
     args = ap.parse_args()
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="tri_jit_"))  # cold
     sizes = [28 + 4 * i for i in range(2 * args.n + 1)]  # distinct kernels for each timing: none from a cache
-    timed(launches(sizes[:1], args.device), 1)  # Triton's own one-time set-up (driver, launcher build) outside the timings
+    timed(launches(sizes[:1], args.device), 1)  # Triton's one-time set-up (driver, launcher build), not timed
     recorded = [launches(sizes[1: args.n + 1], args.device), launches(sizes[args.n + 1:], args.device)]
     assert all(len(cp._distinct(r)) == args.n for r in recorded), "expected one specialization per size"
     serial, threaded = timed(recorded[0], 1), timed(recorded[1], args.n)

@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo import MemberSpec, Population, load_dataset  # noqa: E402
-from zoo import ZooConfig, _convpool  # noqa: E402
+from zoo import MemberSpec, Population, ZooConfig, _convpool, load_dataset  # noqa: E402  # noqa: E402
 from zoo.build import eval_bytes, run_order  # noqa: E402
 from zoo.population import member_order  # noqa: E402
 from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
@@ -212,7 +211,8 @@ def main():
     ap.add_argument("--solo-steps", type=int, default=200)
     ap.add_argument("--variants", default="fp32,bf16,bf16+compile")
     ap.add_argument("--check", type=int, default=3, help="members trained one epoch both ways")
-    ap.add_argument("--profile", action="store_true", help="profile 5 steps of the last variant at each population size (with --eval: one evaluation)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile 5 steps of the last variant at each population size (with --eval: one evaluation)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--recipe", choices=["adam_tanh", "hyp"], default="adam_tanh",

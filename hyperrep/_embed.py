@@ -1,16 +1,10 @@
 """Embedding every (member, checkpoint) of a zoo into an embeddings file (CLI: hyperrep.embed)."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-import h5py
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-import yaml
 from tqdm import tqdm
 
 import zoo
@@ -18,6 +12,7 @@ from zoo import Layout, UsageError
 
 from ._fit import load_run
 from .embeddings import EXCLUDED, write_embeddings
+
 
 def embed_zoo(zoo_path: str | Path, run: str | Path, out: str | Path | None = None, overwrite: bool = False,
               device: str = "cpu", batch_size: int = 256, progress: bool = True) -> Path:

@@ -22,8 +22,10 @@ def split_members(usable: np.ndarray, fractions, seed: int) -> np.ndarray:
     return split
 
 
-def layer_stats(z: Zoo, members: np.ndarray, slots: list[int], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor mean and std over the given members and slots, expanded to (P,) vectors."""
+def layer_stats(z: Zoo, members: np.ndarray, slots: list[int], chunk: int = 256,
+                per_layer: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor mean and std over the given members and slots, expanded to (P,) vectors (one mean and std
+    over every weight with `per_layer=False`)."""
     total = np.zeros(z.n_params)
     total_sq = np.zeros(z.n_params)
     n = 0
@@ -33,6 +35,11 @@ def layer_stats(z: Zoo, members: np.ndarray, slots: list[int], chunk: int = 256)
         total_sq += (w ** 2).sum((0, 1))
         n += w.shape[0] * w.shape[1]
     mean, std = np.zeros(z.n_params), np.ones(z.n_params)
+    if not per_layer:
+        m = total.sum() / (n * z.n_params)
+        v = total_sq.sum() / (n * z.n_params) - m * m
+        mean[:], std[:] = m, np.sqrt(max(v, 0.0)) + 1e-8
+        return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
     for e in z.layout:
         m = total[e.slice].sum() / (n * e.size)
         v = total_sq[e.slice].sum() / (n * e.size) - m * m
@@ -41,14 +48,15 @@ def layer_stats(z: Zoo, members: np.ndarray, slots: list[int], chunk: int = 256)
 
 
 class WeightViews(Dataset):
-    """(member, slot) items -> two views of the flat weight vector: weight-matched to `reference` if given,
-    then independently permuted if `augment`."""
+    """(member, slot) items -> two views of the flat weight vector (weight-matched to `reference` if given,
+    then independently permuted if `augment`) and the member's activation code (index into `activation_names`)."""
 
     def __init__(self, path: str, items: np.ndarray, permuter: Permuter | None, augment: bool,
-                 reference: torch.Tensor | None):
+                 reference: torch.Tensor | None, codes: np.ndarray | None = None):
         if (augment or reference is not None) and permuter is None:
             raise ValueError("permutation augmentation and alignment need a Permuter")
         self.path, self.items, self.permuter, self.augment, self.reference = path, items, permuter, augment, reference
+        self.codes = codes if codes is not None else np.zeros(int(items[:, 0].max(initial=0)) + 1, np.int64)
         self.file = None
 
     def __len__(self):
@@ -61,16 +69,25 @@ class WeightViews(Dataset):
         flat = torch.from_numpy(self.file["weights"][m, s])
         if self.reference is not None:
             flat = self.permuter.align(flat, self.reference)
+        code = int(self.codes[m])
         if not self.augment:
-            return flat, flat
-        return tuple(flat[self.permuter.random_index(torch.default_generator)] for _ in range(2))
+            return flat, flat, code
+        a, b = (flat[self.permuter.random_index(torch.default_generator)] for _ in range(2))
+        return a, b, code
+
+
+def activation_codes(activations: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Per-member activation names -> (codes (n,) int64, the sorted names the codes index)."""
+    names = sorted(set(map(str, activations)))
+    return np.array([names.index(str(a)) for a in activations], np.int64), names
 
 
 class ZooDataModule(L.LightningDataModule):
     def __init__(self, path: str, split: np.ndarray, slots: list[int], batch_size: int, num_workers: int,
-                 permuter: Permuter | None, permute: bool, reference: torch.Tensor | None = None):
+                 permuter: Permuter | None, permute: bool, reference: torch.Tensor | None = None,
+                 codes: np.ndarray | None = None):
         super().__init__()
-        self.path, self.split, self.slots = path, split, slots
+        self.path, self.split, self.slots, self.codes = path, split, slots, codes
         self.batch_size, self.num_workers = batch_size, num_workers
         self.permuter, self.permute, self.reference = permuter, permute, reference
 
@@ -79,7 +96,8 @@ class ZooDataModule(L.LightningDataModule):
         return np.array([(m, s) for m in members for s in self.slots], dtype=np.int64).reshape(-1, 2)
 
     def _loader(self, which: int, shuffle: bool) -> DataLoader:
-        ds = WeightViews(self.path, self.items(which), self.permuter, self.permute and which == TRAIN, self.reference)
+        ds = WeightViews(self.path, self.items(which), self.permuter, self.permute and which == TRAIN, self.reference,
+                         self.codes)
         if len(ds) == 0:
             raise UsageError(f"the {['train', 'val', 'test'][which]} split is empty; use a larger zoo or other splits")
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

@@ -1,7 +1,7 @@
 """Learn a hyper-representation (SANE-style autoencoder) of a zoo's weights, with Lightning.
 
 Full size, one GPU (SANE CNN size on the Model Zoos MNIST seed zoo):
-    python -m hyperrep.fit --zoo data/zoos/mnist_cnn_s_seed.h5 --config configs/hyperrep/sane_cnn.yaml
+    python -m hyperrep.fit --zoo data/zoos/mnist_cnn_s_seed.h5 --config configs/hyperrep/mnist_cnn_s_seed.yaml
 Several GPUs (DDP):  ... devices=4
 Tiny CPU run:  python -m hyperrep.fit epochs=1 d_model=32 --out /tmp/hr
 No arguments: fits on the default zoo (data/zoos/digits_default.h5) in about 80 s on 2 CPU cores.

@@ -1,10 +1,14 @@
-"""LightningModule: normalise -> tokenize -> (window) -> augment -> autoencode, SANE loss."""
+"""LightningModule: normalise -> tokenize -> (window) -> augment -> autoencode, SANE loss, and the
+decoded network's function (optional): the reconstructed weights, run by the population engine on a fixed
+batch of probe images, should give the original member's outputs."""
 from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
-from zoo import Layout
+from zoo import BatchedNet, Layout, ModelSpec
+from zoo.engine import runs
 
 from .augment import add_noise, erase_tokens
 from .config import FitConfig
@@ -13,9 +17,10 @@ from .tokens import Tokenizer
 
 
 class HyperRepModule(L.LightningModule):
-    def __init__(self, cfg: FitConfig, layout: Layout, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, cfg: FitConfig, layout: Layout, mean: torch.Tensor, std: torch.Tensor,
+                 spec: ModelSpec | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.spec = cfg, spec
         self.tokenizer = Tokenizer.from_layout(layout, cfg.token_size)
         pos = self.tokenizer.positions
         sizes = tuple(int(pos[:, i].max()) + 1 for i in range(3))
@@ -26,6 +31,17 @@ class HyperRepModule(L.LightningModule):
         self.register_buffer("std", std)
         self.register_buffer("index", self.tokenizer.index)
         self.register_buffer("positions", pos)
+        self.activations: list[str] = []  # activation names of the codes the data module passes (functional loss)
+        self.net: BatchedNet | None = None
+
+    def set_probe(self, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, activations: list[str]) -> None:
+        """Turn on the functional loss: `images` (n, C, H, W) uint8 probe inputs, `mean`, `std` (C,) the zoo's
+        input normalisation, `activations` the names behind the activation codes of the batches."""
+        self.register_buffer("probe", images, persistent=False)
+        self.register_buffer("probe_mean", mean.view(-1, 1, 1).float(), persistent=False)
+        self.register_buffer("probe_std", std.view(-1, 1, 1).float(), persistent=False)
+        self.activations = list(activations)
+        self.net = BatchedNet(self.spec, self.activations[:1], "cpu", "grouped")
 
     # ---- flat weights <-> normalised tokens ----
     def to_tokens(self, flat: torch.Tensor) -> torch.Tensor:
@@ -44,28 +60,50 @@ class HyperRepModule(L.LightningModule):
         return slice(start, start + w)
 
     def _losses(self, batch, train: bool):
-        a, b = batch  # (B, P) two views
+        a, b = batch[0], batch[1]  # (B, P) two views
         tokens = self.to_tokens(torch.cat([a, b]))  # (2B, T, S)
         sl = self._window(tokens.shape[1], train)
-        tokens, mask = tokens[:, sl], self.tokenizer.mask[sl].to(tokens.device).expand(len(tokens), -1, -1)
+        target, mask = tokens[:, sl], self.tokenizer.mask[sl].to(tokens.device).expand(len(tokens), -1, -1)
         pos = self.positions[sl].expand(len(tokens), -1, -1)
-        inp = tokens
+        inp = target
         if train:
-            inp = erase_tokens(add_noise(tokens, mask, self.cfg.noise_mult, self.cfg.noise_add), self.cfg.erase)
+            inp = erase_tokens(add_noise(target, mask, self.cfg.noise_mult, self.cfg.noise_add), self.cfg.erase)
         recon, _, proj = self.model(inp, pos)
-        return sane_loss(recon.float(), tokens, mask, proj[:len(a)].float(), proj[len(a):].float(), self.cfg.gamma,
-                         self.cfg.tau)
+        loss, mse, con = sane_loss(recon.float(), target, mask, proj[:len(a)].float(), proj[len(a):].float(),
+                                   self.cfg.gamma, self.cfg.tau)
+        fun = torch.zeros((), device=loss.device)
+        if self.cfg.beta > 0 and self.net is not None:
+            full = tokens.clone()
+            full[:, sl] = recon.float()  # the window reconstructed, the rest of the member as it is
+            codes = torch.cat([batch[2], batch[2]])
+            fun = self.functional_loss(self.to_weights(full), self.to_weights(tokens), codes)
+            loss = loss + self.cfg.beta * fun
+        return loss, mse, con, fun
+
+    def functional_loss(self, w_hat: torch.Tensor, w: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """KL(original || reconstructed) of the members' class distributions on the probe images, averaged
+        over members and images. w_hat, w (B, P); codes (B,) activation codes."""
+        order = torch.argsort(codes, stable=True)
+        names = [self.activations[int(c)] for c in codes[order]]
+        self.net.act_runs, self.net.device = runs(names), w.device
+        x = ((self.probe.float() / 255.0 - self.probe_mean) / self.probe_std)[:, None]  # (n, 1, C, H, W): shared
+        with torch.autocast(w.device.type, enabled=False):
+            with torch.no_grad():
+                target = F.log_softmax(self.net.forward(x, w[order]), -1)  # (n, B, K)
+            pred = F.log_softmax(self.net.forward(x, w_hat[order].float()), -1)
+        return F.kl_div(pred, target, log_target=True, reduction="none").sum(-1).mean()
 
     def training_step(self, batch, _):
-        loss, mse, con = self._losses(batch, True)
-        self.log_dict({"train_loss": loss, "train_mse": mse, "train_ntxent": con}, prog_bar=True, on_epoch=True,
-                      on_step=False, batch_size=len(batch[0]), sync_dist=True)
+        loss, mse, con, fun = self._losses(batch, True)
+        self.log_dict({"train_loss": loss, "train_mse": mse, "train_ntxent": con, "train_kl": fun}, prog_bar=True,
+                      on_epoch=True, on_step=False, batch_size=len(batch[0]), sync_dist=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, _):
-        loss, mse, con = self._losses(batch, False)
-        self.log_dict({"val_loss": loss, "val_mse": mse, "val_ntxent": con}, prog_bar=True, batch_size=len(batch[0]),
-                      sync_dist=True)
+        loss, mse, con, fun = self._losses(batch, False)
+        self.log_dict({"val_loss": loss, "val_mse": mse, "val_ntxent": con, "val_kl": fun}, prog_bar=True,
+                      batch_size=len(batch[0]), sync_dist=True)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -73,17 +111,54 @@ class HyperRepModule(L.LightningModule):
                                                     total_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ---- inference: whole models, covered by windows ----
+    def windows(self, n_tokens: int) -> list[slice]:
+        """Windows covering n_tokens: the whole model, or windows of `window` tokens at half-window strides
+        (the last one ending at the end), so every token but the ends sits inside some window's middle."""
+        w = self.cfg.window
+        if not w or w >= n_tokens:
+            return [slice(0, n_tokens)]
+        starts = sorted(set(range(0, n_tokens - w + 1, max(1, w // 2))) | {n_tokens - w})
+        return [slice(s, s + w) for s in starts]
+
+    @torch.no_grad()
+    def encode_latents(self, flat: torch.Tensor) -> torch.Tensor:
+        """(B, P) raw weights -> per-token latents (B, T, d_latent); overlapping windows averaged."""
+        tokens = self.to_tokens(flat)
+        B, T = tokens.shape[:2]
+        out = torch.zeros(B, T, self.cfg.d_latent, device=tokens.device)
+        count = torch.zeros(T, 1, device=tokens.device)
+        for sl in self.windows(T):
+            out[:, sl] += self.model.encode(tokens[:, sl], self.positions[sl].expand(B, -1, -1)).float()
+            count[sl] += 1
+        return out / count
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-token latents (B, T, d_latent) -> raw weights (B, P); overlapping windows averaged."""
+        B, T = z.shape[:2]
+        tokens = torch.zeros(B, T, self.cfg.token_size, device=z.device)
+        count = torch.zeros(T, 1, device=z.device)
+        for sl in self.windows(T):
+            tokens[:, sl] += self.model.decode(z[:, sl], self.positions[sl].expand(B, -1, -1)).float()
+            count[sl] += 1
+        return self.to_weights(tokens / count)
+
+    @torch.no_grad()
+    def reconstruct(self, flat: torch.Tensor) -> torch.Tensor:
+        """(B, P) raw weights -> decoded (B, P): each window encoded and decoded as in training (the decoder
+        sees the latents of its own window), overlapping windows averaged."""
+        tokens = self.to_tokens(flat)
+        B, T = tokens.shape[:2]
+        out = torch.zeros_like(tokens)
+        count = torch.zeros(T, 1, device=tokens.device)
+        for sl in self.windows(T):
+            pos = self.positions[sl].expand(B, -1, -1)
+            out[:, sl] += self.model.decode(self.model.encode(tokens[:, sl], pos), pos).float()
+            count[sl] += 1
+        return self.to_weights(out / count)
+
     @torch.no_grad()
     def embed(self, flat: torch.Tensor) -> torch.Tensor:
-        """(B, P) raw weights -> (B, d_latent): mean token latent, windows covering the whole model."""
-        tokens = self.to_tokens(flat)
-        T, w = tokens.shape[1], self.cfg.window
-        if not w or w >= T:
-            return self.model.embed_model(tokens, self.positions.expand(len(tokens), -1, -1))
-        latent_sum = torch.zeros(len(tokens), T, self.cfg.d_latent, device=tokens.device)
-        count = torch.zeros(T, 1, device=tokens.device)
-        for start in sorted(set(range(0, T - w + 1, w)) | {T - w}):
-            sl = slice(start, start + w)
-            latent_sum[:, sl] += self.model.encode(tokens[:, sl], self.positions[sl].expand(len(tokens), -1, -1)).float()
-            count[sl] += 1
-        return (latent_sum / count).mean(1)
+        """(B, P) raw weights -> (B, d_latent): the mean token latent over the whole model."""
+        return self.encode_latents(flat).mean(1)

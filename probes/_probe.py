@@ -14,7 +14,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, GroupKFold
 from sklearn.preprocessing import QuantileTransformer, StandardScaler
 
-
 from hyperrep.embeddings import TEST
 
 from .features import ProbeData, target_kind, target_values

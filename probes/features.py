@@ -56,7 +56,8 @@ def _rows_of(z: zoo.Zoo, zoo_index: int) -> pd.DataFrame:
 def _embeddings(e: Embeddings, z: zoo.Zoo, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     if e.embeddings.shape[:2] != (z.n_models, z.n_checkpoints):
         raise UsageError(f"{e.path} holds embeddings for {e.embeddings.shape[0]} x {e.embeddings.shape[1]} (member, "
-                         f"checkpoint) pairs but {z.path} has {z.n_models} x {z.n_checkpoints}: embeddings of another zoo")
+                         f"checkpoint) pairs but {z.path} has {z.n_models} x {z.n_checkpoints}: "
+                         f"embeddings of another zoo")
     ids = rows["model_id"].to_numpy()
     return e.embeddings[ids, rows["checkpoint"].to_numpy()], e.split[ids]
 
@@ -70,7 +71,8 @@ def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Pat
     for i, p in enumerate(zoo_paths):
         with zoo.open(p) as z:
             if arch is not None and (z.architecture, z.layout) != (arch, layout):
-                raise UsageError(f"{p} holds {z.architecture} members; probing several zoos needs one architecture ({arch})")
+                raise UsageError(f"{p} holds {z.architecture} members; probing several zoos needs one "
+                                 f"architecture ({arch})")
             arch, layout = z.architecture, z.layout
             rows = _rows_of(z, i)
             if checkpoints:

@@ -8,8 +8,8 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
 import pytest
 
 from zoo import load_dataset
-from zoo.cli import load_config
 from zoo.build import DEFAULT_ZOO
+from zoo.cli import load_config
 from zoo.config import ZooConfig
 
 TINY = ["epochs=2", "checkpoints=[0,1,2]", "seeds=1", "grid.init=[kaiming_uniform]", "grid.activation=[tanh,relu]",

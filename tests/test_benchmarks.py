@@ -50,5 +50,6 @@ def test_step_kernels_grow_with_activation_and_optimizer_slices():
 
 def test_triton_jit_threads_compiles_one_specialization_per_size():
     import torch  # CPU: conftest runs Triton's interpreter (inherited), which compiles nothing
-    out = _run("benchmarks/triton_jit_threads.py", "--n", "2", "--device", "cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = _run("benchmarks/triton_jit_threads.py", "--n", "2", "--device", device)
     assert "2 band-kernel compiles: serial" in out and "speed-up" in out

@@ -1,13 +1,16 @@
-import glob
 from pathlib import Path
 
 import pytest
 import yaml
 
 from zoo import UsageError
-from zoo.cli import load_config, to_yaml
 from zoo.build import DEFAULT_ZOO
+from zoo.cli import load_config, to_yaml
 from zoo.config import MemberSpec, ZooConfig, expand_members
+
+ROOT = Path(__file__).resolve().parents[1]
+ZOO_CONFIGS = sorted((ROOT / "configs" / "zoo").glob("*.yaml"))
+FIT_CONFIGS = sorted((ROOT / "configs" / "hyperrep").glob("*.yaml"))
 
 
 def test_grid_is_full_product_with_seeds():
@@ -59,19 +62,25 @@ def test_config_round_trips_through_yaml():
 
 
 def test_default_yaml_is_the_embedded_default():
-    assert yaml.safe_load(Path("configs/zoo/default.yaml").read_text()) == DEFAULT_ZOO
+    assert yaml.safe_load((ROOT / "configs/zoo/default.yaml").read_text()) == DEFAULT_ZOO
     members = expand_members(load_config(ZooConfig, None, [], DEFAULT_ZOO))
     assert len(members) >= 200 and len(load_config(ZooConfig, None, [], DEFAULT_ZOO).checkpoints) >= 4
     for hp in ("init", "activation", "optimizer", "lr", "dropout", "seed"):
         assert len({getattr(m, hp) for m in members}) > 1, hp
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob("configs/zoo/*.yaml")))
+def test_shipped_configs_are_found():
+    names = {p.name for p in ZOO_CONFIGS}
+    assert {"default.yaml", "mnist_cnn_s_seed.yaml", "mnist_cnn_s_hyp.yaml", "mnist_cnn_gap_random.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", ZOO_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     members = expand_members(load_config(ZooConfig, path))
-    expected = {"seed": 1000, "hyp": 2560}
+    assert members
+    expected = {"_seed.": 1000, "_hyp.": 2560}
     for key, n in expected.items():
-        if f"_{key}." in path:
+        if key in path.name:
             assert len(members) == n
 
 
@@ -80,3 +89,39 @@ def test_member_spec_validation():
         MemberSpec(dropout=1.0)
     with pytest.raises(UsageError, match="class_subset"):
         MemberSpec(class_subset="cats")
+
+
+@pytest.mark.parametrize("path", FIT_CONFIGS, ids=lambda p: p.name)
+def test_shipped_fit_configs_load(path):
+    from hyperrep import FitConfig
+
+    assert FIT_CONFIGS and load_config(FitConfig, path).zoo.endswith(".h5")
+
+
+@pytest.mark.parametrize("override,message", [
+    (["precision=bf15"], "'precision' must be one of auto, 32-true"),
+    (["lr=-1"], r"'lr' must be in \(0, inf\)"),
+    (["epochs=0"], r"'epochs' must be in \[1, inf\)"),
+    (["batch_size=0"], r"'batch_size' must be in \[2, inf\)"),
+    (["splits=[0.5,0.6,-0.1]"], r"'splits\[2\]' must be in \[0, 1\]"),
+    (["checkpoints=[-1]"], r"'checkpoints\[0\]' must be in \[0, inf\)"),
+    (["lr=.nan"], "'lr' must be a finite number"),
+])
+def test_fit_config_values_are_validated_like_every_stage(override, message):
+    from hyperrep import FitConfig
+
+    with pytest.raises(UsageError, match=message):
+        load_config(FitConfig, None, override)
+
+
+@pytest.mark.parametrize("override,message", [
+    (["population_size=-1"], r"'population_size' must be in \[0, inf\)"),
+    (["val_fraction=1.0"], r"'val_fraction' must be in \[0, 1\)"),
+    (["precision=fp16"], "'precision' must be one of fp32, bf16"),
+    (["conv=cudnn"], "'conv' must be one of auto, grouped, unfold, fused"),
+    (["n_random=3", "random.lr={log_uniform: [0, 1]}"], "log_uniform needs low > 0"),
+    (["grid.lr=[]"], "grid.lr must be a non-empty list"),
+])
+def test_zoo_config_numeric_options_are_validated(override, message):
+    with pytest.raises(UsageError, match=message):
+        load_config(ZooConfig, None, override)

@@ -47,7 +47,8 @@ def test_shared_input_matches_per_member_input(geometry):
         assert torch.allclose(_reference(x, w, b, stride, padding, pool), each, atol=1e-4)
     x.requires_grad_()
     (gx,) = torch.autograd.grad(conv_pool(x, w, b, stride, padding, pool).square().sum(), [x])
-    (rx,) = torch.autograd.grad(_reference(x.expand(-1, M, -1, -1, -1), w, b, stride, padding, pool).square().sum(), [x])
+    ref = _reference(x.expand(-1, M, -1, -1, -1), w, b, stride, padding, pool)
+    (rx,) = torch.autograd.grad(ref.square().sum(), [x])
     assert torch.allclose(gx, rx, atol=1e-4, rtol=1e-4)
 
 
@@ -132,7 +133,8 @@ def test_compiled_step_matches_eager(digits28):
     members = [MemberSpec(seed=i, batch_size=8, dropout=0.5 * i, activation=a, optimizer=o)
                for i, (a, o) in enumerate([("tanh", "adam"), ("relu", "sgd")])]
     data = dataclasses.replace(digits28, x_test=digits28.x_test[:40], y_test=digits28.y_test[:40]).to(DEVICE)
-    pops = [Population("cnn_s", {}, members, data, conv="fused", compile=c, train_eval_samples=40) for c in (False, True)]
+    pops = [Population("cnn_s", {}, members, data, conv="fused", compile=c, train_eval_samples=40)
+            for c in (False, True)]
     for p in pops:
         p.train_epoch(1, max_steps=2)
     assert torch.allclose(pops[0].flat, pops[1].flat, atol=1e-5)

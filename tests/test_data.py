@@ -1,4 +1,6 @@
 import gzip
+import os
+import pickle
 import struct
 
 import numpy as np
@@ -77,9 +79,43 @@ def test_svhn_mat_files(tmp_path):
 
     root = tmp_path / "svhn"
     root.mkdir()
-    for part, n in [("train", 6), ("test", 4)]:
+    for part, n in [("train", 12), ("test", 4)]:
         x = np.random.default_rng(0).integers(0, 256, (32, 32, 3, n), dtype=np.uint8)  # SVHN's HWCN layout
-        savemat(root / f"{part}_32x32.mat", {"X": x, "y": (np.arange(n) % 10 + 1)[:, None]})  # label 10 means 0
+        savemat(root / f"{part}_32x32.mat", {"X": x, "y": (np.arange(n) % 10 + 1)[:, None]})  # labels 1..10
     d = load_dataset("svhn", tmp_path)
-    assert d.x_train.shape == (6, 3, 32, 32) and d.y_train.tolist() == [1, 2, 3, 4, 5, 6]
-    assert d.y_test.tolist() == [1, 2, 3, 4]
+    assert d.x_train.shape == (12, 3, 32, 32)
+    assert d.y_train.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2]  # SVHN's label 10 is the digit 0
+    assert d.num_classes == 10 and d.y_test.tolist() == [1, 2, 3, 4]
+
+
+def _cifar_batch(n: int, label0: int, protocol: int) -> bytes:
+    data = np.arange(n * 3072, dtype=np.int64).reshape(n, 3072) % 251
+    return pickle.dumps({b"batch_label": b"x", b"labels": [(label0 + i) % 10 for i in range(n)],
+                         b"data": data.astype(np.uint8), b"filenames": [b"f"] * n}, protocol=protocol)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_python_batches_load_through_the_restricted_unpickler(tmp_path, protocol):
+    root = tmp_path / "cifar10" / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    for i in range(1, 6):
+        (root / f"data_batch_{i}").write_bytes(_cifar_batch(3, i, protocol))
+    (root / "test_batch").write_bytes(_cifar_batch(2, 7, protocol))
+    d = load_dataset("cifar10", tmp_path)
+    assert d.x_train.shape == (15, 3, 32, 32) and d.y_train[:3].tolist() == [1, 2, 3] and d.y_test.tolist() == [7, 8]
+    assert int(d.x_train[0, 0, 0, 5]) == 5 and int(d.x_train[0, 1, 0, 0]) == 1024 % 251  # CHW rows of 1,024
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_cifar_pickle_that_calls_code_is_refused_and_does_not_run(tmp_path, monkeypatch):
+    root = tmp_path / "cifar10" / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    (root / "data_batch_1").write_bytes(pickle.dumps({b"data": _Payload(), b"labels": [0]}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"refers to posix.system: not a standard CIFAR-10 file"):
+        load_dataset("cifar10", tmp_path)
+    assert not (tmp_path / "PWNED").exists()

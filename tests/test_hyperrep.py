@@ -6,17 +6,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_models import SHAPES
 
 import zoo
-from hyperrep import FitConfig, Tokenizer, fit_run, load_run, nt_xent, split_members
+from hyperrep import FitConfig, Tokenizer, embed_zoo, fit_run, load_run, nt_xent, split_members
 from hyperrep.data import layer_stats
-from hyperrep import embed_zoo
 from hyperrep.fit import main as fit_main
-from zoo.cli import load_config, run_cli
 from zoo import Layout, Permuter, find_couplings
+from zoo.cli import load_config, run_cli
 from zoo.models import flatten_state, init_weights, list_models
-
-from test_models import SHAPES
 
 os.environ["WEIGHTZOO_QUIET"] = "1"
 TINY_FIT = ["epochs=3", "d_model=32", "n_layers=1", "n_heads=2", "d_latent=8", "d_proj=8", "batch_size=8",
@@ -145,11 +143,36 @@ def test_fit_resumes_from_last_checkpoint(tiny_zoo, tmp_path, monkeypatch):
     assert (out / "model.pt").exists()
 
 
-@pytest.mark.parametrize("flags", [["align=true"], ["align=true", "permute=false"], ["permute=false"]])
-def test_fit_with_alignment_and_without_permutations(tiny_zoo, tmp_path, flags):
+@pytest.mark.parametrize("flags,aligned,permuted", [(["align=true"], True, True),
+                                                    (["align=true", "permute=false"], True, False),
+                                                    (["permute=false"], False, False), ([], False, True)])
+def test_fit_aligns_and_permutes_as_configured(tiny_zoo, tmp_path, flags, aligned, permuted, monkeypatch):
+    calls = {"align": 0, "random_index": 0}
+    for name in calls:
+        original = getattr(Permuter, name)
+
+        def counted(self, *a, _name=name, _original=original, **kw):
+            calls[_name] += 1
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(Permuter, name, counted)
     cfg = load_config(FitConfig, None, TINY_FIT + ["epochs=1", f"zoo={tiny_zoo}", f"out={tmp_path / 'run'}", *flags])
     module, _ = load_run(fit_run(cfg))
     assert torch.isfinite(next(module.parameters())).all()
+    assert (calls["align"] > 0) == aligned and (calls["random_index"] > 0) == permuted, calls
+
+
+def test_aligned_views_are_the_members_weight_matched_to_the_reference(tiny_zoo):
+    from hyperrep.data import WeightViews
+
+    with zoo.open(tiny_zoo) as z:
+        perm = Permuter.of(z.spec)
+        ref = torch.from_numpy(z.weights(0, 2))
+        views = WeightViews(str(tiny_zoo), np.array([[3, 2], [0, 2]]), perm, False, ref)
+        a, b, _ = views[0]
+        expected = perm.align(torch.from_numpy(z.weights(3, 2)), ref)
+        assert torch.equal(a, expected) and torch.equal(b, expected)
+        assert not torch.equal(a, torch.from_numpy(z.weights(3, 2)))  # matching moved units
+        assert torch.equal(views[1][0], ref)  # the reference is already matched to itself
 
 
 def test_nt_xent_prefers_matching_views():

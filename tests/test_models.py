@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from zoo import UsageError, create_model, init_weights, list_models
-from zoo import Layout
+from zoo import Layout, UsageError, create_model, init_weights, list_models
 from zoo.models import INITS, flatten_state
 
 SHAPES = {"cnn_s": (1, 28), "cnn_l": (3, 32), "cnn_gap": (1, 28), "mlp": (1, 8), "vit_t": (3, 28)}
@@ -46,7 +45,8 @@ def test_unknown_name_and_bad_shape_raise():
 
 @pytest.mark.parametrize("init", INITS)
 def test_inits_are_seeded_and_distinct(init):
-    make = lambda seed: flatten_state(init_weights(create_model("cnn_s"), init, 1.0, torch.Generator().manual_seed(seed)))
+    make = lambda seed: flatten_state(init_weights(create_model("cnn_s"), init, 1.0,
+                                                   torch.Generator().manual_seed(seed)))
     a, b, c = make(1), make(1), make(2)
     assert torch.equal(a, b) and not torch.equal(a, c) and torch.isfinite(a).all()
 

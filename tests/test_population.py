@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from zoo import MemberSpec, Population
-from zoo.models import INITS, create_model, flatten_state
 from zoo.engine import _Ctx, _dropout
+from zoo.models import INITS, create_model, flatten_state
 from zoo.population import init_flat, init_member, member_order, member_pools, noisy_labels
 from zoo.solo import accuracy, train_solo
 

@@ -6,22 +6,19 @@ import nbclient
 import nbformat
 import numpy as np
 import pytest
+from test_models import SHAPES
 
 from probes import evaluate_probes, load_probe_data, member_split, score, weight_stats
 from probes.evaluate import main
-from zoo import create_model, list_models
+from zoo import Layout, create_model, list_models
 from zoo.cli import run_cli
-from zoo import Layout
-from zoo.models import flatten_state
-
-from test_models import SHAPES
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_weight_statistics_on_every_architecture(name):
     c, s = SHAPES[name]
     layout = Layout.of(create_model(name, in_channels=c, input_size=s))
-    W = np.random.default_rng(0).normal(size=(4, flatten_state(create_model(name, in_channels=c, input_size=s)).numel()))
+    W = np.random.default_rng(0).normal(size=(4, layout.n_params))
     sW, names = weight_stats(W, layout)
     assert sW.shape == (4, 7 * len(layout)) and len(names) == sW.shape[1] and np.isfinite(sW).all()
     e = layout[0]
@@ -108,6 +105,7 @@ def test_bad_inputs(tiny_zoo, tmp_path, capsys):
 
 def test_dataset_is_probed_across_zoos(tiny_zoo, tmp_path):
     from conftest import tiny_config
+
     from zoo.build import build
 
     rng = np.random.default_rng(0)  # a second dataset: noise images of the same shape as digits

@@ -12,7 +12,7 @@ Backward: the band-matrix gradient band^T @ (pooled gradient routed to the winni
 the weights by a fixed gather-sum (deterministic); the input gradient is a band conv (no pool) of the
 unpooled gradient with the flipped kernel. t costs redundant MACs (zeros of the Toeplitz structure) but
 tensor cores have plenty; loads were the bottleneck: cnn_s at batch 64 went from 21.9 to 10.6 ms per step
-against gathered-patch kernels (benchmarks/NOTES.md, session 3).
+against gathered-patch kernels (benchmarks/NOTES.md, "Design").
 
 Without Triton (CPU) the same op falls back to grouped conv + max-pool; with TRITON_INTERPRET=1 the
 kernels run on CPU tensors (that is how the tests check them).

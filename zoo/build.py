@@ -269,7 +269,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. epochs=5 grid.lr=[0.01]")
     args = ap.parse_intermixed_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if world > 1 and torch.cuda.is_available() else None)
+    rank_gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if world > 1 and torch.cuda.is_available() else None
+    device = args.device or rank_gpu
     overrides = list(args.overrides) + ([f"device={device}"] if device else [])
     cfg = load_config(ZooConfig, args.config, overrides, None if args.config else DEFAULT_ZOO)
     if world > 1:

@@ -56,8 +56,9 @@ def _check_value(key: str, value: Any, meta: dict) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"config key '{key}' must be a finite number, got {value!r}")
-        bad = (meta.get("ge") is not None and value < meta["ge"]) or (meta.get("gt") is not None and value <= meta["gt"]) \
-            or (meta.get("le") is not None and value > meta["le"]) or (meta.get("lt") is not None and value >= meta["lt"])
+        ge, gt, le, lt = (meta.get(k) for k in ("ge", "gt", "le", "lt"))
+        bad = (ge is not None and value < ge) or (gt is not None and value <= gt) \
+            or (le is not None and value > le) or (lt is not None and value >= lt)
         if bad:
             raise UsageError(f"config key '{key}' must be {_bound_text(meta)}, got {value!r}")
 
@@ -180,7 +181,8 @@ def merged_dict(cls: type, path: str | Path | None, overrides: list[str], defaul
     for item in overrides:
         keys, value = _parse_override(item)
         if keys[0] not in names:
-            raise UsageError(f"unknown config key '{keys[0]}' in override '{item}'; valid keys: {', '.join(sorted(names))}")
+            raise UsageError(f"unknown config key '{keys[0]}' in override '{item}'; "
+                             f"valid keys: {', '.join(sorted(names))}")
         target = data
         for k in keys[:-1]:
             target[k] = dict(target.get(k) or {})

@@ -96,7 +96,8 @@ class ZooConfig(Config):
     def check(self):
         bad = [c for c in self.checkpoints if not 0 <= c <= self.epochs]
         if bad or not self.checkpoints or list(self.checkpoints) != sorted(set(self.checkpoints)):
-            raise UsageError(f"checkpoints must be increasing epochs in [0, epochs={self.epochs}], got {list(self.checkpoints)}")
+            raise UsageError(f"checkpoints must be increasing epochs in [0, epochs={self.epochs}], "
+                             f"got {list(self.checkpoints)}")
         if any(not 1 <= e <= self.epochs for e in self.prune_epochs):
             raise UsageError(f"prune_epochs must lie in [1, epochs={self.epochs}], got {list(self.prune_epochs)}")
         for key, table in (("fixed", self.fixed), ("grid", self.grid), ("random", self.random)):

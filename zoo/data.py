@@ -86,10 +86,12 @@ def _load_idx(root: Path, dataset: str) -> tuple[Split, Split]:
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Reads CIFAR's official python batches: dicts of numpy arrays, nothing else is allowed."""
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar")}
+    """Reads CIFAR's python batches: dicts of numpy arrays, lists and bytes; no other callable is allowed.
+    The official files are Python 2 pickles; re-pickled ones (protocol 2 under Python 3 encodes bytes with
+    `_codecs.encode`, protocol 5 rebuilds arrays with `_frombuffer`) load too."""
+    _ALLOWED = {(f"numpy{core}.{mod}", name) for core in (".core", "._core") for mod, name in
+                (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))} \
+        | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._convpool import available as triton_available, conv_pool
+from ._convpool import available as triton_available
+from ._convpool import conv_pool
 from ._rng import hash32
 from .cli import UsageError
 from .models import ACTIVATIONS, Activation, ClassToken, GlobalAvgPool, PatchEmbed, Residual, SelfAttention

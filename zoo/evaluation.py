@@ -40,7 +40,8 @@ class Evaluator:
         of the test or val split; `class_table` (M, K) restricts members to their classes."""
         d = self.data
         if name not in ("test", "val") or (name == "val" and d.x_val is None):
-            raise UsageError(f"split '{name}' does not exist here; use test" + (" or val" if d.x_val is not None else ""))
+            choices = "test or val" if d.x_val is not None else "test"
+            raise UsageError(f"split '{name}' does not exist here; use {choices}")
         x, y = (d.x_test, d.y_test) if name == "test" else (d.x_val, d.y_val)
         return x, y, class_table[:, y] if class_table is not None else None
 

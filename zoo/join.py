@@ -76,7 +76,8 @@ def _check_shards(shards: Sequence[Path], srcs: Sequence[h5py.File]) -> None:
     base_cfg = yaml.safe_load(srcs[0].attrs["config"])
     done = np.zeros(srcs[0]["weights"].shape[0], bool)
     for p, s in zip(shards, srcs):
-        if not same_zoo_config(yaml.safe_load(s.attrs["config"]), base_cfg) or s["weights"].shape != srcs[0]["weights"].shape:
+        same_shape = s["weights"].shape == srcs[0]["weights"].shape
+        if not same_zoo_config(yaml.safe_load(s.attrs["config"]), base_cfg) or not same_shape:
             raise UsageError(f"shard {p} is not a shard of the same zoo as {shards[0]} (config differs)")
         done |= s["models/done"][:]
     if not done.all():
@@ -96,7 +97,7 @@ def _copy_members(src: h5py.File, dst: h5py.File) -> None:
 
 def _copy_weights(src: h5py.Dataset, dst: h5py.Dataset, ids: np.ndarray) -> None:
     """Copy these members' weight rows. Chunks of one member each go across as stored (compressed bytes):
-    decoding and re-encoding one HYP shard's 0.64 GB took 14 s on 2 CPU cores (`benchmarks/merge_speed.py`).
+    decoding and re-encoding one HYP shard's 0.64 GB took 14 s on 2 CPU cores (`benchmarks/join_speed.py`).
     Other layouts, and h5py without `chunk_iter` (it needs h5py >= 3.8 on HDF5 >= 1.12.3), copy row by row."""
     same_layout = (src.chunks, src.compression, src.compression_opts, src.shuffle) == \
         (dst.chunks, dst.compression, dst.compression_opts, dst.shuffle)

@@ -202,7 +202,8 @@ class Population:
     @property
     def prunable(self) -> list[int]:
         """Layout indices of conv/linear weights (what magnitude pruning may zero)."""
-        names = {f"{n}.weight" for n, mod in self.net.template.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+        names = {f"{n}.weight" for n, mod in self.net.template.named_modules()
+                 if isinstance(mod, (nn.Conv2d, nn.Linear))}
         return [i for i, e in enumerate(self.net.layout) if e.name in names]
 
     def _prepare_kernels(self) -> None:
@@ -210,7 +211,7 @@ class Population:
         recorded, not run: fills the kernels' index-map caches, which dynamo must not see change while it
         traces (torch 2.11 fails the guard on that dict), and JIT-compiles the kernel specializations they
         launch in threads (one after another they took ~13 s per process on the H100). Whether the compiled
-        step and evaluation launch only these is not checked (benchmarks/NOTES.md, "Compile cost")."""
+        step and evaluation launch only these is not checked (benchmarks/NOTES.md, "Open")."""
         with _convpool.recording() as launches:
             xb, y, _, key = self._batch(self.epoch_order(1), 1, 0)
             flat = self.flat.detach().requires_grad_(True)

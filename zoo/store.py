@@ -66,7 +66,8 @@ def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as e:
-        reason = "it is being written by another process" if "lock" in str(e).lower() else "it is not a readable HDF5 file"
+        locked = "lock" in str(e).lower()
+        reason = "it is being written by another process" if locked else "it is not a readable HDF5 file"
         raise UsageError(f"cannot open zoo {path}: {reason}") from None
 
 
@@ -97,7 +98,8 @@ class Zoo:
             self.layout = Layout.from_json(a["layout"])
             self.config = yaml.safe_load(a["config"])
         except (ValueError, yaml.YAMLError) as e:
-            raise UsageError(f"{self.path} is a damaged zoo: unreadable attributes ({str(e).splitlines()[0]})") from None
+            detail = str(e).splitlines()[0]
+            raise UsageError(f"{self.path} is a damaged zoo: unreadable attributes ({detail})") from None
         self.build_id = str(a.get("build_id", ""))
         self.epochs = self.file["checkpoints/epoch"][:]
         self.n_models, self.n_checkpoints, self.n_params = self.file["weights"].shape

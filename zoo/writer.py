@@ -33,7 +33,7 @@ from .store import FORMAT, table_from_h5
 
 _STR = h5py.string_dtype("utf-8")
 DESCRIPTIONS = {
-    "weights": "flattened parameters of each (member, checkpoint slot), float32, in the order of the 'layout' attribute",
+    "weights": "flattened parameters of each (member, checkpoint slot), float32, in the 'layout' attribute's order",
     "checkpoints/epoch": "training epoch of each checkpoint slot (0 = at initialisation)",
     "models/done": "member finished and every checkpoint written",
     "models/diverged": "member stopped: a non-finite loss, or a weight magnitude above 1e6 (zoo.population.EXPLODED)",
