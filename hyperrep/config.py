@@ -52,3 +52,51 @@ class FitConfig(Config):
             raise UsageError(f"splits must be three fractions (train, val, test) summing to 1, got {list(self.splits)}")
         if self.d_model % self.n_heads:
             raise UsageError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig(Config):
+    """`python -m hyperrep.reconstruct` config: which members and checkpoints to encode and decode."""
+    zoo: str = "data/zoos/digits_default.h5"
+    model: str = "data/hyperrep/digits_default"
+    out: str = ""  # output directory; default data/reconstruct/<run name>
+    checkpoints: list[int] = option((), each=True)  # checkpoint slots (negative counts from the end); () = the run's
+    members: str = option("test", choices=("test", "val", "train", "all"))  # the run's split, or every usable member
+    max_members: int = option(0, ge=0)  # 0: all of them
+    permutation_check: bool = True  # reconstruct pi(W) too: |acc(rec(pi W)) - acc(rec(W))| vs between members
+    device: str = "auto"
+    batch_size: int = option(256, ge=1)
+    seed: int = option(0, ge=0)
+
+
+@dataclass(frozen=True)
+class SampleConfig(Config):
+    """`python -m hyperrep.sample` config: a density over the embeddings of the best training members, draws,
+    decoding, subsampling, fine-tuning against reference groups, and the memorization test."""
+    zoo: str = "data/zoos/digits_default.h5"
+    model: str = "data/hyperrep/digits_default"
+    out: str = ""  # the sampled zoo (.h5); default data/samples/<run name>.h5
+    n: int = option(100, ge=1)  # members per group
+    top: float = option(0.3, gt=0, le=1)  # anchors: this fraction of the training members, best first
+    checkpoint: int = -1  # checkpoint slot of the anchors (and of the memorization comparison)
+    mode: str = option("token", choices=("token", "joint"))  # KDE per token (anchors mix) or per whole member
+    bandwidth: float = option(0.0, ge=0)  # KDE bandwidth in units of each latent's spread; 0 = Scott's rule
+    subsample: int = option(1, ge=1)  # draw subsample x n, keep the n best on held-out training images
+    select_images: int = option(1000, ge=1)  # images of the selection batch (validation split, else training)
+    finetune: list[int] = option((0, 1, 5), ge=0, each=True)  # fine-tuning epochs recorded as checkpoints
+    dataset: str = ""  # fine-tune and evaluate on another dataset of the same shape (transfer); "" = the zoo's
+    data_root: str = "data/datasets"
+    groups: list[str] = ("sampled", "scratch", "zoo_top", "held_out", "noise", "average", "gaussian")
+    noise: list[float] = option((0.02, 0.04), gt=0, each=True)  # sigma of the noise baselines (absolute)
+    average_of: int = option(16, ge=2)  # members averaged per member of the averaging baseline
+    device: str = "auto"
+    precision: str = option("fp32", choices=("fp32", "bf16"))
+    seed: int = option(0, ge=0)
+
+    def check(self):
+        known = ("sampled", "scratch", "zoo_top", "held_out", "noise", "average", "gaussian")
+        bad = [g for g in self.groups if g not in known]
+        if bad or "sampled" not in self.groups:
+            raise UsageError(f"groups must include 'sampled' and be among {', '.join(known)}; got {list(self.groups)}")
+        if list(self.finetune) != sorted(set(self.finetune)) or not self.finetune or self.finetune[0] != 0:
+            raise UsageError(f"finetune must be increasing epochs starting at 0, got {list(self.finetune)}")

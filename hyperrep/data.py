@@ -47,33 +47,67 @@ def layer_stats(z: Zoo, members: np.ndarray, slots: list[int], chunk: int = 256,
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
+IN_MEMORY_BYTES = 4 << 30  # weight rows up to this size are read once into memory, larger ones per item from HDF5
+N_PERMS = 512  # permutations drawn once per dataset; a view pair picks two of them (N_PERMS^2 combinations)
+
+
+def read_rows(path: str, items: np.ndarray) -> torch.Tensor:
+    """(n, P) float32 weights of (member, slot) items, read slot by slot in member order."""
+    with h5py.File(path, "r") as f:
+        w = f["weights"]
+        rows = np.empty((len(items), w.shape[2]), np.float32)
+        for s in np.unique(items[:, 1]):
+            at = np.flatnonzero(items[:, 1] == s)
+            order = np.argsort(items[at, 0], kind="stable")
+            rows[at[order]] = w[items[at[order], 0], s]
+    return torch.from_numpy(rows)
+
+
 class WeightViews(Dataset):
     """(member, slot) items -> two views of the flat weight vector (weight-matched to `reference` if given,
-    then independently permuted if `augment`) and the member's activation code (index into `activation_names`)."""
+    then independently permuted if `augment`) and the member's activation code (index into the run's
+    activation names). Rows are read into memory once when they fit (IN_MEMORY_BYTES), aligned once, and
+    permuted by gathers with a bank of N_PERMS seeded permutations; larger zoos are read per item."""
 
     def __init__(self, path: str, items: np.ndarray, permuter: Permuter | None, augment: bool,
-                 reference: torch.Tensor | None, codes: np.ndarray | None = None):
+                 reference: torch.Tensor | None, codes: np.ndarray | None = None, seed: int = 0,
+                 in_memory: bool | None = None):
         if (augment or reference is not None) and permuter is None:
             raise ValueError("permutation augmentation and alignment need a Permuter")
         self.path, self.items, self.permuter, self.augment, self.reference = path, items, permuter, augment, reference
         self.codes = codes if codes is not None else np.zeros(int(items[:, 0].max(initial=0)) + 1, np.int64)
-        self.file = None
+        self.file, self.rows, self.perms = None, None, None
+        n_params = permuter.n_params if permuter is not None else None
+        if in_memory is None:
+            with h5py.File(path, "r") as f:
+                n_params = f["weights"].shape[2]
+            in_memory = len(items) * n_params * 4 <= IN_MEMORY_BYTES
+        if in_memory:
+            self.rows = read_rows(path, items)
+            if reference is not None:
+                self.rows = torch.stack([permuter.align(r, reference) for r in self.rows])
+        if augment:
+            g = torch.Generator().manual_seed(seed)
+            self.perms = torch.stack([permuter.random_index(g) for _ in range(N_PERMS)]).int()
 
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
+    def _row(self, i: int) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows[i]
         if self.file is None:  # opened per worker process
             self.file = h5py.File(self.path, "r")
         m, s = self.items[i]
         flat = torch.from_numpy(self.file["weights"][m, s])
-        if self.reference is not None:
-            flat = self.permuter.align(flat, self.reference)
-        code = int(self.codes[m])
+        return self.permuter.align(flat, self.reference) if self.reference is not None else flat
+
+    def __getitem__(self, i):
+        flat, code = self._row(i), int(self.codes[self.items[i][0]])
         if not self.augment:
             return flat, flat, code
-        a, b = (flat[self.permuter.random_index(torch.default_generator)] for _ in range(2))
-        return a, b, code
+        a, b = torch.randint(0, N_PERMS, (2,)).tolist()
+        return flat[self.perms[a]], flat[self.perms[b]], code
 
 
 def activation_codes(activations: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -97,7 +131,7 @@ class ZooDataModule(L.LightningDataModule):
 
     def _loader(self, which: int, shuffle: bool) -> DataLoader:
         ds = WeightViews(self.path, self.items(which), self.permuter, self.permute and which == TRAIN, self.reference,
-                         self.codes)
+                         self.codes, seed=which)
         if len(ds) == 0:
             raise UsageError(f"the {['train', 'val', 'test'][which]} split is empty; use a larger zoo or other splits")
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

@@ -207,3 +207,22 @@ def test_ddp_on_two_processes(tiny_zoo, tmp_path):
     assert r.stdout.count("hyper-representation written to") == 1  # rank 0 exports
     module, meta = load_run(out)
     assert sorted(np.bincount(meta["split"]).tolist()) == [4, 4, 8]
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_training_views_are_function_preserving_permutations(tiny_zoo, in_memory):
+    from hyperrep.data import WeightViews
+
+    with zoo.open(tiny_zoo) as z:
+        perm = Permuter.of(z.spec)
+        views = WeightViews(str(tiny_zoo), np.array([[4, 2], [7, 1]]), perm, True, None, in_memory=in_memory)
+        data = z.dataset()
+        x = data.normalize(data.x_test[:32])
+        for i, (m, s) in enumerate(views.items):
+            a, b, code = views[i]
+            assert not torch.equal(a, b) and code == 0
+            for view in (a, b):
+                net = z.spec.create(z.activations()[m]).eval()
+                net.load_state_dict(z.layout.unflatten(view))
+                with torch.no_grad():
+                    assert torch.allclose(net(x), z.model(m, s)(x), atol=1e-5)

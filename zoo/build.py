@@ -31,7 +31,7 @@ from .config import MemberSpec, ZooConfig, expand_members
 from .data import DataSpec, ImageData
 from .io import check_new_output, output_lock
 from .join import join
-from .population import Population, member_bytes, spec_for
+from .population import PHASES, Population, member_bytes, spec_for, sync, train_and_record
 from .spec import ModelSpec
 from .store import same_zoo_config
 from .writer import ZooWriter, partial_path
@@ -144,39 +144,6 @@ def _open_partial(out: Path, cfg: ZooConfig, cfg_yaml: str, members, ids, data: 
     return plan, np.zeros(len(members), bool), True
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _train_population(pop: Population, ids: np.ndarray, cfg: ZooConfig, writer: ZooWriter, bar: tqdm,
-                      seconds: dict[str, float]) -> None:
-    """Train, evaluate and hand checkpoints to the writer; adds wall time per phase to `seconds`
-    (synchronised once per epoch, so the split is exact and costs nothing measurable)."""
-    slots = {e: k for k, e in enumerate(cfg.checkpoints)}
-    for epoch in range(cfg.epochs + 1):
-        start = time.perf_counter()
-        if epoch > 0:
-            pop.train_epoch(epoch)
-            _sync(pop.device)
-        trained = evaluated = handed = time.perf_counter()
-        if epoch in slots:
-            metrics = {k: v.cpu().numpy() for k, v in pop.evaluate().items()}
-            evaluated = time.perf_counter()
-            writer.write(ids, slots[epoch], pop.flat_weights().cpu().numpy(), metrics)
-            handed = time.perf_counter()
-        seconds["train"] += trained - start
-        seconds["epoch 1"] += (trained - start) * (epoch == 1)  # compilation and graph capture land here
-        seconds["evaluate"] += evaluated - trained
-        seconds["epoch 0"] += (evaluated - trained) * (epoch == 0)  # the evaluation's compilation lands here
-        seconds["checkpoint"] += handed - evaluated
-        if epoch > 0:
-            bar.set_postfix_str(f"epoch {epoch}: train {trained - start:.1f} s, evaluate {evaluated - trained:.1f} s",
-                                refresh=False)
-            bar.update(len(ids))  # model-epochs
-    writer.done(ids, pop.diverged.cpu().numpy())
-
-
 def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False, shard: tuple[int, int] = (0, 1),
           max_populations: int | None = None, progress: bool = True, table: bool = True) -> Path | None:
     """Build (or resume) the zoo; returns its path, or None when stopped early by `max_populations`.
@@ -212,7 +179,7 @@ def _build_locked(cfg: ZooConfig, out: Path, members: list[MemberSpec], device: 
         raise UsageError(f"{partial_path(out)} holds an interrupted build with another config or shard; "
                          f"pass --overwrite to discard it, or rerun with the same config to resume")
     todo = [p for p in np.unique(plan[plan >= 0]) if not done[plan == p].all()]
-    phases = dict.fromkeys(["setup", "train", "epoch 1", "evaluate", "epoch 0", "checkpoint"], 0.0)
+    phases = dict.fromkeys(PHASES, 0.0)
     bar = tqdm(total=int(sum((plan == p).sum() for p in todo)) * cfg.epochs, unit="model-epoch",
                disable=not progress, desc=f"{cfg.name} on {device.type}", smoothing=0.1)
     writer = ZooWriter.resume(out, background=True)
@@ -224,9 +191,9 @@ def _build_locked(cfg: ZooConfig, out: Path, members: list[MemberSpec], device: 
             pop = Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in pids], data,
                              cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile,
                              eval_bytes(cfg, device), conv=cfg.conv, cuda_graphs=cfg.cuda_graphs)
-            _sync(device)
+            sync(device)
             phases["setup"] += time.perf_counter() - t_setup
-            _train_population(pop, pids, cfg, writer, bar, phases)
+            train_and_record(pop, pids, cfg.checkpoints, writer, bar, phases)
             trained += len(pids)
     finally:
         bar.close()

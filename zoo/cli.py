@@ -223,3 +223,24 @@ def run_cli(main, argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def config_cli(cls: type[C], argv: list[str], prog: str, doc: str, flags: dict[str, str],
+               defaults: dict | None = None, extra=None) -> tuple[C, Any]:
+    """The command line every stage shares: `--config FILE`, one `--flag VALUE` per entry of `flags`
+    (flag name -> config key; each is the same as `key=VALUE`), and `key=value` overrides. `extra(parser)`
+    may add flags that are not config keys. Returns (config, parsed args)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0],
+                                 epilog="any config key can be set as key=value; see --config files in configs/")
+    ap.add_argument("--config", help="YAML config file")
+    for flag, key in flags.items():
+        ap.add_argument(f"--{flag}", dest=f"flag_{key}", metavar=key.upper(), help=f"same as {key}=VALUE")
+    if extra is not None:
+        extra(ap)
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = ap.parse_intermixed_args(argv)
+    given = [f"{key}={getattr(args, f'flag_{key}')}" for key in flags.values()
+             if getattr(args, f"flag_{key}") is not None]
+    return load_config(cls, args.config, list(args.overrides) + given, defaults), args

@@ -11,8 +11,10 @@ evaluation is the public batched evaluator's (`zoo.evaluation.Evaluator`).
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -155,7 +157,8 @@ class Population:
 
     def __init__(self, architecture: str, architecture_kwargs: dict, members: Sequence[MemberSpec], data: ImageData,
                  prune_epochs: Sequence[int] = (), train_eval_samples: int = 0, precision: str = "fp32",
-                 compile: bool = False, eval_bytes: int = 1 << 30, conv: str = "auto", cuda_graphs: bool = False):
+                 compile: bool = False, eval_bytes: int = 1 << 30, conv: str = "auto", cuda_graphs: bool = False,
+                 initial: torch.Tensor | None = None):
         if len({m.batch_size for m in members}) != 1:
             raise ValueError(f"a population shares its batch size; got {sorted({m.batch_size for m in members})}")
         self.members, self.data, self.device = list(members), data, data.x_train.device
@@ -164,7 +167,13 @@ class Population:
                               self.device, conv, precision)
         self.opt_runs = runs([m.optimizer for m in members])
         # one (M, P) buffer in state_dict order; layers are views into it, so the optimizer is one update
-        self.flat = init_flat(self.net.spec.create(members[0].activation), members).to(self.device)
+        if initial is not None:  # given weights (decoded, sampled, merged members): fine-tuning
+            if tuple(initial.shape) != (len(members), self.net.layout.n_params):
+                raise ValueError(f"initial weights must be ({len(members)}, {self.net.layout.n_params}), "
+                                 f"got {tuple(initial.shape)}")
+            self.flat = initial.detach().to(self.device, torch.float32).clone()
+        else:
+            self.flat = init_flat(self.net.spec.create(members[0].activation), members).to(self.device)
         entries = [self.net.layout[i] for i in self.prunable]
         self.prunable_cols = torch.cat([torch.arange(e.offset, e.offset + e.size) for e in entries]
                                        or [torch.zeros(0, dtype=torch.long)]).to(self.device)  # conv/linear weights
@@ -402,3 +411,41 @@ class Population:
     def flat_weights(self) -> torch.Tensor:
         """(M, n_params) float32 in state_dict order; diverged members are NaN."""
         return torch.where(self.diverged[:, None], float("nan"), self.flat.detach().float())
+
+
+PHASES = ("setup", "train", "epoch 1", "evaluate", "epoch 0", "checkpoint")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_and_record(pop: Population, ids: np.ndarray, checkpoints, writer, bar=None,
+                     seconds: dict[str, float] | None = None) -> None:
+    """Train `pop` to the last of `checkpoints` (epochs), evaluating and handing each checkpoint to `writer`
+    (a `zoo.ZooWriter`: rows `ids`, slot k for checkpoints[k]); then mark the members done. Adds wall time per
+    phase to `seconds` (synchronised once per epoch, so the split is exact and costs nothing measurable)."""
+    seconds = seconds if seconds is not None else dict.fromkeys(PHASES, 0.0)
+    slots = {e: k for k, e in enumerate(checkpoints)}
+    for epoch in range(max(checkpoints) + 1):
+        start = time.perf_counter()
+        if epoch > 0:
+            pop.train_epoch(epoch)
+            sync(pop.device)
+        trained = evaluated = handed = time.perf_counter()
+        if epoch in slots:
+            metrics = {k: v.cpu().numpy() for k, v in pop.evaluate().items()}
+            evaluated = time.perf_counter()
+            writer.write(ids, slots[epoch], pop.flat_weights().cpu().numpy(), metrics)
+            handed = time.perf_counter()
+        seconds["train"] += trained - start
+        seconds["epoch 1"] += (trained - start) * (epoch == 1)  # compilation and graph capture land here
+        seconds["evaluate"] += evaluated - trained
+        seconds["epoch 0"] += (evaluated - trained) * (epoch == 0)  # the evaluation's compilation lands here
+        seconds["checkpoint"] += handed - evaluated
+        if epoch > 0 and bar is not None:
+            bar.set_postfix_str(f"epoch {epoch}: train {trained - start:.1f} s, evaluate {evaluated - trained:.1f} s",
+                                refresh=False)
+            bar.update(len(ids))  # model-epochs
+    writer.done(ids, pop.diverged.cpu().numpy())

@@ -189,12 +189,11 @@ class Zoo:
 
     def weight_rows(self, members, checkpoint: int = -1) -> np.ndarray:
         """(len(members), n_params) float32 at one checkpoint slot."""
-        members = np.asarray(members)
-        order = np.argsort(members, kind="stable")
-        rows = np.empty((len(members), self.n_params), np.float32)
-        if len(members):
-            rows[order] = self.file["weights"][members[order], checkpoint % self.n_checkpoints]
-        return rows
+        members = np.asarray(members, np.int64)
+        if not len(members):
+            return np.zeros((0, self.n_params), np.float32)
+        unique, inverse = np.unique(members, return_inverse=True)  # h5py reads increasing, distinct indices
+        return self.file["weights"][unique, checkpoint % self.n_checkpoints][inverse]
 
     def state_dict(self, member: int, checkpoint: int = -1) -> dict[str, torch.Tensor]:
         return self.layout.unflatten(torch.from_numpy(self.weights(member, checkpoint)))
