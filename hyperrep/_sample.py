@@ -188,7 +188,7 @@ def finetune(z: zoo.Zoo, groups: dict, members: list, cfg: SampleConfig, data, w
     W0 = torch.cat(initial)
     finite = torch.isfinite(W0).all(1)
     pop = Population(z.architecture, z.architecture_kwargs, members, data, precision=cfg.precision,
-                     initial=torch.where(finite[:, None], W0, 0.0))
+                     compile=cfg.compile, cuda_graphs=cfg.cuda_graphs, initial=torch.where(finite[:, None], W0, 0.0))
     pop.diverged |= ~finite.to(pop.device)
     bar = tqdm(total=len(members) * max(cfg.finetune), unit="model-epoch", desc="fine-tuning", disable=not progress)
     with bar:

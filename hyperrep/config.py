@@ -91,6 +91,8 @@ class SampleConfig(Config):
     average_of: int = option(16, ge=2)  # members averaged per member of the averaging baseline
     device: str = "auto"
     precision: str = option("fp32", choices=("fp32", "bf16"))
+    compile: bool = False  # torch.compile the fine-tuning step (GPU)
+    cuda_graphs: bool = True  # on CUDA, replay each fine-tuning step as one CUDA graph
     seed: int = option(0, ge=0)
 
     def check(self):

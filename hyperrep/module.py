@@ -41,7 +41,6 @@ class HyperRepModule(L.LightningModule):
         self.register_buffer("probe_mean", mean.view(-1, 1, 1).float(), persistent=False)
         self.register_buffer("probe_std", std.view(-1, 1, 1).float(), persistent=False)
         self.activations = list(activations)
-        self.net = BatchedNet(self.spec, self.activations[:1], "cpu", "grouped")
 
     # ---- flat weights <-> normalised tokens ----
     def to_tokens(self, flat: torch.Tensor) -> torch.Tensor:
@@ -72,7 +71,7 @@ class HyperRepModule(L.LightningModule):
         loss, mse, con = sane_loss(recon.float(), target, mask, proj[:len(a)].float(), proj[len(a):].float(),
                                    self.cfg.gamma, self.cfg.tau)
         fun = torch.zeros((), device=loss.device)
-        if self.cfg.beta > 0 and self.net is not None:
+        if self.cfg.beta > 0 and hasattr(self, "probe"):
             full = tokens.clone()
             full[:, sl] = recon.float()  # the window reconstructed, the rest of the member as it is
             codes = torch.cat([batch[2], batch[2]])
@@ -85,7 +84,9 @@ class HyperRepModule(L.LightningModule):
         over members and images. w_hat, w (B, P); codes (B,) activation codes."""
         order = torch.argsort(codes, stable=True)
         names = [self.activations[int(c)] for c in codes[order]]
-        self.net.act_runs, self.net.device = runs(names), w.device
+        if self.net is None or self.net.device != w.device:  # fused kernels on CUDA, grouped conv on CPU
+            self.net = BatchedNet(self.spec, names, w.device)
+        self.net.act_runs = runs(names)
         x = ((self.probe.float() / 255.0 - self.probe_mean) / self.probe_std)[:, None]  # (n, 1, C, H, W): shared
         with torch.autocast(w.device.type, enabled=False):
             with torch.no_grad():
