@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One real zoo through the whole pipeline on a GPU machine: build -> hyperrep fit -> embed -> probes.
 # Usage: bash benchmarks/real_zoo_pipeline.sh ZOO_CONFIG HYPERREP_CONFIG "zoo overrides" "fit overrides" "probe args"
-# e.g.   bash benchmarks/real_zoo_pipeline.sh configs/zoo/mnist_cnn_gap_random.yaml \
-#            configs/hyperrep/mnist_cnn_gap_random.yaml "n_random=1000 epochs=6" "epochs=20" "--targets test_acc epoch"
+# e.g.   bash benchmarks/real_zoo_pipeline.sh configs/zoo/mnist_smallcnn_random.yaml \
+#            configs/hyperrep/mnist_smallcnn_random.yaml "n_random=1000 epochs=6" "epochs=20" "--targets test_acc epoch"
 # Logs and the probe table go to ${OUT:-data/pipeline_logs}.
 set -euo pipefail
 zoo_cfg=$1; hr_cfg=$2; zoo_over=${3:-}; fit_over=${4:-}; probe_args=${5:-}

@@ -30,10 +30,14 @@ def check_compatible(z: zoo.Zoo, meta: dict, run) -> None:
 
 
 def run_split(z: zoo.Zoo, meta: dict) -> np.ndarray | None:
-    """The run's member split when it was fitted on this very zoo (same file, same build), else None."""
-    same = (meta.get("zoo_build_id") and meta["zoo_build_id"] == z.build_id) or \
-        (not meta.get("zoo_build_id") and Path(meta["zoo"]).resolve() == z.path.resolve())
-    return np.asarray(meta["split"]) if same and len(meta["split"]) == z.n_models else None
+    """The run's member split of this zoo when the run was fitted on it (the same file and build), else None."""
+    for k, entry in enumerate(meta.get("zoos") or [{"path": meta["zoo"], "build_id": meta.get("zoo_build_id")}]):
+        same = (entry.get("build_id") and entry["build_id"] == z.build_id) or \
+            (not entry.get("build_id") and Path(entry["path"]).resolve() == z.path.resolve())
+        splits = meta.get("splits") or [meta["split"]]
+        if same and k < len(splits) and len(splits[k]) == z.n_models:
+            return np.asarray(splits[k])
+    return None
 
 
 def select_members(z: zoo.Zoo, meta: dict, which: str, slots: list[int]) -> np.ndarray:

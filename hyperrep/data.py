@@ -22,28 +22,27 @@ def split_members(usable: np.ndarray, fractions, seed: int) -> np.ndarray:
     return split
 
 
-def layer_stats(z: Zoo, members: np.ndarray, slots: list[int], chunk: int = 256,
+def layer_stats(zoos: Zoo | list[Zoo], members, slots: list[int], chunk: int = 256,
                 per_layer: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor mean and std over the given members and slots, expanded to (P,) vectors (one mean and std
-    over every weight with `per_layer=False`)."""
-    total = np.zeros(z.n_params)
-    total_sq = np.zeros(z.n_params)
-    n = 0
-    for a in range(0, len(members), chunk):
-        w = z.file["weights"][np.sort(members[a:a + chunk])][:, slots].astype(np.float64)  # (m, s, P)
-        total += w.sum((0, 1))
-        total_sq += (w ** 2).sum((0, 1))
-        n += w.shape[0] * w.shape[1]
-    mean, std = np.zeros(z.n_params), np.ones(z.n_params)
-    if not per_layer:
-        m = total.sum() / (n * z.n_params)
-        v = total_sq.sum() / (n * z.n_params) - m * m
-        mean[:], std[:] = m, np.sqrt(max(v, 0.0)) + 1e-8
-        return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-    for e in z.layout:
-        m = total[e.slice].sum() / (n * e.size)
-        v = total_sq[e.slice].sum() / (n * e.size) - m * m
-        mean[e.slice], std[e.slice] = m, np.sqrt(max(v, 0.0)) + 1e-8
+    """Per-tensor mean and std over the given members and slots (of one zoo, or of several zoos of one layout:
+    `members` then one id array per zoo), expanded to (P,) vectors; one mean and std over every weight with
+    `per_layer=False`."""
+    zoos, members = ([zoos], [members]) if isinstance(zoos, Zoo) else (list(zoos), list(members))
+    layout = zoos[0].layout
+    total, total_sq, n = np.zeros(layout.n_params), np.zeros(layout.n_params), 0
+    for z, ids in zip(zoos, members):
+        for a in range(0, len(ids), chunk):
+            w = z.file["weights"][np.sort(ids[a:a + chunk])][:, slots].astype(np.float64)  # (m, s, P)
+            total += w.sum((0, 1))
+            total_sq += (w ** 2).sum((0, 1))
+            n += w.shape[0] * w.shape[1]
+    mean, std = np.zeros(layout.n_params), np.ones(layout.n_params)
+    groups = [slice(0, layout.n_params)] if not per_layer else [e.slice for e in layout]
+    for sl in groups:
+        size = sl.stop - sl.start
+        m = total[sl].sum() / (n * size)
+        v = total_sq[sl].sum() / (n * size) - m * m
+        mean[sl], std[sl] = m, np.sqrt(max(v, 0.0)) + 1e-8
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
@@ -64,31 +63,44 @@ def read_rows(path: str, items: np.ndarray) -> torch.Tensor:
 
 
 class WeightViews(Dataset):
-    """(member, slot) items -> two views of the flat weight vector (weight-matched to `reference` if given,
-    then independently permuted if `augment`) and the member's activation code (index into the run's
-    activation names). Rows are read into memory once when they fit (IN_MEMORY_BYTES), aligned once, and
-    permuted by gathers with a bank of N_PERMS seeded permutations; larger zoos are read per item."""
+    """(zoo, member, slot) items -> two views of the flat weight vector (weight-matched to `reference` if
+    given, then independently permuted if `augment`) and the member's activation code (index into the run's
+    activation names). `paths` is one zoo file or a list (items then carry the zoo index first). Rows are read
+    into memory once when they fit (IN_MEMORY_BYTES), aligned once, and permuted by gathers with a bank of
+    N_PERMS seeded permutations; larger zoos are read per item."""
 
-    def __init__(self, path: str, items: np.ndarray, permuter: Permuter | None, augment: bool,
-                 reference: torch.Tensor | None, codes: np.ndarray | None = None, seed: int = 0,
-                 in_memory: bool | None = None):
+    def __init__(self, paths, items: np.ndarray, permuter: Permuter | None, augment: bool,
+                 reference: torch.Tensor | None, codes=None, seed: int = 0, in_memory: bool | None = None):
         if (augment or reference is not None) and permuter is None:
             raise ValueError("permutation augmentation and alignment need a Permuter")
-        self.path, self.items, self.permuter, self.augment, self.reference = path, items, permuter, augment, reference
-        self.codes = codes if codes is not None else np.zeros(int(items[:, 0].max(initial=0)) + 1, np.int64)
-        self.file, self.rows, self.perms = None, None, None
-        n_params = permuter.n_params if permuter is not None else None
+        self.paths = [paths] if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__") else list(paths)
+        items = np.asarray(items, np.int64).reshape(-1, items.shape[-1] if len(items) else 3)
+        self.items = np.column_stack([np.zeros(len(items), np.int64), items]) if items.shape[1] == 2 else items
+        self.permuter, self.augment, self.reference = permuter, augment, reference
+        self.codes = codes if isinstance(codes, list) else [codes] * len(self.paths)
+        self.files, self.rows, self.perms = {}, None, None
         if in_memory is None:
-            with h5py.File(path, "r") as f:
+            with h5py.File(self.paths[0], "r") as f:
                 n_params = f["weights"].shape[2]
-            in_memory = len(items) * n_params * 4 <= IN_MEMORY_BYTES
+            in_memory = len(self.items) * n_params * 4 <= IN_MEMORY_BYTES
         if in_memory:
-            self.rows = read_rows(path, items)
-            if reference is not None:
-                self.rows = torch.stack([permuter.align(r, reference) for r in self.rows])
+            self.rows = self._read_all()
         if augment:
             g = torch.Generator().manual_seed(seed)
             self.perms = torch.stack([permuter.random_index(g) for _ in range(N_PERMS)]).int()
+
+    def _read_all(self) -> torch.Tensor:
+        rows = None
+        for k, path in enumerate(self.paths):
+            at = np.flatnonzero(self.items[:, 0] == k)
+            if not len(at):
+                continue
+            part = read_rows(str(path), self.items[at, 1:])
+            rows = torch.empty(len(self.items), part.shape[1]) if rows is None else rows
+            rows[torch.from_numpy(at)] = part
+        if rows is not None and self.reference is not None:
+            rows = torch.stack([self.permuter.align(r, self.reference) for r in rows])
+        return rows
 
     def __len__(self):
         return len(self.items)
@@ -96,42 +108,52 @@ class WeightViews(Dataset):
     def _row(self, i: int) -> torch.Tensor:
         if self.rows is not None:
             return self.rows[i]
-        if self.file is None:  # opened per worker process
-            self.file = h5py.File(self.path, "r")
-        m, s = self.items[i]
-        flat = torch.from_numpy(self.file["weights"][m, s])
+        k, m, s = self.items[i]
+        if k not in self.files:  # opened per worker process
+            self.files[k] = h5py.File(self.paths[k], "r")
+        flat = torch.from_numpy(self.files[k]["weights"][m, s])
         return self.permuter.align(flat, self.reference) if self.reference is not None else flat
 
+    def _code(self, i: int) -> int:
+        k, m, _ = self.items[i]
+        return 0 if self.codes[k] is None else int(self.codes[k][m])
+
     def __getitem__(self, i):
-        flat, code = self._row(i), int(self.codes[self.items[i][0]])
+        flat, code = self._row(i), self._code(i)
         if not self.augment:
             return flat, flat, code
         a, b = torch.randint(0, N_PERMS, (2,)).tolist()
         return flat[self.perms[a]], flat[self.perms[b]], code
 
 
-def activation_codes(activations: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def activation_codes(activations, names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Per-member activation names -> (codes (n,) int64, the sorted names the codes index)."""
-    names = sorted(set(map(str, activations)))
+    names = names or sorted(set(map(str, activations)))
     return np.array([names.index(str(a)) for a in activations], np.int64), names
 
 
 class ZooDataModule(L.LightningDataModule):
-    def __init__(self, path: str, split: np.ndarray, slots: list[int], batch_size: int, num_workers: int,
-                 permuter: Permuter | None, permute: bool, reference: torch.Tensor | None = None,
-                 codes: np.ndarray | None = None):
+    """Train / val batches over one or several zoos: `paths`, `splits` and `codes` are per zoo."""
+
+    def __init__(self, paths, splits, slots: list[int], batch_size: int, num_workers: int,
+                 permuter: Permuter | None, permute: bool, reference: torch.Tensor | None = None, codes=None):
         super().__init__()
-        self.path, self.split, self.slots, self.codes = path, split, slots, codes
-        self.batch_size, self.num_workers = batch_size, num_workers
+        single = isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__")
+        self.paths = [paths] if single else list(paths)
+        self.splits = [splits] if single else list(splits)
+        self.codes = [codes] if single else list(codes if codes is not None else [None] * len(self.paths))
+        self.slots, self.batch_size, self.num_workers = slots, batch_size, num_workers
         self.permuter, self.permute, self.reference = permuter, permute, reference
 
     def items(self, which: int) -> np.ndarray:
-        members = np.flatnonzero(self.split == which)
-        return np.array([(m, s) for m in members for s in self.slots], dtype=np.int64).reshape(-1, 2)
+        """(n, 3) int64: (zoo, member, slot) of every item of a split."""
+        out = [(k, m, s) for k, split in enumerate(self.splits) for m in np.flatnonzero(split == which)
+               for s in self.slots]
+        return np.array(out, dtype=np.int64).reshape(-1, 3)
 
     def _loader(self, which: int, shuffle: bool) -> DataLoader:
-        ds = WeightViews(self.path, self.items(which), self.permuter, self.permute and which == TRAIN, self.reference,
-                         self.codes, seed=which)
+        ds = WeightViews(self.paths, self.items(which), self.permuter, self.permute and which == TRAIN,
+                         self.reference, self.codes, seed=which)
         if len(ds) == 0:
             raise UsageError(f"the {['train', 'val', 'test'][which]} split is empty; use a larger zoo or other splits")
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

@@ -8,26 +8,21 @@ members that did not finish or diverged), /split per member (0 train, 1 val, 2 t
 """
 from __future__ import annotations
 
-import argparse
-
-import torch
-
-from zoo.cli import run_cli
+from zoo.cli import config_cli, run_cli
 
 from ._embed import embed_zoo
+from .config import EmbedConfig
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m hyperrep.embed", description=__doc__.split("\n")[0])
-    ap.add_argument("--zoo", default="data/zoos/digits_default.h5")
-    ap.add_argument("--model", default="data/hyperrep/digits_default", help="run directory of hyperrep.fit")
-    ap.add_argument("--out", help="default: <zoo>.embeddings.h5 beside the zoo")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-    path = embed_zoo(args.zoo, args.model, args.out, args.overwrite, args.device, args.batch_size, not args.quiet)
+    def extra(ap):
+        ap.add_argument("--overwrite", action="store_true")
+        ap.add_argument("--quiet", action="store_true")
+
+    cfg, args = config_cli(EmbedConfig, argv, "python -m hyperrep.embed", __doc__,
+                           {"zoo": "zoo", "model": "model", "out": "out", "device": "device",
+                            "batch-size": "batch_size"}, extra=extra)
+    path = embed_zoo(cfg.zoo, cfg.model, cfg.out or None, args.overwrite, cfg.device, cfg.batch_size, not args.quiet)
     print(f"embeddings written to {path}")
 
 

@@ -98,7 +98,8 @@ class HyperRepModule(L.LightningModule):
         loss, mse, con, fun = self._losses(batch, True)
         self.log_dict({"train_loss": loss, "train_mse": mse, "train_ntxent": con, "train_kl": fun}, prog_bar=True,
                       on_epoch=True, on_step=False, batch_size=len(batch[0]), sync_dist=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        self.log_dict({"lr": self.trainer.optimizers[0].param_groups[0]["lr"], "train_loss_step": loss},
+                      on_step=True, on_epoch=False, batch_size=len(batch[0]))
         return loss
 
     def validation_step(self, batch, _):

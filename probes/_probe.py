@@ -11,25 +11,32 @@ from scipy.stats import kendalltau
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, GroupKFold
+from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedGroupKFold
 from sklearn.preprocessing import QuantileTransformer, StandardScaler
+from tqdm import tqdm
 
 from hyperrep.embeddings import TEST
+from zoo import UsageError
 
 from .features import ProbeData, target_kind, target_values
 
 COLUMNS = ("W linear", "s(W) linear", "s(W) gbm", "emb linear")
-PRIMARY = {"continuous": "r2", "categorical": "accuracy"}
+PRIMARY = {"continuous": "r2", "categorical": "accuracy", "multilabel": "mean_balanced_accuracy"}
+METRIC_LABEL = {"continuous": "R²", "categorical": "acc", "multilabel": "mean bal acc"}
 
 
 def member_split(data: ProbeData, seed: int, test_fraction: float) -> np.ndarray:
-    """Bool per row: in the test split. Whole members only; the hyperrep fit's test members when known."""
-    members = data.rows["member"].to_numpy()
+    """Bool per row: in the test split. Whole members only: a given split file's test members, else the
+    hyperrep fit's test members when known, else a seeded split of model ids, the same in every zoo (twin zoos,
+    whose member i shares its draws and init across datasets, keep the twins on one side)."""
+    if data.fixed_test is not None:
+        return data.fixed_test
     if data.emb_split is not None and (data.emb_split == TEST).any() and (data.emb_split != TEST).any():
         return data.emb_split == TEST
-    uniq = np.unique(members)
+    ids = data.rows["model_id"].to_numpy()
+    uniq = np.unique(ids)
     test = np.random.default_rng(seed).permutation(uniq)[: max(1, int(round(test_fraction * len(uniq))))]
-    return np.isin(members, test)
+    return np.isin(ids, test)
 
 
 class _RidgeCV:
@@ -62,8 +69,12 @@ def _linear(kind: str, X, y, groups, seed: int):
     n_splits = min(5 if kind == "continuous" else 3, len(np.unique(groups)))
     if kind == "continuous":
         return _RidgeCV().fit(X, y, groups, n_splits)
+    # C by grouped CV, when every class spans enough members that each training fold holds them all
+    members_per_class = min(len(np.unique(groups[y == c])) for c in np.unique(y))
+    if members_per_class < 2 * n_splits:
+        return LogisticRegression(max_iter=300, tol=1e-3, C=0.1).fit(X, y)
     search = GridSearchCV(LogisticRegression(max_iter=300, tol=1e-3), {"C": [0.01, 0.1, 1.0]},
-                          cv=GroupKFold(n_splits=n_splits))
+                          cv=StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed))
     return search.fit(X, y, groups=groups).best_estimator_
 
 
@@ -93,6 +104,8 @@ def fit_predict(column: str, kind: str, data: ProbeData, y, test, seed: int, inp
     """Fit one probe on the training rows, predict the test rows. Regression predictions are clipped
     to the range of the training targets (a linear map must not extrapolate an accuracy above 1)."""
     Xtr, Xte = inputs if inputs is not None else prepare(column, data, test)
+    if kind == "multilabel":  # one binary probe per label column; a label constant in training is predicted so
+        return np.stack([_binary(column, data, y[:, k], test, seed, (Xtr, Xte)) for k in range(y.shape[1])], 1)
     if column.endswith("gbm"):
         cls = HistGradientBoostingRegressor if kind == "continuous" else HistGradientBoostingClassifier
         return cls(max_iter=200, random_state=seed).fit(Xtr, y[~test]).predict(Xte)
@@ -104,7 +117,18 @@ def fit_predict(column: str, kind: str, data: ProbeData, y, test, seed: int, inp
     return np.clip(pred, y[~test].min(), y[~test].max()) if kind == "continuous" else pred
 
 
+def _binary(column: str, data: ProbeData, y, test, seed: int, inputs) -> np.ndarray:
+    if len(np.unique(y[~test])) < 2:
+        return np.full(int(test.sum()), y[~test][0])
+    return fit_predict(column, "categorical", data, y, test, seed, inputs).astype(y.dtype)
+
+
 def _metrics(kind: str, y, pred) -> dict[str, float]:
+    if kind == "multilabel":  # mean over labels (that vary in the test rows) of the balanced accuracy
+        accs = [np.mean([(pred[y[:, k] == c, k] == c).mean() for c in (0, 1)])
+                for k in range(y.shape[1]) if len(np.unique(y[:, k])) == 2]
+        return {"mean_balanced_accuracy": float(np.mean(accs)) if accs else np.nan,
+                "exact_match": float((pred == y).all(1).mean())}
     if kind == "continuous":
         sst = ((y - y.mean()) ** 2).sum()
         r2 = 1 - ((y - pred) ** 2).sum() / sst if sst > 0 else np.nan
@@ -131,26 +155,33 @@ def score(kind: str, y, pred, members, n_boot: int, seed: int) -> dict[str, floa
     return out
 
 
-def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fraction: float = 0.2, n_boot: int = 200):
+def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fraction: float = 0.2, n_boot: int = 200,
+                    progress: bool = False):
     """-> (long results table, predictions {target: {column: (y_test, pred)}}, test mask)."""
     test = member_split(data, seed, test_fraction)
     members = data.rows["member"].to_numpy()
+    if not test.any() or test.all():
+        raise UsageError(f"the member split leaves {'no' if not test.any() else 'only'} test rows; "
+                         f"change test_fraction or the split file")
     assert not set(members[test]) & set(members[~test])  # no member on both sides
     columns = [c for c in COLUMNS if data.emb is not None or not c.startswith("emb")]
+    jobs = [(t, target_kind(data.rows[t], t)) for t in targets]
+    jobs = [(t, k) for t, k in jobs if k is not None]
     results, predictions, inputs = [], {}, {}
-    for name in targets:
-        kind = target_kind(data.rows[name], name)
-        if kind is None:
-            continue
-        y = target_values(data.rows, name, kind)
-        predictions[name] = {}
-        for col in columns:
-            if col not in inputs:
-                inputs[col] = prepare(col, data, test)
-            pred = fit_predict(col, kind, data, y, test, seed, inputs[col])
-            predictions[name][col] = (y[test], pred)
-            results.append({"target": name, "kind": kind, "column": col,
-                            **score(kind, y[test], pred, members[test], n_boot, seed)})
+    bar = tqdm(total=len(jobs) * len(columns), unit="probe", desc="probes", disable=not progress)
+    with bar:
+        for name, kind in jobs:
+            y = target_values(data.rows, name, kind)
+            predictions[name] = {}
+            for col in columns:
+                bar.set_postfix_str(f"{name} / {col}", refresh=False)
+                if col not in inputs:
+                    inputs[col] = prepare(col, data, test)
+                pred = fit_predict(col, kind, data, y, test, seed, inputs[col])
+                predictions[name][col] = (y[test], pred)
+                results.append({"target": name, "kind": kind, "column": col,
+                                **score(kind, y[test], pred, members[test], n_boot, seed)})
+                bar.update()
     return pd.DataFrame(results), predictions, test
 
 
@@ -164,7 +195,7 @@ def markdown_table(results: pd.DataFrame) -> str:
         for c in cols:
             r = g[g["column"] == c].iloc[0]
             cells.append(f"{r[m]:.3f} [{r[m + '_lo']:.3f}, {r[m + '_hi']:.3f}]")
-        lines.append(f"| {target} | {'R²' if kind == 'continuous' else 'acc'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {target} | {METRIC_LABEL[kind]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -185,6 +216,13 @@ def plot_predictions(predictions: dict, results: pd.DataFrame, out: Path) -> lis
                 lims = [min(y.min(), pred.min()), max(y.max(), pred.max())]
                 ax.plot(lims, lims, "k--", lw=0.8)
                 ax.set(xlabel=f"true {target}", ylabel="predicted", title=f"{col}\nR² {m['r2']:.3f}")
+            elif kind == "multilabel":  # balanced accuracy of each label's probe
+                accs = [np.mean([(pred[y[:, k] == c, k] == c).mean() for c in (0, 1)])
+                        if len(np.unique(y[:, k])) == 2 else np.nan for k in range(y.shape[1])]
+                ax.bar(range(len(accs)), accs)
+                ax.axhline(0.5, color="k", ls="--", lw=0.8)
+                ax.set(xlabel="class", ylabel="balanced accuracy", ylim=(0, 1),
+                       title=f"{col}\nmean {m['mean_balanced_accuracy']:.3f}")
             else:
                 labels = sorted(set(y))
                 cm = pd.crosstab(pd.Categorical(y, labels), pd.Categorical(pred, labels), dropna=False).to_numpy()

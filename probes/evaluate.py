@@ -4,56 +4,71 @@ gradient-boosted trees on s(W), with member-level splits and bootstrap confidenc
 Full size (after zoo.build, hyperrep.fit and hyperrep.embed on a real zoo):
     python -m probes.evaluate --zoo data/zoos/mnist_cnn_s_seed.h5 --embeddings data/zoos/mnist_cnn_s_seed.embeddings.h5
 Dataset probing (several zoos of one architecture):
-    python -m probes.evaluate --zoo data/zoos/mnist_cnn_gap_random.h5 data/zoos/fashion_mnist_cnn_gap_random.h5 \\
+    python -m probes.evaluate --zoo data/zoos/mnist_smallcnn_random.h5 data/zoos/fashion_mnist_smallcnn_random.h5 \\
         --embeddings A.embeddings.h5 B.embeddings.h5 --targets dataset test_acc
-No arguments: the default zoo and its default embeddings, in well under a minute on 2 CPU cores.
+No arguments: the default zoo and its default embeddings, in about a minute on 2 CPU cores.
+Any config key (probes/config.py) can also be given as key=value, or in a YAML file with --config.
 Cells: R^2 for continuous targets, accuracy for categorical ones, with 95 % bootstrap intervals over test members.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 import zoo
-from zoo.cli import UsageError, run_cli
+from zoo.cli import UsageError, config_cli, run_cli, to_dict
+from zoo.io import atomic_path, output_lock
 
 from ._probe import _default_embeddings, evaluate_probes, markdown_table, plot_predictions
+from .config import ProbeConfig
 from .features import ALL_TARGETS, load_probe_data, target_kind
+
+FLAGS = {"zoo": "zoo+", "embeddings": "embeddings+", "targets": "targets+", "checkpoints": "checkpoints+",
+         "out": "out", "seed": "seed", "test-fraction": "test_fraction", "bootstrap": "bootstrap", "split": "split"}
+
+
+def _check(cfg: ProbeConfig) -> None:
+    unknown = [t for t in cfg.targets if t not in ALL_TARGETS]
+    if unknown:
+        raise UsageError(f"unknown target '{unknown[0]}'; choose from {', '.join(ALL_TARGETS)}")
+    if "dataset" in cfg.targets and len(cfg.zoo) < 2:
+        raise UsageError("target 'dataset' needs several zoos (--zoo A.h5 B.h5) of one architecture")
+    if len(set(map(os.path.realpath, cfg.zoo))) != len(cfg.zoo):
+        raise UsageError("a zoo is listed twice (under two names); list each zoo once")
+
+
+def _write(out: Path, name: str, text: str) -> None:
+    with atomic_path(out / name) as tmp:
+        tmp.write_text(text)
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="python -m probes.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--zoo", nargs="+", default=["data/zoos/digits_default.h5"])
-    ap.add_argument("--embeddings", nargs="+", help="one per zoo (default: <zoo>.embeddings.h5 where present)")
-    ap.add_argument("--targets", nargs="+", help=f"default: every one that varies, of {', '.join(ALL_TARGETS)}")
-    ap.add_argument("--checkpoints", nargs="+", type=int, help="checkpoint slots to use (default all)")
-    ap.add_argument("--out", help="output directory (default data/probes/<first zoo name>)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--test-fraction", type=float, default=0.2)
-    ap.add_argument("--bootstrap", type=int, default=200)
-    args = ap.parse_args(argv)
-    unknown = [t for t in args.targets or [] if t not in ALL_TARGETS]
-    if unknown:
-        raise UsageError(f"unknown target '{unknown[0]}'; choose from {', '.join(ALL_TARGETS)}")
-    if args.targets and "dataset" in args.targets and len(args.zoo) < 2:
-        raise UsageError("target 'dataset' needs several zoos (--zoo A.h5 B.h5) of one architecture")
-    data = load_probe_data(args.zoo, args.embeddings or _default_embeddings(args.zoo), args.checkpoints)
-    targets = args.targets or [t for t in ALL_TARGETS if t in data.rows and target_kind(data.rows[t], t)]
-    results, predictions, test = evaluate_probes(data, targets, args.seed, args.test_fraction, args.bootstrap)
-    out = Path(args.out or f"data/probes/{Path(args.zoo[0]).stem}")
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results)
-    results.to_csv(out / "results.csv", index=False)
-    (out / "results.json").write_text(json.dumps({"version": zoo.__version__, "zoos": args.zoo,
-                                                  "embeddings": args.embeddings or _default_embeddings(args.zoo),
-                                                  "seed": args.seed, "results": results.to_dict("records")}, indent=1))
-    (out / "split.json").write_text(json.dumps({"seed": args.seed, "test_members": sorted(
-        int(m) for m in np.unique(data.rows["member"][test]))}))
-    (out / "table.md").write_text(table + "\n")
-    plot_predictions(predictions, results, out)
+    cfg, args = config_cli(ProbeConfig, argv, "python -m probes.evaluate", __doc__, FLAGS,
+                           extra=lambda ap: ap.add_argument("--quiet", action="store_true", help="no progress bar"))
+    _check(cfg)
+    out = Path(cfg.out or f"data/probes/{Path(cfg.zoo[0]).stem}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} is a file; --out takes a directory")
+    embeddings = list(cfg.embeddings) or _default_embeddings(list(cfg.zoo))
+    data = load_probe_data(list(cfg.zoo), embeddings, list(cfg.checkpoints) or None, cfg.split or None)
+    targets = list(cfg.targets) or [t for t in ALL_TARGETS if t in data.rows and target_kind(data.rows[t], t)]
+    with output_lock(out):
+        results, predictions, test = evaluate_probes(data, targets, cfg.seed, cfg.test_fraction, cfg.bootstrap,
+                                                     progress=not args.quiet)
+        out.mkdir(parents=True, exist_ok=True)
+        table = markdown_table(results)
+        with atomic_path(out / "results.csv") as tmp:
+            results.to_csv(tmp, index=False)
+        _write(out, "results.json", json.dumps({"version": zoo.__version__, "config": to_dict(cfg),
+                                                "embeddings": embeddings, "results": results.to_dict("records")},
+                                               indent=1))
+        _write(out, "split.json", json.dumps({"seed": cfg.seed, "test_members": sorted(
+            int(m) for m in np.unique(data.rows["member"][test]))}))
+        _write(out, "table.md", table + "\n")
+        plot_predictions(predictions, results, out)
     print(table)
     print(f"\n{len(data.rows)} (member, checkpoint) rows, {int(test.sum())} in the test split; written to {out}")
 

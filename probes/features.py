@@ -5,6 +5,7 @@ variance and the 0/25/50/75/100 % quantiles.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ STAT_NAMES = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
 METRIC_TARGETS = ("test_acc", "train_acc", "gen_gap", "epoch", "test_loss", "train_loss", "sparsity")
 HPARAM_TARGETS = ("lr", "weight_decay", "dropout", "init", "init_scale", "activation", "optimizer", "batch_size",
                   "prune_fraction", "train_fraction", "label_noise", "class_subset")
-ALL_TARGETS = METRIC_TARGETS + HPARAM_TARGETS + ("dataset",)
+# trained_classes: which classes a member trained on (its class_subset; all when empty), one binary label each
+ALL_TARGETS = METRIC_TARGETS + HPARAM_TARGETS + ("trained_classes", "dataset")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ProbeData:
     emb: np.ndarray | None  # (n_rows, d_latent) or None
     emb_split: np.ndarray | None  # per row: the hyperrep fit's member split (0 train, 1 val, 2 test)
     stat_names: list[str]
+    fixed_test: np.ndarray | None = None  # per row: in the test split of a given split file
 
 
 def weight_stats(W: np.ndarray, layout: Layout) -> tuple[np.ndarray, list[str]]:
@@ -45,11 +48,14 @@ def weight_stats(W: np.ndarray, layout: Layout) -> tuple[np.ndarray, list[str]]:
 
 def _rows_of(z: zoo.Zoo, zoo_index: int) -> pd.DataFrame:
     t = z.table.to_pandas()
-    t = t[~t["diverged"] & np.isfinite(t["test_acc"]) & np.isfinite(t["train_acc"])]
+    t = t[~t["diverged"] & np.isfinite(t["test_acc"])]
     t = t[z.done[t["model_id"].to_numpy()]].copy()
-    t["gen_gap"] = t["train_acc"] - t["test_acc"]
+    if "train_acc" in t:  # imported zoos may not have recorded it
+        t["gen_gap"] = t["train_acc"] - t["test_acc"]
     t["zoo"] = zoo_index
     t["member"] = zoo_index * 10**7 + t["model_id"]  # unique across zoos, for member splits
+    t["trained_classes"] = t["class_subset"].astype(str) if "class_subset" in t else ""
+    t["num_classes"] = z.num_classes
     return t.reset_index(drop=True)
 
 
@@ -62,11 +68,25 @@ def _embeddings(e: Embeddings, z: zoo.Zoo, rows: pd.DataFrame) -> tuple[np.ndarr
     return e.embeddings[ids, rows["checkpoint"].to_numpy()], e.split[ids]
 
 
+def check_one_encoder(encoders: list[Embeddings]) -> None:
+    """Embeddings of several zoos must come from one frozen encoder, or a probe can tell the zoos apart by
+    which encoder produced a vector."""
+    first = encoders[0]
+    for e in encoders[1:]:
+        if e.model_sha256 != first.model_sha256 or not e.model_sha256:
+            raise UsageError(f"{first.path} and {e.path} come from different encoders ({first.model or '?'} "
+                             f"vs {e.model or '?'}, model.pt sha256 {first.model_sha256[:12] or 'unknown'} vs "
+                             f"{e.model_sha256[:12] or 'unknown'}); embed every zoo with one hyperrep run")
+
+
 def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Path] | None = None,
-                    checkpoints: list[int] | None = None) -> ProbeData:
+                    checkpoints: list[int] | None = None, split_file: str | Path | None = None) -> ProbeData:
     """Rows, features and targets of one or several zoos of one architecture."""
     if embedding_paths and len(embedding_paths) != len(zoo_paths):
         raise UsageError(f"got {len(embedding_paths)} --embeddings for {len(zoo_paths)} --zoo; give one per zoo")
+    encoders = [Embeddings.open(p) for p in embedding_paths or []]
+    if len(encoders) > 1:
+        check_one_encoder(encoders)
     frames, Ws, embs, splits, layout, arch = [], [], [], [], None, None
     for i, p in enumerate(zoo_paths):
         with zoo.open(p) as z:
@@ -74,29 +94,59 @@ def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Pat
                 raise UsageError(f"{p} holds {z.architecture} members; probing several zoos needs one "
                                  f"architecture ({arch})")
             arch, layout = z.architecture, z.layout
+            bad = [c for c in checkpoints or [] if not 0 <= c < z.n_checkpoints]
+            if bad:
+                raise UsageError(f"checkpoint slot {bad[0]} is out of range: {p} has slots 0..{z.n_checkpoints - 1}")
             rows = _rows_of(z, i)
             if checkpoints:
                 rows = rows[rows["checkpoint"].isin(checkpoints)].reset_index(drop=True)
             Ws.append(np.stack([z.weights(m, c) for m, c in zip(rows["model_id"], rows["checkpoint"])]) if len(rows)
                       else np.zeros((0, z.n_params), np.float32))
-            if embedding_paths:
-                e, s = _embeddings(Embeddings.open(embedding_paths[i]), z, rows)
+            if encoders:
+                e, s = _embeddings(encoders[i], z, rows)
                 embs.append(e)
                 splits.append(s)
             frames.append(rows)
     rows = pd.concat(frames, ignore_index=True)
     W = np.concatenate(Ws)
     ok = np.isfinite(W).all(1)
-    if embedding_paths:
+    if encoders:
         emb, split = np.concatenate(embs), np.concatenate(splits)
         ok &= np.isfinite(emb).all(1)
     rows, W = rows[ok].reset_index(drop=True), W[ok]
+    if not len(rows):
+        raise UsageError(f"no usable (member, checkpoint) rows in {', '.join(map(str, zoo_paths))}")
     sW, names = weight_stats(W, layout)
-    return ProbeData(rows, W, sW, emb[ok] if embedding_paths else None, split[ok] if embedding_paths else None, names)
+    fixed = test_rows(rows, split_file) if split_file else None
+    return ProbeData(rows, W, sW, emb[ok] if encoders else None, split[ok] if encoders else None, names, fixed)
+
+
+def test_rows(rows: pd.DataFrame, split_file: str | Path) -> np.ndarray:
+    """Rows in the test split of a split file: JSON {"test_members": [member ids]} (probes' own split.json)."""
+    path = Path(split_file)
+    if not path.is_file():
+        raise UsageError(f"split file {path} does not exist")
+    try:
+        members = json.loads(path.read_text())["test_members"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"split file {path} is not JSON with a 'test_members' list") from None
+    return rows["member"].isin(set(int(m) for m in members)).to_numpy()
+
+
+def trained_classes(rows: pd.DataFrame, num_classes: int = 10) -> np.ndarray:
+    """(n, K) int: 1 where the member's training set holds the class (its class_subset, every class if empty)."""
+    out = np.ones((len(rows), num_classes), np.int64)
+    for i, subset in enumerate(rows["class_subset"].astype(str)):
+        if subset.strip():
+            out[i] = 0
+            out[i, [int(c) for c in subset.split(",")]] = 1
+    return out
 
 
 def target_kind(values: pd.Series, name: str) -> str | None:
-    """'continuous', 'categorical', or None when the target does not vary."""
+    """'continuous', 'categorical', 'multilabel', or None when the target does not vary."""
+    if name == "trained_classes":
+        return "multilabel" if values.nunique(dropna=True) >= 2 else None
     if values.nunique(dropna=True) < 2:
         return None
     if name in METRIC_TARGETS:
@@ -107,6 +157,8 @@ def target_kind(values: pd.Series, name: str) -> str | None:
 
 
 def target_values(rows: pd.DataFrame, name: str, kind: str) -> np.ndarray:
+    if kind == "multilabel":
+        return trained_classes(rows, int(rows["num_classes"].max()) if "num_classes" in rows else 10)
     v = rows[name]
     if kind == "categorical":
         return v.astype(str).to_numpy()

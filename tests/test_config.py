@@ -71,7 +71,7 @@ def test_default_yaml_is_the_embedded_default():
 
 def test_shipped_configs_are_found():
     names = {p.name for p in ZOO_CONFIGS}
-    assert {"default.yaml", "mnist_cnn_s_seed.yaml", "mnist_cnn_s_hyp.yaml", "mnist_cnn_gap_random.yaml"} <= names
+    assert {"default.yaml", "mnist_cnn_s_seed.yaml", "mnist_cnn_s_hyp.yaml", "mnist_smallcnn_random.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", ZOO_CONFIGS, ids=lambda p: p.name)

@@ -226,3 +226,20 @@ def test_training_views_are_function_preserving_permutations(tiny_zoo, in_memory
                 net.load_state_dict(z.layout.unflatten(view))
                 with torch.no_grad():
                     assert torch.allclose(net(x), z.model(m, s)(x), atol=1e-5)
+
+
+def test_fit_logs_to_tensorboard_per_step_and_one_line_per_epoch_off_a_terminal(tiny_zoo, tmp_path):
+    pytest.importorskip("tensorboard")
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "WEIGHTZOO_QUIET"}
+    r = subprocess.run([sys.executable, "-m", "hyperrep.fit", "--zoo", str(tiny_zoo), "--out", str(out), *TINY_FIT,
+                        "loggers=[csv,tensorboard]", "log_every=1"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    epochs = [ln for ln in r.stderr.splitlines() if ln.startswith("epoch ")]
+    assert len(epochs) == 3 and all("steps/s" in ln for ln in epochs) and "\r" not in r.stderr
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    logs = pd.read_csv(next(out.glob("logs/version_*/metrics.csv")))
+    assert logs["train_loss_step"].notna().sum() >= 3 and logs["lr"].notna().sum() >= 3

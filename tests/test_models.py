@@ -4,7 +4,7 @@ import torch
 from zoo import Layout, UsageError, create_model, init_weights, list_models
 from zoo.models import INITS, flatten_state
 
-SHAPES = {"cnn_s": (1, 28), "cnn_l": (3, 32), "cnn_gap": (1, 28), "mlp": (1, 8), "vit_t": (3, 28)}
+SHAPES = {"cnn_s": (1, 28), "cnn_l": (3, 32), "cnn_gap": (1, 28), "smallcnn": (1, 32), "mlp": (1, 8), "vit_t": (3, 28)}
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -69,3 +69,19 @@ def test_init_sets_every_parameter(name):
             p.fill_(float("nan"))
     init_weights(model, "kaiming_uniform", 1.0, torch.Generator().manual_seed(0))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_smallcnn_is_the_small_cnn_zoo_network_with_valid_padding():
+    import torch.nn as nn
+
+    net = create_model("smallcnn", in_channels=1, input_size=28)
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    assert all(c.padding == (0, 0) and c.stride == (2, 2) for c in convs)
+    sizes, x = [], torch.zeros(1, 1, 28, 28)
+    for m in net[:-2]:
+        x = m(x)
+        if isinstance(m, nn.Conv2d):
+            sizes.append(x.shape[-1])
+    assert sizes == [13, 6, 2] and sum(p.numel() for p in net.parameters()) == 4970
+    padded = create_model("cnn_gap", in_channels=1, input_size=28)
+    assert [m.padding for m in padded if isinstance(m, nn.Conv2d)] == [(1, 1)] * 3

@@ -7,7 +7,7 @@ from zoo.models import INITS, create_model, flatten_state
 from zoo.population import init_flat, init_member, member_order, member_pools, noisy_labels
 from zoo.solo import accuracy, train_solo
 
-ARCHS = [("cnn_s", {}, "digits28"), ("cnn_l", {}, "digits28"), ("cnn_gap", {}, "digits"),
+ARCHS = [("cnn_s", {}, "digits28"), ("cnn_l", {}, "digits28"), ("cnn_gap", {}, "digits"), ("smallcnn", {}, "digits28"),
          ("mlp", {"widths": [32, 16]}, "digits"), ("vit_t", {"patch": 4, "dim": 16, "depth": 1}, "digits")]
 LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
 
@@ -64,7 +64,7 @@ def test_population_matches_plain_loop(arch, kw, data_name, opt, request):
             assert _rel(pop.flat_weights()[i], _flat(solo)) < TOL, (arch, opt, i)
 
 
-@pytest.mark.parametrize("arch,kw,data_name", [ARCHS[0], ARCHS[3], ARCHS[4]])
+@pytest.mark.parametrize("arch,kw,data_name", [ARCHS[0], ARCHS[4], ARCHS[5]])
 def test_mixed_population_matches_plain_loop(arch, kw, data_name, request):
     """Activations and optimizers differ per member inside one population (unsorted: several runs each)."""
     data = request.getfixturevalue(data_name)

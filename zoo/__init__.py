@@ -6,6 +6,7 @@ from .config import HPARAMS, MemberSpec, ZooConfig, expand_members
 from .data import DataSpec, ImageData, load_dataset
 from .engine import BatchedNet
 from .evaluation import Evaluator, evaluate
+from .export import ZooDataset
 from .models import create_model, flatten_state, init_weights, list_models, register
 from .population import Population
 from .spec import Layout, ModelSpec, TensorEntry
@@ -19,4 +20,4 @@ __all__ = ["Config", "UsageError", "load_config", "option", "run_cli", "HPARAMS"
            "expand_members", "DataSpec", "ImageData", "load_dataset", "BatchedNet", "Evaluator", "evaluate",
            "create_model", "flatten_state", "init_weights", "list_models", "register", "Population", "Layout",
            "ModelSpec", "TensorEntry", "Zoo", "open", "open_zoo", "Coupling", "Permuter", "find_couplings",
-           "ZooWriter", "__version__"]
+           "ZooWriter", "ZooDataset", "__version__"]

@@ -159,20 +159,24 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
     members = expand_members(cfg)
     if not members:
         raise UsageError("the config expands to no members; give grid values or n_random >= 1")
-    with output_lock(out):
-        if overwrite and partial_path(out).exists():
-            partial_path(out).unlink()
-        return _build_locked(cfg, out, members, device, shard, max_populations, progress, table)
-
-
-def _build_locked(cfg: ZooConfig, out: Path, members: list[MemberSpec], device: torch.device, shard, max_populations,
-                  progress: bool, table: bool) -> Path | None:
     if device.type == "cuda" and device.index is not None:
         # torchrun rank r works on cuda:r: make it current, or CUDA-graph capture streams and Triton launches
         # go to cuda:0 (seen on 2 H200s: "operation not permitted when stream is capturing" on rank 1)
         torch.cuda.set_device(device)
-    data = DataSpec.of(cfg).load(device)
+    data = DataSpec.of(cfg).load(device)  # every check that can fail runs before anything is written
     model_spec(cfg, data).layout()  # fails early, with the reason, on shapes the architecture cannot take
+    absent = sorted({c for m in members for c in m.classes() or [] if c >= data.num_classes})
+    if absent:
+        raise UsageError(f"class_subset names class {absent[0]}, but dataset {cfg.dataset} has classes "
+                         f"0..{data.num_classes - 1}")
+    with output_lock(out):
+        if overwrite and partial_path(out).exists():
+            partial_path(out).unlink()
+        return _build_locked(cfg, out, members, data, device, shard, max_populations, progress, table)
+
+
+def _build_locked(cfg: ZooConfig, out: Path, members: list[MemberSpec], data: ImageData, device: torch.device, shard,
+                  max_populations, progress: bool, table: bool) -> Path | None:
     ids = shard_ids(members, *shard)
     plan, done, same = _open_partial(out, cfg, to_yaml(cfg), members, ids, data, shard, device)
     if not same:

@@ -167,8 +167,10 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
         raise UsageError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
 
 
-def merged_dict(cls: type, path: str | Path | None, overrides: list[str], defaults: dict | None = None) -> dict:
-    """Defaults < YAML file < `key=value` overrides (dotted keys reach into mapping fields)."""
+def merged_dict(cls: type, path: str | Path | None, overrides: list[str], defaults: dict | None = None,
+                values: dict | None = None) -> dict:
+    """Defaults < YAML file < `key=value` overrides (dotted keys reach into mapping fields) < `values` (already
+    parsed, e.g. from command-line flags)."""
     data: dict = dict(defaults or {})
     if path is not None:
         if not Path(path).is_file():
@@ -188,14 +190,15 @@ def merged_dict(cls: type, path: str | Path | None, overrides: list[str], defaul
             target[k] = dict(target.get(k) or {})
             target = target[k]
         target[keys[-1]] = value
+    data.update(values or {})
     return data
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.Sequence[str] = (),
-                defaults: dict | None = None) -> C:
-    """`cls` from defaults < the YAML file at `path` < `key=value` overrides."""
+                defaults: dict | None = None, values: dict | None = None) -> C:
+    """`cls` from defaults < the YAML file at `path` < `key=value` overrides < `values`."""
     source = str(path) if path is not None else "config"
-    return from_dict(cls, merged_dict(cls, path, list(overrides), defaults), source)
+    return from_dict(cls, merged_dict(cls, path, list(overrides), defaults, values), source)
 
 
 def _plain(value: Any) -> Any:
@@ -228,19 +231,47 @@ def run_cli(main, argv: list[str] | None = None) -> int:
 def config_cli(cls: type[C], argv: list[str], prog: str, doc: str, flags: dict[str, str],
                defaults: dict | None = None, extra=None) -> tuple[C, Any]:
     """The command line every stage shares: `--config FILE`, one `--flag VALUE` per entry of `flags`
-    (flag name -> config key; each is the same as `key=VALUE`), and `key=value` overrides. `extra(parser)`
-    may add flags that are not config keys. Returns (config, parsed args)."""
+    (flag name -> config key; a key ending in '+' takes one or more values, a list), and `key=value`
+    overrides; flags win over overrides, overrides over the file. `extra(parser)` may add flags that are not
+    config keys. Returns (config, parsed args)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0],
-                                 epilog="any config key can be set as key=value; see --config files in configs/")
+                                 epilog="any config key can also be set as key=value (configs/ has examples)")
     ap.add_argument("--config", help="YAML config file")
     for flag, key in flags.items():
-        ap.add_argument(f"--{flag}", dest=f"flag_{key}", metavar=key.upper(), help=f"same as {key}=VALUE")
+        name = key.rstrip("+")
+        ap.add_argument(f"--{flag}", dest=f"flag_{name}", metavar=name.upper(),
+                        nargs="+" if key.endswith("+") else None, help=f"config key {name}")
     if extra is not None:
         extra(ap)
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_intermixed_args(argv)
-    given = [f"{key}={getattr(args, f'flag_{key}')}" for key in flags.values()
-             if getattr(args, f"flag_{key}") is not None]
-    return load_config(cls, args.config, list(args.overrides) + given, defaults), args
+    given = {key.rstrip("+"): getattr(args, f"flag_{key.rstrip('+')}") for key in flags.values()}
+    given = {k: v for k, v in given.items() if v is not None}
+    overrides = list(args.overrides)
+    for k, v in given.items():  # `--zoo A.h5 B.h5 epochs=3`: a list flag swallows the key=value after it
+        if isinstance(v, list):
+            extra_overrides = [x for x in v if "=" in x and not Path(x).exists()]
+            given[k] = [x for x in v if x not in extra_overrides]
+            overrides += extra_overrides
+    return load_config(cls, args.config, overrides, defaults, _typed(cls, given)), args
+
+
+def _typed(cls, values: dict) -> dict:
+    """Flag strings parsed as YAML scalars for non-string fields (`--n 5` -> 5), kept as text for strings."""
+    def parse(v: str):
+        try:
+            return yaml.safe_load(v)
+        except yaml.YAMLError:
+            return v
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in values.items():
+        tp, args = hints[k], typing.get_args(hints[k])
+        if isinstance(v, list):
+            out[k] = v if args and args[0] is str else [parse(x) for x in v]
+        else:
+            out[k] = v if tp is str else parse(v)
+    return out

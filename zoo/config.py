@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from .cli import Config, UsageError, coerce, option
+from .data import SCALINGS
 from .engine import CONV_PATHS
 from .models import ACTIVATIONS, INITS
 
@@ -58,7 +59,8 @@ class MemberSpec:
 
 HPARAMS = tuple(f.name for f in dataclasses.fields(MemberSpec))
 _HP_TYPES = typing.get_type_hints(MemberSpec)
-DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform")
+# subset: [n, k] draws k of the classes 0..n-1 (class_subset), [n, k_min, k_max] a size in that range first
+DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform", "subset")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class ZooConfig(Config):
     grayscale: bool = False
     resize: int | None = option(None, ge=1)
     val_fraction: float = option(0.0, ge=0, lt=1)
+    input_scaling: str = option("standardize", choices=SCALINGS)  # zoo.data.SCALINGS
+    input_mean: list[float] = ()  # per channel, with input_scaling=fixed
+    input_std: list[float] = ()
     architecture: str = "cnn_gap"
     architecture_kwargs: dict[str, Any] = field(default_factory=dict)
     epochs: int = option(8, ge=1)
@@ -111,6 +116,12 @@ class ZooConfig(Config):
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
                 raise UsageError(f"random.{hp} must be one of {{{', '.join(DISTRIBUTIONS)}: [...]}}, got {spec!r}")
             (dist, args), = spec.items()
+            if dist == "subset":
+                sizes = args[1:] if isinstance(args, (list, tuple)) and len(args) in (2, 3) else [0]
+                if hp != "class_subset" or not 1 <= min(sizes) <= max(sizes) <= args[0]:
+                    raise UsageError(f"random.{hp}: subset is for class_subset, as [n_classes, k] or [n_classes, "
+                                     f"k_min, k_max] with 1 <= k <= n_classes, got {spec!r}")
+                continue
             if dist == "choice" and not args or dist != "choice" and (len(args) != 2 or args[0] > args[1]):
                 raise UsageError(f"random.{hp}: {dist} needs " + ("a non-empty list of values" if dist == "choice"
                                  else f"[low, high] with low <= high, got {list(args)}"))
@@ -130,6 +141,9 @@ def _draw(name: str, spec: dict[str, list], rng: np.random.Generator) -> Any:
     (dist, args), = spec.items()
     if dist == "choice":
         return args[int(rng.integers(len(args)))]
+    if dist == "subset":  # k of n classes, sorted; every class when k == n
+        n, k = args[0], int(rng.integers(args[1], args[-1] + 1))
+        return "" if k == n else ",".join(map(str, sorted(rng.choice(n, k, replace=False).tolist())))
     lo, hi = args
     if dist == "uniform":
         return float(rng.uniform(lo, hi))

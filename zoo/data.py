@@ -6,10 +6,12 @@ Names: `digits` (scikit-learn's bundled 8x8 digits, offline), `mnist`, `fashion_
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import pickle
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,20 +148,44 @@ def _load_digits() -> tuple[Split, Split]:
     return Split(x[train], d.target[train].astype(np.int64)), Split(x[test], d.target[test].astype(np.int64))
 
 
+MAX_CLASSES = 1024  # labels are class ids 0..K-1; a stray huge label would size every member's classifier by it
+
+
+def check_labels(y: np.ndarray, n_images: int, where: str) -> np.ndarray:
+    """Labels as int64 class ids: 1-D, one per image, integral, in [0, MAX_CLASSES)."""
+    if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+        raise UsageError(f"{where} must be integer class ids, got dtype {y.dtype}" +
+                         (" with fractional or non-finite values" if y.dtype.kind == "f" else ""))
+    if y.ndim != 1 or len(y) != n_images:
+        raise UsageError(f"{where} must be one label per image: shape ({n_images},), got {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= MAX_CLASSES):
+        raise UsageError(f"{where} must lie in [0, {MAX_CLASSES}) (class ids 0..K-1), got {y.min()}..{y.max()}")
+    return y.astype(np.int64)
+
+
 def _load_npz(path: Path) -> tuple[Split, Split]:
     if not path.is_file():
         raise UsageError(f"dataset npz:{path}: file not found")
-    f = np.load(path)
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an archive of arrays")
+        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in f.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not an npz, truncated, or object arrays
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"dataset npz:{path} is not a readable .npz of plain arrays ({detail})") from None
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise UsageError(f"dataset npz:{path} lacks array '{missing[0]}' (needs x_train, y_train, x_test, y_test)")
     out = []
     for part in ("train", "test"):
-        x = f[f"x_{part}"]
-        if x.dtype != np.uint8 or x.ndim not in (3, 4):
-            raise UsageError(f"dataset npz:{path}: x_{part} must be uint8 NHW or NHWC, got {x.dtype} {x.shape}")
+        x = arrays[f"x_{part}"]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) == 0 or min(x.shape[1:]) < 1:
+            raise UsageError(f"dataset npz:{path}: x_{part} must be non-empty uint8 NHW or NHWC images, "
+                             f"got {x.dtype} {x.shape}")
+        y = check_labels(arrays[f"y_{part}"], len(x), f"dataset npz:{path}: y_{part}")
         x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-        out.append(Split(np.ascontiguousarray(x), f[f"y_{part}"].astype(np.int64)))
+        out.append(Split(np.ascontiguousarray(x), y))
     return out[0], out[1]
 
 
@@ -214,17 +240,46 @@ class DataSpec:
     grayscale: bool = False
     resize: int | None = None
     val_fraction: float = 0.0
+    scaling: str = "standardize"  # see SCALINGS
+    mean: tuple[float, ...] = ()  # per channel, with scaling "fixed"
+    std: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, cfg) -> "DataSpec":
         """From a zoo config (a `ZooConfig` or the mapping stored in a zoo file)."""
         get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
         return cls(get("dataset", "digits"), get("data_root", "data/datasets"), bool(get("download", False)),
-                   bool(get("grayscale", False)), get("resize"), float(get("val_fraction", 0.0)))
+                   bool(get("grayscale", False)), get("resize"), float(get("val_fraction", 0.0)),
+                   get("input_scaling", "standardize") or "standardize", tuple(get("input_mean", ()) or ()),
+                   tuple(get("input_std", ()) or ()))
 
     def load(self, device: str | torch.device = "cpu") -> ImageData:
-        return load_dataset(self.name, self.root, self.download, self.grayscale, self.resize, self.val_fraction,
+        data = load_dataset(self.name, self.root, self.download, self.grayscale, self.resize, self.val_fraction,
                             device)
+        return rescale(data, self.scaling, self.mean, self.std)
+
+
+# How images become network inputs, (x / 255 - mean) / std per channel: "standardize" with the training split's
+# statistics (weightzoo's builds), "minus_one_one" (x / 127.5 - 1, the Small CNN Zoo), "unit" (x / 255), "fixed"
+# (given mean and std, e.g. torchvision's Normalize((0.1307,), (0.3081,)) of the Model Zoos).
+SCALINGS = ("standardize", "minus_one_one", "unit", "fixed")
+
+
+def rescale(data: ImageData, scaling: str, mean=(), std=()) -> ImageData:
+    if scaling not in SCALINGS:
+        raise UsageError(f"input_scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
+    C = data.input_shape[0]
+    if scaling == "standardize":
+        return data
+    if scaling == "fixed":
+        if len(mean) != C or len(std) != C or min(std) <= 0:
+            raise UsageError(f"input_scaling=fixed needs input_mean and input_std with {C} value(s) each (std > 0), "
+                             f"got {list(mean)} and {list(std)}")
+        m, s = torch.tensor(mean), torch.tensor(std)
+    else:
+        m, s = torch.full((C,), 0.5 if scaling == "minus_one_one" else 0.0), \
+            torch.full((C,), 0.5 if scaling == "minus_one_one" else 1.0)
+    return dataclasses.replace(data, mean=m.float().to(data.mean.device), std=s.float().to(data.std.device))
 
 
 def load_dataset(name: str, data_root: str | Path = "data/datasets", download: bool = False, grayscale: bool = False,

@@ -74,3 +74,33 @@ def check_new_output(out: Path, overwrite: bool, what: str = "output") -> None:
         raise UsageError(f"{what} {out} is a directory; pass a file path")
     if out.exists() and not overwrite:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it or choose another output path")
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside the block is weights-only (no pickled code runs), whatever the environment:
+    TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 is set aside and TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 set, then both restored.
+    Third-party loaders inside the block (Lightning's resume) obey it too."""
+    saved = {k: os.environ.get(k) for k in ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_WEIGHTS_ONLY_LOAD")}
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def safe_torch_load(path: Path, what: str):
+    """torch.load of a file we wrote, weights-only; any failure is one line naming the file."""
+    import torch
+
+    try:
+        with weights_only_loads():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated, foreign or code-carrying files
+        raise UsageError(f"{path} is not a readable {what} ({type(e).__name__}); it may be truncated or not "
+                         f"written by weightzoo") from None

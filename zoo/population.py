@@ -29,8 +29,12 @@ from .evaluation import Evaluator
 from .models import flatten_state, init_weights
 from .spec import ModelSpec
 
-# Members whose weights grow past this are flagged as diverged like NaN ones (their loss may still be finite).
+# The divergence rule: a member is diverged (stopped, its weights NaN in the zoo, excluded downstream) when a
+# training loss is not finite, when a weight's magnitude passes EXPLODED, or when, after training has begun,
+# its mean loss on its own training split at a checkpoint exceeds BLOWUP x ln(classes), i.e. 10x chance level
+# (members trained at lr = 1000 on digits end with |w| of 1e3-1e5, losses of 300-1e11 and chance accuracy).
 EXPLODED = 1e6
+BLOWUP = 10.0
 
 
 def member_order(seeds: torch.Tensor, epoch: int, n: int, pool: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,6 +189,7 @@ class Population:
         self.has_dropout = any(m.dropout > 0 for m in members)
         self.t = torch.zeros(len(members), device=self.device)
         self.diverged = torch.zeros(len(members), dtype=torch.bool, device=self.device)
+        self.epoch = 0  # epochs trained so far
         self.mine = _MemberData(members, data, self.batch_size)
         self.prune_epochs = sorted(prune_epochs)
         self.train_eval_samples = train_eval_samples
@@ -348,6 +353,7 @@ class Population:
         Members whose weights exploded (|w| > EXPLODED) are then flagged as diverged."""
         n_steps = int(self.mine.n_steps.max())
         self.run_steps(self.epoch_order(epoch), epoch, range(min(n_steps, max_steps or n_steps)))
+        self.epoch = epoch
         if epoch in self.prune_epochs:
             self.prune((self.prune_epochs.index(epoch) + 1) / len(self.prune_epochs) * self.prune_target)
         self.flag_exploded()
@@ -404,6 +410,9 @@ class Population:
             out[f"{split}_loss"], out[f"{split}_acc"] = self.evaluator.evaluate(self.flat, *self._split(split))
         if self.prunable and self.prune_epochs:
             out["sparsity"] = self.sparsity()
+        if self.epoch >= 1:  # blown up: its loss on its own training data far above chance level
+            self.diverged |= ~(out["train_loss"] <= BLOWUP * math.log(self.data.num_classes))
+            self.flat.mul_((~self.diverged).float()[:, None])
         bad = self.diverged | ~torch.isfinite(self.flat_weights()).all(1)
         return {k: torch.where(bad, float("nan"), v) for k, v in out.items()}
 
