@@ -12,7 +12,7 @@ class ProbeConfig(Config):
     zoo: list[str] = ("data/zoos/digits_default.h5",)
     embeddings: list[str] = ()  # one per zoo, from one encoder; () = <zoo>.embeddings.h5 where every zoo has one
     targets: list[str] = ()  # () = every target that varies
-    checkpoints: list[int] = option((), ge=0, each=True)  # checkpoint slots to use; () = all
+    checkpoints: list[int] = ()  # checkpoint slots to use (negative counts from the end); () = all
     out: str = ""  # output directory; default data/probes/<first zoo name>
     seed: int = option(0, ge=0)
     test_fraction: float = option(0.2, gt=0, lt=1)  # of members, when the hyperrep's split is not used

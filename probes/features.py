@@ -14,12 +14,13 @@ import pandas as pd
 
 import zoo
 from hyperrep.embeddings import Embeddings
-from zoo import HPARAMS, Layout, UsageError
+from zoo import Layout, UsageError
 
 STAT_NAMES = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
 METRIC_TARGETS = ("test_acc", "train_acc", "gen_gap", "epoch", "test_loss", "train_loss", "sparsity")
 HPARAM_TARGETS = ("lr", "weight_decay", "dropout", "init", "init_scale", "activation", "optimizer", "batch_size",
                   "prune_fraction", "train_fraction", "label_noise", "class_subset")
+LOG_TARGETS = ("lr", "weight_decay", "init_scale")  # drawn log-uniformly over decades in the zoos
 # trained_classes: which classes a member trained on (its class_subset; all when empty), one binary label each
 ALL_TARGETS = METRIC_TARGETS + HPARAM_TARGETS + ("trained_classes", "dataset")
 
@@ -94,12 +95,13 @@ def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Pat
                 raise UsageError(f"{p} holds {z.architecture} members; probing several zoos needs one "
                                  f"architecture ({arch})")
             arch, layout = z.architecture, z.layout
-            bad = [c for c in checkpoints or [] if not 0 <= c < z.n_checkpoints]
+            bad = [c for c in checkpoints or [] if not -z.n_checkpoints <= c < z.n_checkpoints]
             if bad:
                 raise UsageError(f"checkpoint slot {bad[0]} is out of range: {p} has slots 0..{z.n_checkpoints - 1}")
             rows = _rows_of(z, i)
             if checkpoints:
-                rows = rows[rows["checkpoint"].isin(checkpoints)].reset_index(drop=True)
+                slots = [c % z.n_checkpoints for c in checkpoints]
+                rows = rows[rows["checkpoint"].isin(slots)].reset_index(drop=True)
             Ws.append(np.stack([z.weights(m, c) for m, c in zip(rows["model_id"], rows["checkpoint"])]) if len(rows)
                       else np.zeros((0, z.n_params), np.float32))
             if encoders:
@@ -163,6 +165,6 @@ def target_values(rows: pd.DataFrame, name: str, kind: str) -> np.ndarray:
     if kind == "categorical":
         return v.astype(str).to_numpy()
     v = v.to_numpy(np.float64)
-    if name in HPARAMS and (v > 0).all() and v.max() / v.min() > 100:  # log-uniform ranges: regress log10
+    if name in LOG_TARGETS and (v > 0).all() and v.max() / v.min() > 100:  # decades apart: regress log10
         return np.log10(v)
     return v

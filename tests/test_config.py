@@ -95,7 +95,7 @@ def test_member_spec_validation():
 def test_shipped_fit_configs_load(path):
     from hyperrep import FitConfig
 
-    assert FIT_CONFIGS and load_config(FitConfig, path).zoo.endswith(".h5")
+    assert FIT_CONFIGS and all(z.endswith(".h5") for z in load_config(FitConfig, path).zoo_paths)
 
 
 @pytest.mark.parametrize("override,message", [

@@ -218,7 +218,7 @@ def test_training_views_are_function_preserving_permutations(tiny_zoo, in_memory
         views = WeightViews(str(tiny_zoo), np.array([[4, 2], [7, 1]]), perm, True, None, in_memory=in_memory)
         data = z.dataset()
         x = data.normalize(data.x_test[:32])
-        for i, (m, s) in enumerate(views.items):
+        for i, (_, m, s) in enumerate(views.items):
             a, b, code = views[i]
             assert not torch.equal(a, b) and code == 0
             for view in (a, b):

@@ -112,8 +112,9 @@ def test_dataset_is_probed_across_zoos(tiny_zoo, tmp_path):
     x = rng.integers(0, 256, (600, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "noise.npz", x_train=x[:500], y_train=rng.integers(0, 10, 500), x_test=x[500:],
              y_test=rng.integers(0, 10, 100))
-    other = build(tiny_config(f"dataset=npz:{tmp_path / 'noise.npz'}"), tmp_path / "noise.h5", progress=False)
-    data = load_probe_data([tiny_zoo, other], checkpoints=[1, 2])  # at slot 0 both zoos hold the same inits
+    other = build(tiny_config(f"dataset=npz:{tmp_path / 'noise.npz'}", "seed=100"), tmp_path / "noise.h5",
+                  progress=False)
+    data = load_probe_data([tiny_zoo, other], checkpoints=[1, 2])
     assert set(data.rows["dataset"]) == {"digits", f"npz:{tmp_path / 'noise.npz'}"}
     results, _, _ = evaluate_probes(data, ["dataset"], seed=0, n_boot=20)
     assert results["accuracy"].max() > 0.8, results[["column", "accuracy"]]
