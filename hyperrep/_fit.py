@@ -8,6 +8,7 @@ import shutil
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -78,7 +79,8 @@ def _trainer(cfg: FitConfig, out: Path, steps_per_epoch: int) -> L.Trainer:
     if not quiet and not bar:
         callbacks.append(EpochLines())
     return L.Trainer(
-        max_epochs=cfg.epochs, max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=cfg.devices,
+        max_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes > 0 else None, accelerator=cfg.accelerator, devices=cfg.devices,
         strategy="ddp" if cfg.devices > 1 else "auto", precision=precision, logger=_loggers(cfg, out),
         log_every_n_steps=max(1, min(cfg.log_every, steps_per_epoch)), callbacks=callbacks,
         enable_model_summary=False, enable_progress_bar=bar)
@@ -108,7 +110,7 @@ def plot_losses(out: Path) -> Path | None:
 
 
 # keys that may differ between a fit and its resume: where it runs, not what it fits
-PLACEMENT_KEYS = ("devices", "num_workers")
+PLACEMENT_KEYS = ("devices", "num_workers", "max_minutes")
 
 
 def _check_placement(cfg: FitConfig) -> None:
@@ -249,7 +251,8 @@ def _export(out: Path, module: HyperRepModule, cfg: FitConfig, zs: list[zoo.Zoo]
                                                   "dataset": str(zz.config.get("dataset"))} for zz in zs],
             "architecture": z.architecture, "spec": z.spec.to_attrs(), "layout": z.layout.to_json(),
             "n_tokens": module.tokenizer.n_tokens, "activations": module.activations,
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "epochs_done": int(trainer.current_epoch), "steps_done": int(trainer.global_step)}
     text = yaml.safe_dump(meta, sort_keys=False)
     blob = {"state_dict": module.state_dict(), "split": torch.from_numpy(splits[0]),
             "splits": [torch.from_numpy(sp) for sp in splits], "slots": torch.tensor(slots), "meta": text}

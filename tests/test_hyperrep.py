@@ -125,6 +125,14 @@ def test_windowed_embedding_covers_the_model(tiny_run, tiny_zoo):
     assert not torch.allclose(windowed, full)
 
 
+def test_fit_stops_at_its_time_limit_and_records_the_epochs_done(tiny_zoo, tmp_path):
+    cfg = load_config(FitConfig, None, TINY_FIT + [f"zoo={tiny_zoo}", f"out={tmp_path / 'run'}", "epochs=50",
+                                                   "max_minutes=0.0001"])
+    _, meta = load_run(fit_run(cfg))
+    assert meta["epochs_done"] < 50 and meta["steps_done"] >= 1  # stopped by the clock, exported all the same
+    assert meta["config"]["max_minutes"] == 0.0001
+
+
 def test_fit_resumes_from_last_checkpoint(tiny_zoo, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = load_config(FitConfig, None, TINY_FIT + [f"zoo={tiny_zoo}", f"out={out}"])
