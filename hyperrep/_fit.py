@@ -80,7 +80,8 @@ def _trainer(cfg: FitConfig, out: Path, steps_per_epoch: int) -> L.Trainer:
         callbacks.append(EpochLines())
     return L.Trainer(
         max_epochs=cfg.epochs, max_steps=cfg.max_steps,
-        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes > 0 else None, accelerator=cfg.accelerator, devices=cfg.devices,
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes > 0 else None,
+        accelerator=cfg.accelerator, devices=cfg.devices,
         strategy="ddp" if cfg.devices > 1 else "auto", precision=precision, logger=_loggers(cfg, out),
         log_every_n_steps=max(1, min(cfg.log_every, steps_per_epoch)), callbacks=callbacks,
         enable_model_summary=False, enable_progress_bar=bar)

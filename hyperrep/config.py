@@ -41,7 +41,7 @@ class FitConfig(Config):
     batch_size: int = option(32, ge=2)  # the contrastive loss needs two members per batch
     epochs: int = option(12, ge=1)
     max_steps: int = option(-1, ge=-1)  # -1: no step limit
-    max_minutes: float = option(0.0, ge=0)  # stop training after this long (0: no limit); model.pt records the epochs done
+    max_minutes: float = option(0.0, ge=0)  # stop after this long (0: no limit); model.pt records the epochs done
     precision: str = option("auto", choices=PRECISIONS)  # auto: bf16-mixed on GPU, 32-true on CPU
     accelerator: str = option("auto", choices=ACCELERATORS)
     devices: int = option(1, ge=1)

@@ -17,12 +17,16 @@ from hyperrep.embeddings import Embeddings
 from zoo import Layout, UsageError
 
 STAT_NAMES = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
-METRIC_TARGETS = ("test_acc", "train_acc", "gen_gap", "epoch", "test_loss", "train_loss", "sparsity")
+METRIC_TARGETS = ("test_acc", "train_acc", "gen_gap", "epoch", "test_loss", "train_loss", "sparsity",
+                  "test_a_acc", "test_b_acc", "forgetting")  # the last three: continual sequence zoos
 HPARAM_TARGETS = ("lr", "weight_decay", "dropout", "init", "init_scale", "activation", "optimizer", "batch_size",
-                  "prune_fraction", "train_fraction", "label_noise", "class_subset")
+                  "prune_fraction", "train_fraction", "label_noise", "class_subset", "mem_neurons")
 LOG_TARGETS = ("lr", "weight_decay", "init_scale")  # drawn log-uniformly over decades in the zoos
 # trained_classes: which classes a member trained on (its class_subset; all when empty), one binary label each
-ALL_TARGETS = METRIC_TARGETS + HPARAM_TARGETS + ("trained_classes", "dataset")
+# sequence zoos: grokked (modular: test_acc >= 0.9 at that checkpoint), first_token (memorize: the first token of
+# the sequence the member memorised)
+SEQUENCE_TARGETS = ("grokked", "first_token")
+ALL_TARGETS = METRIC_TARGETS + HPARAM_TARGETS + ("trained_classes", "dataset") + SEQUENCE_TARGETS
 
 
 @dataclass
@@ -57,7 +61,23 @@ def _rows_of(z: zoo.Zoo, zoo_index: int) -> pd.DataFrame:
     t["member"] = zoo_index * 10**7 + t["model_id"]  # unique across zoos, for member splits
     t["trained_classes"] = t["class_subset"].astype(str) if "class_subset" in t else ""
     t["num_classes"] = z.num_classes
+    _sequence_targets(z, t)
     return t.reset_index(drop=True)
+
+
+def _sequence_targets(z: zoo.Zoo, t: pd.DataFrame) -> None:
+    """grokked and first_token, for zoos of generated sequence data (their data is re-made from the config)."""
+    if z.config.get("dataset") != "sequence":
+        return
+    from zoo.sequences import SequenceSpec, make_sequences
+    spec = SequenceSpec.of(z.config.get("sequence"))
+    if spec.task == "modular":
+        t["grokked"] = (t["test_acc"] >= 0.9).astype(int)
+    if spec.task == "memorize" and (t["class_subset"].astype(str) != "").all():
+        data = make_sequences(spec)
+        first = {int(g): int(data.x_train[int(i), 0]) for i, g in  # the first window of each sequence
+                 zip(*np.unique(data.groups_train.numpy(), return_index=True)[::-1])}
+        t["first_token"] = [first[int(str(c).split(",")[0])] for c in t["class_subset"]]
 
 
 def _embeddings(e: Embeddings, z: zoo.Zoo, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn as nn
-from test_models import SHAPES
+from test_models import SHAPES, input_shape
 
 import zoo
 from zoo import Layout, ModelSpec, UsageError, ZooWriter
@@ -23,7 +23,7 @@ from zoo.store import table_build_id
 def _spec(name):
     c, s = SHAPES[name]
     kw = {"patch": 4} if name == "vit_t" and s % 7 else {}
-    return ModelSpec(name, kw, (c, s, s), 10)
+    return ModelSpec(name, kw, input_shape(name), 10)
 
 
 @pytest.mark.parametrize("name", list_models())

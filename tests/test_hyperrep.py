@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_models import SHAPES
+from test_models import KWARGS, SHAPES, input_shape, sample_input
 
 import zoo
 from hyperrep import FitConfig, Tokenizer, embed_zoo, fit_run, load_run, nt_xent, split_members
@@ -23,8 +23,8 @@ TINY_FIT = ["epochs=3", "d_model=32", "n_layers=1", "n_heads=2", "d_latent=8", "
 
 def _net(name, seed=0):
     c, s = SHAPES[name]
-    m = zoo.create_model(name, in_channels=c, input_size=s, num_classes=10)
-    return init_weights(m, "kaiming_uniform", 1.0, torch.Generator().manual_seed(seed)).eval(), (c, s, s)
+    m = zoo.create_model(name, in_channels=c, input_size=s, num_classes=10, **KWARGS.get(name, {}))
+    return init_weights(m, "kaiming_uniform", 1.0, torch.Generator().manual_seed(seed)).eval(), input_shape(name)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -63,7 +63,7 @@ def test_permutation_augmentation_preserves_function(name):
     idx = perm.random_index(torch.Generator().manual_seed(3))
     other, _ = _net(name, seed=1)
     other.load_state_dict(layout.unflatten(flat[idx]))
-    x = torch.randn(6, *shape)
+    x = sample_input(name, 6)
     with torch.no_grad():
         assert torch.allclose(other(x), net(x), atol=1e-5, rtol=1e-4)
     assert not torch.equal(flat[idx], flat)

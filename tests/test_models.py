@@ -4,16 +4,35 @@ import torch
 from zoo import Layout, UsageError, create_model, init_weights, list_models
 from zoo.models import INITS, flatten_state
 
-SHAPES = {"cnn_s": (1, 28), "cnn_l": (3, 32), "cnn_gap": (1, 28), "smallcnn": (1, 32), "mlp": (1, 8), "vit_t": (3, 28)}
+SHAPES = {"cnn_s": (1, 28), "cnn_l": (3, 32), "cnn_gap": (1, 28), "smallcnn": (1, 32), "mlp": (1, 8), "vit_t": (3, 28),
+          "gpt_t": (1, 12)}  # gpt_t: token ids, context 12
+KWARGS = {"gpt_t": {"fc_mem_dim": 3}}
+
+
+def input_shape(name: str) -> tuple[int, ...]:
+    """One sample's shape: (C, H, W) images, (T,) token ids for gpt_t."""
+    c, size = SHAPES[name]
+    return (size,) if name == "gpt_t" else (c, size, size)
+
+
+def sample_input(name: str, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if name == "gpt_t":  # token ids in (vocabularies here have >= 7 tokens), logits per position out
+        return torch.randint(0, 7, (n, *input_shape(name)), generator=g)
+    return torch.randn(n, *input_shape(name), generator=g)
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_registry_forward_and_gradients(name):
     c, size = SHAPES[name]
-    model = create_model(name, in_channels=c, input_size=size, num_classes=7, dropout=0.1)
+    model = create_model(name, in_channels=c, input_size=size, num_classes=7, dropout=0.1, **KWARGS.get(name, {}))
     init_weights(model, "kaiming_uniform", 1.0, torch.Generator().manual_seed(0))
-    out = model(torch.randn(5, c, size, size))
-    assert out.shape == (5, 7) and torch.isfinite(out).all()
+    with torch.no_grad():  # memory neurons start silent (zero output weights): wake them so mem_fc is reached
+        for pname, p in model.named_parameters():
+            if "mem_proj" in pname:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    out = model(sample_input(name, 5))
+    assert out.shape == ((5, size, 7) if name == "gpt_t" else (5, 7)) and torch.isfinite(out).all()
     out.square().mean().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, pname

@@ -31,7 +31,8 @@ from .config import MemberSpec, ZooConfig, expand_members
 from .data import DataSpec, ImageData
 from .io import check_new_output, output_lock
 from .join import join
-from .population import PHASES, Population, member_bytes, spec_for, sync, train_and_record
+from .population import PHASES, Population, check_members, member_bytes, spec_for, sync, train_and_record
+from .sequences import SequenceSpec
 from .spec import ModelSpec
 from .store import same_zoo_config
 from .writer import ZooWriter, partial_path
@@ -119,7 +120,14 @@ def plan_populations(members: Sequence[MemberSpec], ids: np.ndarray, cfg: ZooCon
 def _metric_names(cfg: ZooConfig) -> list[str]:
     names = ["train_loss", "train_acc", "test_loss", "test_acc"]
     names += ["val_loss", "val_acc"] if cfg.val_fraction > 0 else []
+    if cfg.dataset == "sequence" and SequenceSpec.of(cfg.sequence).task == "continual":
+        names += ["test_a_loss", "test_a_acc", "test_b_loss", "test_b_acc", "forgetting"]
     return names + (["sparsity"] if cfg.prune_epochs else [])
+
+
+def _switch(cfg: ZooConfig) -> int:
+    """continual sequence data: the last epoch of task A (0 otherwise)."""
+    return SequenceSpec.of(cfg.sequence).switch(cfg.epochs) if cfg.dataset == "sequence" else 0
 
 
 def _open_partial(out: Path, cfg: ZooConfig, cfg_yaml: str, members, ids, data: ImageData, shard,
@@ -165,10 +173,11 @@ def build(cfg: ZooConfig, out: str | Path | None = None, overwrite: bool = False
         torch.cuda.set_device(device)
     data = DataSpec.of(cfg).load(device)  # every check that can fail runs before anything is written
     model_spec(cfg, data).layout()  # fails early, with the reason, on shapes the architecture cannot take
-    absent = sorted({c for m in members for c in m.classes() or [] if c >= data.num_classes})
+    check_members(members, model_spec(cfg, data), data)
+    absent = sorted({c for m in members for c in m.classes() or [] if c >= data.num_groups})
     if absent:
         raise UsageError(f"class_subset names class {absent[0]}, but dataset {cfg.dataset} has classes "
-                         f"0..{data.num_classes - 1}")
+                         f"0..{data.num_groups - 1}")
     with output_lock(out):
         if overwrite and partial_path(out).exists():
             partial_path(out).unlink()
@@ -194,7 +203,7 @@ def _build_locked(cfg: ZooConfig, out: Path, members: list[MemberSpec], data: Im
             t_setup = time.perf_counter()
             pop = Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in pids], data,
                              cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile,
-                             eval_bytes(cfg, device), conv=cfg.conv, cuda_graphs=cfg.cuda_graphs)
+                             eval_bytes(cfg, device), conv=cfg.conv, cuda_graphs=cfg.cuda_graphs, switch=_switch(cfg))
             sync(device)
             phases["setup"] += time.perf_counter() - t_setup
             train_and_record(pop, pids, cfg.checkpoints, writer, bar, phases)

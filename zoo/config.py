@@ -33,7 +33,8 @@ class MemberSpec:
     prune_fraction: float = 0.0
     train_fraction: float = 1.0
     label_noise: float = 0.0
-    class_subset: str = ""  # comma-separated class ids; "" = all classes
+    class_subset: str = ""  # comma-separated class ids ("" = all); sequence data: ids of sequences / tasks
+    mem_neurons: int = -1  # memory neurons used per block: the first mem_neurons of gpt_t's fc_mem_dim; -1 = all
 
     def __post_init__(self):
         checks = [
@@ -46,6 +47,7 @@ class MemberSpec:
             (0 <= self.prune_fraction < 1, "prune_fraction", "in [0, 1)"),
             (0 < self.train_fraction <= 1, "train_fraction", "in (0, 1]"),
             (0 <= self.label_noise <= 1, "label_noise", "in [0, 1]"), (self.init_scale > 0, "init_scale", "> 0"),
+            (self.mem_neurons >= -1, "mem_neurons", ">= 0 (or -1: all)"),
         ]
         for ok, key, what in checks:
             if not ok:
@@ -97,6 +99,7 @@ class ZooConfig(Config):
     cuda_graphs: bool = True  # on CUDA, replay each training step as one captured CUDA graph (no launch overhead)
     conv: str = option("auto", choices=CONV_PATHS)  # auto: fused (Triton) on CUDA, else grouped; unfold: im2col + bmm
     out: str = ""  # default data/zoos/<name>.h5
+    sequence: dict[str, Any] = field(default_factory=dict)  # dataset: sequence -> zoo.sequences.SequenceSpec keys
 
     def check(self):
         bad = [c for c in self.checkpoints if not 0 <= c <= self.epochs]
@@ -131,6 +134,11 @@ class ZooConfig(Config):
             raise UsageError("random sampling needs n_random >= 1 (number of members to draw)")
         if self.grid and self.random:
             raise UsageError("set either grid or random, not both")
+        if self.dataset == "sequence":
+            from .sequences import SequenceSpec
+            SequenceSpec.of(self.sequence)
+        elif self.sequence:
+            raise UsageError(f"sequence: keys are for dataset: sequence, not dataset: {self.dataset}")
 
 
 def _hp(name: str, value: Any, where: str) -> Any:

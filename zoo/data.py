@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .cli import UsageError
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "svhn", "npz:PATH")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "svhn", "npz:PATH", "sequence")
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -58,6 +58,16 @@ class ImageData:
         """uint8 (..., C, H, W) -> float32, standardised per channel."""
         shape = (-1, 1, 1)
         return (x.float() / 255.0 - self.mean.view(shape)) / self.std.view(shape)
+
+    label_dims = 0  # dims of one sample's target (sequence data: 1, a target per position)
+
+    def groups(self, split: str) -> torch.Tensor:
+        """(N,) the group of each sample of `split` that a member's class_subset selects: its class."""
+        return {"train": self.y_train, "test": self.y_test, "val": self.y_val}[split]
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_classes
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -243,6 +253,7 @@ class DataSpec:
     scaling: str = "standardize"  # see SCALINGS
     mean: tuple[float, ...] = ()  # per channel, with scaling "fixed"
     std: tuple[float, ...] = ()
+    sequence: tuple[tuple[str, object], ...] = ()  # dataset "sequence": the SequenceSpec keys (zoo.sequences)
 
     @classmethod
     def of(cls, cfg) -> "DataSpec":
@@ -251,9 +262,14 @@ class DataSpec:
         return cls(get("dataset", "digits"), get("data_root", "data/datasets"), bool(get("download", False)),
                    bool(get("grayscale", False)), get("resize"), float(get("val_fraction", 0.0)),
                    get("input_scaling", "standardize") or "standardize", tuple(get("input_mean", ()) or ()),
-                   tuple(get("input_std", ()) or ()))
+                   tuple(get("input_std", ()) or ()), tuple(sorted((get("sequence", {}) or {}).items())))
 
     def load(self, device: str | torch.device = "cpu") -> ImageData:
+        if self.name == "sequence":
+            from .sequences import SequenceSpec, make_sequences
+            return make_sequences(SequenceSpec.of(dict(self.sequence))).to(device)
+        if self.sequence:
+            raise UsageError(f"sequence: keys are for dataset: sequence, not '{self.name}'")
         data = load_dataset(self.name, self.root, self.download, self.grayscale, self.resize, self.val_fraction,
                             device)
         return rescale(data, self.scaling, self.mean, self.std)

@@ -20,7 +20,18 @@ from ._convpool import available as triton_available
 from ._convpool import conv_pool
 from ._rng import hash32
 from .cli import UsageError
-from .models import ACTIVATIONS, Activation, ClassToken, GlobalAvgPool, PatchEmbed, Residual, SelfAttention
+from .models import (
+    ACTIVATIONS,
+    Activation,
+    ClassToken,
+    GlobalAvgPool,
+    MemoryMLP,
+    PatchEmbed,
+    Residual,
+    SelfAttention,
+    TiedHead,
+    TokenEmbed,
+)
 from .spec import Layout, ModelSpec
 
 CONV_PATHS = ("auto", "grouped", "unfold", "fused")
@@ -164,9 +175,36 @@ def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
     B, M, T, D = x.shape
     q, k, v = _linear(m.qkv, p + "qkv.", x, ctx).reshape(B * M, T, 3, m.heads, D // m.heads).permute(2, 0, 3, 1, 4)
     # explicit softmax attention: T is tiny, and fused kernels reject batch B*M in the 10^5 range
-    att = torch.softmax((q @ k.transpose(-1, -2)) * (D // m.heads) ** -0.5, dim=-1)
+    scores = (q @ k.transpose(-1, -2)) * (D // m.heads) ** -0.5  # (B*M, heads, T, T)
+    if m.causal:
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+    att = torch.softmax(scores, dim=-1)
     y = att @ v  # (B*M, heads, T, D/heads)
     return _linear(m.out, p + "out.", y.transpose(1, 2).reshape(B, M, T, D), ctx)
+
+
+@rule(TokenEmbed)
+def _token_embed(m: TokenEmbed, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """x (B, M or 1, T) token ids -> (B, M, T, D): each member's own rows of its embedding, plus positions."""
+    tok, pos = ctx.params[p + "tok"], ctx.params[p + "pos"]  # (M, V, D), (M, 1, block, D)
+    B, M, T = x.shape[0], tok.shape[0], x.shape[-1]
+    ids = x.long().expand(B, M, T)
+    members = torch.arange(M, device=x.device).view(1, M, 1)
+    return tok[members, ids] + pos[:, 0, :T].unsqueeze(0)
+
+
+@rule(TiedHead)
+def _tied_head(m: TiedHead, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    return torch.einsum("bm...d,mvd->bm...v", x, ctx.params[m.key])  # (B, M, T, D) -> (B, M, T, V)
+
+
+@rule(MemoryMLP)
+def _memory_mlp(m: MemoryMLP, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    y = _linear(m.proj, p + "proj.", _activation(m.act, "", _linear(m.fc, p + "fc.", x, ctx), ctx), ctx)
+    if m.mem:
+        h = _activation(m.act, "", _linear(m.mem_fc, p + "mem_fc.", x, ctx), ctx)
+        y = y + _linear(m.mem_proj, p + "mem_proj.", h, ctx)
+    return _dropout(m.drop, p + "drop.", y, ctx)
 
 
 def _join(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -251,6 +289,25 @@ class BatchedNet:
                    self.precision == "bf16")
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             return run_layer(self.template, "", x, ctx).float()
+
+
+def sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """logits (B, M, K), y (B, M) labels -> (B, M) cross-entropy; for sequences logits (B, M, T, K) and
+    targets y (B, M, T), the mean over the positions with a target (y >= 0)."""
+    ce = F.cross_entropy(logits.flatten(0, -2), y.clamp(min=0).flatten(), reduction="none").view_as(y)
+    if y.dim() == 2:
+        return ce
+    valid = y >= 0
+    return (ce * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+def sample_correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, M) accuracy per sample: 0/1 for a label, the fraction of positions right for a sequence."""
+    hit = logits.argmax(-1) == y
+    if y.dim() == 2:
+        return hit.float()
+    valid = y >= 0
+    return (hit & valid).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
 def activation_numel(template: nn.Module, shape: tuple[int, ...]) -> tuple[int, int]:

@@ -18,11 +18,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .cli import UsageError
 from .data import ImageData
-from .engine import BatchedNet, activation_numel
+from .engine import BatchedNet, activation_numel, sample_correct, sample_loss
 from .spec import ModelSpec
 
 
@@ -43,28 +42,29 @@ class Evaluator:
             choices = "test or val" if d.x_val is not None else "test"
             raise UsageError(f"split '{name}' does not exist here; use {choices}")
         x, y = (d.x_test, d.y_test) if name == "test" else (d.x_val, d.y_val)
-        return x, y, class_table[:, y] if class_table is not None else None
+        return x, y, class_table[:, d.groups(name)] if class_table is not None else None
 
     def _chunk(self, flat, xb, y, w):
         """xb (b, C, H, W) uint8 images every member sees, y (b, M) labels, w (b, M) bool: which samples count
         for which member -> (M,) loss sum, correct count, sample count (float64)."""
         w = w.double()
-        logits = self.net.forward(self.data.normalize(xb)[:, None], flat)  # (b, M, classes)
-        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(w)
-        return (ce.double() * w).sum(0), ((logits.argmax(-1) == y).double() * w).sum(0), w.sum(0)
+        logits = self.net.forward(self.data.normalize(xb)[:, None], flat)  # (b, M, classes) or (b, M, T, vocab)
+        ce, hit = sample_loss(logits, y), sample_correct(logits, y)  # (b, M) each
+        return (ce.double() * w).sum(0), (hit.double() * w).sum(0), w.sum(0)
 
     def chunks(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> Iterator[tuple]:
         """The arguments of `_chunk` after `flat`, chunk by chunk: images (b, C, H, W), labels (b, M), which
-        samples count for which member (b, M) bool. y is (n,) or per member (M, n); w (M, n) or None (all)."""
+        samples count for which member (b, M) bool. y is (n,) or per member (M, n); w (M, n) or None (all).
+        Sequence targets carry one more dim: (n, T) or (M, n, T)."""
         n, M, dev = len(x), self.net.size, x.device
-        y = y if y.dim() == 2 else y[None].expand(M, -1)  # (M, n) labels
+        y = y if y.dim() == 2 + self.data.label_dims else y[None].expand(M, *y.shape)  # (M, n[, T]) labels
         w = w if w is not None else torch.ones(M, n, dtype=torch.bool, device=dev)  # (M, n)
         chunk = min(self.chunk, n)
         for a in range(0, n, chunk):
             i = torch.arange(a, a + chunk, device=dev)
             ok = i < n
             i = i.clamp(max=n - 1)
-            yield x[i], y[:, i].T, (w[:, i] & ok).T
+            yield x[i], y[:, i].transpose(0, 1), (w[:, i] & ok).T
 
     @torch.no_grad()
     def evaluate(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None,
@@ -81,7 +81,7 @@ class Evaluator:
         out = []
         for a in range(0, len(x), self.chunk):
             logits = self.net.forward(self.data.normalize(x[a:a + self.chunk])[:, None], flat)  # (b, M, K)
-            out.append(logits.argmax(-1).T)
+            out.append(logits.argmax(-1).transpose(0, 1))
         return torch.cat(out, 1)
 
 

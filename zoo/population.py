@@ -17,16 +17,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import _convpool
 from ._rng import TAG_DROPOUT, TAG_EVAL, TAG_NOISE, TAG_NOISE_LABEL, TAG_SUBSET, hash32
 from .cli import UsageError
 from .config import MemberSpec
 from .data import ImageData
-from .engine import BatchedNet, _join, activation_numel, runs
+from .engine import BatchedNet, _join, activation_numel, runs, sample_loss
 from .evaluation import Evaluator
-from .models import flatten_state, init_weights
+from .models import MemoryMLP, flatten_state, init_weights
 from .spec import ModelSpec
 
 # The divergence rule: a member is diverged (stopped, its weights NaN in the zoo, excluded downstream) when a
@@ -56,7 +55,7 @@ def member_pools(members: Sequence[MemberSpec], y_train: torch.Tensor) -> torch.
     keep = torch.tensor([int(math.floor(m.train_fraction * n)) for m in members], device=dev)
     pool = torch.zeros(len(members), n, dtype=torch.bool, device=dev)
     pool.scatter_(1, draw, torch.arange(n, device=dev).expand(len(members), -1) < keep[:, None])
-    classes = class_table(members, int(y_train.max()) + 1, dev)
+    classes = class_table(members, int(y_train.max()) + 1, dev)  # y_train: each sample's group (its class)
     return pool if classes is None else pool & classes[:, y_train]
 
 
@@ -111,6 +110,18 @@ def _update(name: str, p, g, bufs, lr, wd, t):
 
 # ---- the population ----
 
+def lr_columns(template: nn.Module, layout, device) -> torch.Tensor | None:
+    """(P,) learning-rate multiplier per weight: a module's `lr_scale` (gpt_t's memory neurons) for its
+    parameters, 1 elsewhere; None when every multiplier is 1."""
+    cols = torch.ones(layout.n_params)
+    for name, m in template.named_modules():
+        scale = getattr(m, "lr_scale", 1.0)
+        if scale != 1.0:
+            for pname, _ in m.named_parameters(recurse=False):
+                cols[layout[f"{name}.{pname}"].slice] = scale
+    return None if bool((cols == 1).all()) else cols.to(device)
+
+
 def member_bytes(template: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:
     """Rough device memory one member needs while training: params, grads, optimizer state, activations."""
     n_par = sum(p.numel() for p in template.parameters())
@@ -138,21 +149,53 @@ def spec_for(architecture: str, architecture_kwargs: dict, data: ImageData) -> M
     return ModelSpec(architecture, architecture_kwargs, data.input_shape, data.num_classes)
 
 
-class _MemberData:
-    """What each member sees of the data: its pool of training samples, labels, classes (all (M, ...))."""
+def check_members(members: Sequence[MemberSpec], spec: ModelSpec, data: ImageData) -> None:
+    """What a member asks of the data and the architecture, checked before anything is built or written."""
+    if data.label_dims and any(m.label_noise > 0 for m in members):
+        raise UsageError("label_noise is for image classes; sequence data takes label_noise 0")
+    size = max([m.mem for m in spec.create().modules() if isinstance(m, MemoryMLP)], default=0)
+    used = max(m.mem_neurons for m in members)
+    if used > size:
+        raise UsageError(f"mem_neurons={used} exceeds the architecture's {size} memory neurons per block "
+                         f"(architecture_kwargs.fc_mem_dim)")
 
-    def __init__(self, members: Sequence[MemberSpec], data: ImageData, batch_size: int):
+
+class _MemberData:
+    """What each member sees of the data: its pool of training samples, labels, classes (all (M, ...)).
+    Sequence data with tasks (continual) trains task A up to `switch` epochs, then task B: the pool and the
+    step counts follow the epoch (`use_epoch`)."""
+
+    def __init__(self, members: Sequence[MemberSpec], data: ImageData, batch_size: int, switch: int = 0):
         dev = data.x_train.device
         hp = lambda k, dt=torch.float32: torch.tensor([getattr(m, k) for m in members], dtype=dt, device=dev)
         self.seeds, self.noise = hp("seed", torch.int64), hp("label_noise")
-        self.pool = member_pools(members, data.y_train)  # (M, N) bool or None
-        self.class_table = class_table(members, data.num_classes, dev)  # (M, K) or None: evaluation masks
-        n_pool = self.pool.sum(1) if self.pool is not None else torch.full_like(self.seeds, len(data.y_train))
-        self.n_steps = n_pool // batch_size  # (M,) drop_last, as a DataLoader with drop_last=True
-        self.uneven = bool((self.n_steps != self.n_steps.max()).any())
-        if int(self.n_steps.min()) < 1:
+        base = member_pools(members, data.groups("train"))  # (M, N) bool or None
+        self.class_table = class_table(members, data.num_groups, dev)  # (M, K) or None: evaluation masks
+        tasks = getattr(data, "task_names", ())
+        groups = data.groups("train")
+        if tasks:  # one pool per task: the member's pool within the task's samples
+            full = base if base is not None else torch.ones(len(members), len(groups), dtype=torch.bool, device=dev)
+            self.phases = [full & (groups == g)[None] for g in range(len(tasks))]
+        else:
+            self.phases = [base]
+        self.switch, self.batch_size, self.n = switch, batch_size, len(groups)
+        steps = [self._steps(pool) for pool in self.phases]
+        self.uneven = len(steps) > 1 or bool((steps[0] != steps[0].max()).any())
+        self.pool, self.n_steps = self.phases[0], steps[0].clone()
+
+    def _steps(self, pool: torch.Tensor | None) -> torch.Tensor:
+        n_pool = pool.sum(1) if pool is not None else torch.full_like(self.seeds, self.n)
+        if int(n_pool.min()) < self.batch_size:
             raise UsageError(f"a member has {int(n_pool.min())} training samples, fewer than batch_size="
-                             f"{batch_size}; raise train_fraction or lower batch_size")
+                             f"{self.batch_size}; raise train_fraction or lower batch_size")
+        return n_pool // self.batch_size  # (M,) drop_last, as a DataLoader with drop_last=True
+
+    def use_epoch(self, epoch: int) -> None:
+        """The pool of `epoch`'s task; n_steps is updated in place (a captured CUDA graph reads it)."""
+        if not self.switch:
+            return
+        self.pool = self.phases[min(int(epoch > self.switch), len(self.phases) - 1)]
+        self.n_steps.copy_(self._steps(self.pool))
 
 
 class Population:
@@ -162,7 +205,7 @@ class Population:
     def __init__(self, architecture: str, architecture_kwargs: dict, members: Sequence[MemberSpec], data: ImageData,
                  prune_epochs: Sequence[int] = (), train_eval_samples: int = 0, precision: str = "fp32",
                  compile: bool = False, eval_bytes: int = 1 << 30, conv: str = "auto", cuda_graphs: bool = False,
-                 initial: torch.Tensor | None = None):
+                 initial: torch.Tensor | None = None, switch: int = 0):
         if len({m.batch_size for m in members}) != 1:
             raise ValueError(f"a population shares its batch size; got {sorted({m.batch_size for m in members})}")
         self.members, self.data, self.device = list(members), data, data.x_train.device
@@ -181,7 +224,10 @@ class Population:
         entries = [self.net.layout[i] for i in self.prunable]
         self.prunable_cols = torch.cat([torch.arange(e.offset, e.offset + e.size) for e in entries]
                                        or [torch.zeros(0, dtype=torch.long)]).to(self.device)  # conv/linear weights
-        self.mask: torch.Tensor | None = None  # (M, P) pruning mask, ones outside conv/linear weights
+        self.mask: torch.Tensor | None = None  # (M, P) pruning / memory-neuron mask, ones elsewhere
+        check_members(members, self.net.spec, data)
+        self.lr_cols = lr_columns(self.net.template, self.net.layout, self.device)  # (P,) lr multipliers or None
+        self._mask_memory([m.mem_neurons for m in members])
         self.state = _opt_state([name for name, _, _ in self.opt_runs], self.flat)
         hp = lambda k: torch.tensor([getattr(m, k) for m in members], dtype=torch.float32, device=self.device)
         self.lr, self.wd, self.dropout, self.prune_target = hp("lr"), hp("weight_decay"), hp("dropout"), \
@@ -190,7 +236,9 @@ class Population:
         self.t = torch.zeros(len(members), device=self.device)
         self.diverged = torch.zeros(len(members), dtype=torch.bool, device=self.device)
         self.epoch = 0  # epochs trained so far
-        self.mine = _MemberData(members, data, self.batch_size)
+        self.switch = switch
+        self.mine = _MemberData(members, data, self.batch_size, switch if getattr(data, "task_names", ()) else 0)
+        self.best_a = torch.zeros(len(members), device=self.device)  # continual: best task-A test accuracy so far
         self.prune_epochs = sorted(prune_epochs)
         self.train_eval_samples = train_eval_samples
         self.evaluator = Evaluator(self.net, data, eval_bytes, compile)
@@ -256,9 +304,9 @@ class Population:
 
     def _loss(self, flat, xb, y, step_key):
         """flat (M, P), xb (B, M, C, H, W) uint8, y (B, M) -> (sum of finite member losses, (M,) losses)."""
-        B, M = y.shape
+        B, M = y.shape[:2]
         logits = self.forward(self.data.normalize(xb), True, self.views(flat), step_key)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(B, M).mean(0)
+        loss = sample_loss(logits, y).mean(0)  # (B, M) -> (M,)
         return torch.where(torch.isfinite(loss), loss, 0.0).sum(), loss
 
     def _apply(self, flat, grad, state, t, active, diverged, loss):
@@ -270,7 +318,8 @@ class Population:
         on = active & ~diverged
         t_new = t + on.float()
         col = lambda v: v[:, None]
-        new, bufs = self._update_runs(flat, grad, state, col(self.lr), col(self.wd), col(t_new.clamp(min=1)))
+        lr = col(self.lr) if self.lr_cols is None else col(self.lr) * self.lr_cols  # (M, 1) or (M, P)
+        new, bufs = self._update_runs(flat, grad, state, lr, col(self.wd), col(t_new.clamp(min=1)))
         if self.mask is not None:
             new = new * self.mask
         new = torch.where(col(diverged), 0.0, torch.where(col(on), new, flat))
@@ -306,10 +355,17 @@ class Population:
         B, seeds = self.batch_size, self.mine.seeds
         idx = order.index_select(1, s * B + torch.arange(B, device=self.device))  # (M, B)
         xb = self.data.x_train[idx.T]
-        y = noisy_labels(self.data.y_train, idx, seeds, self.mine.noise, self.data.num_classes).T
+        y = self._labels(idx).transpose(0, 1)  # (B, M) or (B, M, T)
         active = (s < self.mine.n_steps) if self.mine.uneven else torch.ones_like(self.diverged)
         step_key = hash32(seeds, TAG_DROPOUT, seeds * 0 + (epoch * 2**20 + s)) & 0x7FFFFFFF
         return xb, y, active, step_key
+
+    def _labels(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (M, n) -> the labels each member trains on (M, n), or per-position targets (M, n, T)."""
+        d = self.data
+        if d.label_dims:  # sequences: no label noise (checked)
+            return d.y_train[idx]
+        return noisy_labels(d.y_train, idx, self.mine.seeds, self.mine.noise, d.num_classes)
 
     def run_steps(self, order: torch.Tensor, epoch: int, steps: range) -> None:
         """Steps `steps` of `epoch`, batches cut from `order`. With cuda_graphs, the whole step (batch
@@ -351,6 +407,7 @@ class Population:
         """Epoch `epoch` (1-based): every member passes once over its own shuffled pool
         (only the first `max_steps` batches of it, if given); pruning follows at scheduled epochs.
         Members whose weights exploded (|w| > EXPLODED) are then flagged as diverged."""
+        self.mine.use_epoch(epoch)
         n_steps = int(self.mine.n_steps.max())
         self.run_steps(self.epoch_order(epoch), epoch, range(min(n_steps, max_steps or n_steps)))
         self.epoch = epoch
@@ -381,6 +438,25 @@ class Population:
         self.flat.mul_(mask)
 
     @torch.no_grad()
+    def _mask_memory(self, used: list[int]) -> None:
+        """Members that use fewer memory neurons than the architecture has: the rest are zero for good."""
+        mems = [(n, m) for n, m in self.net.template.named_modules() if isinstance(m, MemoryMLP)]
+        size = max([m.mem for _, m in mems], default=0)
+        if all(k in (-1, size) for k in used):
+            return
+        k = torch.tensor([size if v == -1 else v for v in used], device=self.device)  # (M,)
+        mask = torch.ones_like(self.flat)
+        unit = torch.arange(size, device=self.device)  # which memory neuron an entry belongs to:
+        owner = {"mem_fc.weight": unit[:, None], "mem_fc.bias": unit, "mem_proj.weight": unit[None, :]}  # (mem, D),
+        # (mem,), (D, mem) once broadcast to each tensor's shape
+        for name, _ in mems:
+            for tensor, who in owner.items():
+                e = self.net.layout[f"{name}.{tensor}"]
+                mask[:, e.slice] = (who.expand(e.shape).reshape(-1)[None] < k[:, None]).float()
+        self.mask = mask
+        self.flat.mul_(mask)
+
+    @torch.no_grad()
     def sparsity(self) -> torch.Tensor:
         return (self.flat[:, self.prunable_cols] == 0).float().mean(1)
 
@@ -395,9 +471,27 @@ class Population:
         if 0 < self.train_eval_samples < n:  # a fixed subsample, the same for every member
             idx = torch.sort(torch.argsort(hash32(torch.tensor(0, device=self.device), TAG_EVAL, idx))
                              [: self.train_eval_samples]).values
-        y = noisy_labels(d.y_train, idx.expand(self.size, -1), mine.seeds, mine.noise, d.num_classes)
+        y = self._labels(idx.expand(self.size, -1))
         w = mine.pool[:, idx] if mine.pool is not None else None
         return d.x_train[idx], y, w
+
+    def _task_metrics(self) -> dict[str, torch.Tensor]:
+        """Continual data: test loss / accuracy per task, and forgetting = the best task-A test accuracy up to
+        the switch minus the current one (0 while task A trains)."""
+        names = getattr(self.data, "task_names", ())
+        if not names:
+            return {}
+        out = {}
+        x, y, w = self.evaluator.split("test", self.mine.class_table)
+        groups = self.data.groups("test")
+        for g, name in enumerate(names):
+            mask = (groups == g)[None].expand(self.size, -1) & (w if w is not None else True)
+            out[f"test_{name}_loss"], out[f"test_{name}_acc"] = self.evaluator.evaluate(self.flat, x, y, mask)
+        if self.epoch <= self.switch:
+            self.best_a = torch.maximum(self.best_a, out[f"test_{names[0]}_acc"])
+        out["forgetting"] = self.best_a - out[f"test_{names[0]}_acc"] if self.epoch > self.switch \
+            else torch.zeros_like(self.best_a)
+        return out
 
     def _eval_splits(self) -> list[str]:
         return ["train", "test"] + (["val"] if self.data.x_val is not None else [])
@@ -408,6 +502,7 @@ class Population:
         out = {}
         for split in self._eval_splits():
             out[f"{split}_loss"], out[f"{split}_acc"] = self.evaluator.evaluate(self.flat, *self._split(split))
+        out.update(self._task_metrics())
         if self.prunable and self.prune_epochs:
             out["sparsity"] = self.sparsity()
         if self.epoch >= 1:  # blown up: its loss on its own training data far above chance level

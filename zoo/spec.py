@@ -131,19 +131,20 @@ class Layout(Sequence[TensorEntry]):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A member's network: registry architecture, its keyword arguments, input shape (C, H, W), classes.
-    Activation and dropout come from the member's hyperparameters (`MemberSpec`)."""
+    """A member's network: registry architecture, its keyword arguments, input shape (C, H, W) for images or
+    (T,) for token sequences, classes (the vocabulary for sequences). Activation and dropout come from the
+    member's hyperparameters (`MemberSpec`)."""
     architecture: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-    input_shape: tuple[int, int, int] = (1, 28, 28)
+    input_shape: tuple[int, ...] = (1, 28, 28)
     num_classes: int = 10
 
     def __post_init__(self):
         object.__setattr__(self, "input_shape", tuple(int(v) for v in self.input_shape))
         object.__setattr__(self, "kwargs", dict(self.kwargs))
-        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
-            raise UsageError(f"input_shape must be (C, H, W) with positive sizes, got {self.input_shape}")
-        if self.input_shape[1] != self.input_shape[2]:
+        if len(self.input_shape) not in (1, 3) or min(self.input_shape) < 1:
+            raise UsageError(f"input_shape must be (C, H, W) or (T,) with positive sizes, got {self.input_shape}")
+        if len(self.input_shape) == 3 and self.input_shape[1] != self.input_shape[2]:
             raise UsageError(f"images are {self.input_shape[1]}x{self.input_shape[2]}; architectures take square "
                              f"images: set resize=N")
         if self.num_classes < 1:
@@ -156,7 +157,7 @@ class ModelSpec:
         """A fresh, uninitialised `nn.Module` of this spec (`zoo.init_weights` seeds it)."""
         from .models import create_model
 
-        C, H, _ = self.input_shape
+        C, H = (1, self.input_shape[0]) if len(self.input_shape) == 1 else self.input_shape[:2]  # (T,): H = T
         kw = dict(self.kwargs)
         if activation is not None:
             kw["activation"] = activation

@@ -170,13 +170,15 @@ class Zoo:
     def hparams(self, member: int) -> MemberSpec:
         values = {}
         for fld in fields(MemberSpec):
+            if fld.name not in self.file["models"]:  # a field newer than the zoo: its default
+                continue
             v = self.file[f"models/{fld.name}"][member]
             values[fld.name] = v.decode() if isinstance(v, bytes) else v.item()
         return MemberSpec(**values)
 
     def members(self) -> list[MemberSpec]:
         """Every member's hyperparameters (one read per column)."""
-        cols = {hp: self.field(hp) for hp in HPARAMS}
+        cols = {hp: self.field(hp) for hp in HPARAMS if hp in self.file["models"]}
         return [MemberSpec(**{hp: (str(c[i]) if c.dtype.kind == "U" else c[i].item()) for hp, c in cols.items()})
                 for i in range(self.n_models)]
 

@@ -3,7 +3,8 @@ and model merging).
 
 Permutations are found from the architecture itself: walking the registry model, every conv/linear whose
 outputs reach the next conv/linear only through per-channel layers (pool, activation, dropout, flatten,
-global pooling) forms a coupling; permuting its output units and the next layer's input units the same way
+global pooling) forms a coupling, as do a transformer MLP's hidden units and its memory neurons
+(`MemoryMLP`); permuting its output units and the next layer's input units the same way
 leaves the network's function unchanged. Residual streams, attention and LayerNorm end a coupling (not
 permuted). A permutation is applied as one gather index over the flat vector.
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
-from .models import Activation, GlobalAvgPool, Residual
+from .models import Activation, GlobalAvgPool, MemoryMLP, Residual
 from .spec import Layout, ModelSpec
 
 # layers a unit passes through unchanged (per channel): a coupling continues across them
@@ -64,6 +65,13 @@ def find_couplings(template: nn.Module, input_shape) -> list[Coupling]:
                 pending, block = (full, m.weight.shape[0]), 1
             elif isinstance(m, nn.Flatten):
                 block = sizes.get(id(m), 1)
+            elif isinstance(m, MemoryMLP):  # hidden units and memory neurons: two couplings inside the block
+                out.append(Coupling((f"{full}.fc.weight", f"{full}.fc.bias"), f"{full}.proj.weight",
+                                    m.fc.out_features, 1))
+                if m.mem:
+                    out.append(Coupling((f"{full}.mem_fc.weight", f"{full}.mem_fc.bias"), f"{full}.mem_proj.weight",
+                                        m.mem, 1))
+                pending = None
             elif isinstance(m, Residual):
                 walk(m.body, f"{full}.body.")
                 pending = None

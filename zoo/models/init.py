@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from ..cli import UsageError
-from .layers import PatchEmbed
+from .layers import MemoryMLP, PatchEmbed, TokenEmbed
 
 INITS = ("uniform", "normal", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal",
          "orthogonal", "truncated_normal")
@@ -13,7 +13,8 @@ INITS = ("uniform", "normal", "kaiming_uniform", "kaiming_normal", "xavier_unifo
 
 def init_weights(model: nn.Module, init: str, scale: float, generator: torch.Generator) -> nn.Module:
     """Seeded init: `init` on every conv/linear weight (times `scale`), biases 0.01, LayerNorm (1, 0),
-    ViT class token and positions N(0, 0.02). uniform/normal are torch's U(0, 1)/N(0, 1), as in Model Zoos."""
+    ViT class token, token and position embeddings N(0, 0.02), memory neurons' output weights 0.
+    uniform/normal are torch's U(0, 1)/N(0, 1), as in Model Zoos."""
     if init not in INITS:
         raise UsageError(f"unknown init '{init}'; choose one of {', '.join(INITS)}")
     g = generator
@@ -36,6 +37,13 @@ def init_weights(model: nn.Module, init: str, scale: float, generator: torch.Gen
             elif isinstance(m, PatchEmbed):
                 nn.init.normal_(m.cls, 0.0, 0.02, generator=g)
                 nn.init.normal_(m.pos, 0.0, 0.02, generator=g)
+            elif isinstance(m, TokenEmbed):
+                nn.init.normal_(m.tok, 0.0, 0.02, generator=g)
+                nn.init.normal_(m.pos, 0.0, 0.02, generator=g)
+        for m in model.modules():  # after the Linear pass: memory neurons start silent
+            if isinstance(m, MemoryMLP) and m.mem:
+                m.mem_proj.weight.zero_()
+                m.mem_proj.bias.zero_()
     return model
 
 

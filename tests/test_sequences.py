@@ -1,0 +1,164 @@
+"""Sequence members (gpt_t with memory neurons) on generated sequence data: models, data, population, build."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import zoo
+from zoo import MemberSpec, Population, UsageError, create_model, init_weights, load_config
+from zoo.build import build
+from zoo.models import Activation, MemoryMLP
+from zoo.sequences import SequenceSpec, make_sequences
+from zoo.solo import train_solo
+
+MEM = SequenceSpec(task="memorize", n_sequences=4, length=20, context=8, vocab=12)
+KW = {"dim": 16, "depth": 1, "heads": 2, "fc_mem_dim": 4, "mem_lr_scale": 3.0}
+
+
+def _members(n=3, **kw):
+    return [MemberSpec(seed=5 + i, lr=2e-3 * (1 + i), weight_decay=1e-3 * i, activation="gelu", batch_size=8,
+                       init="xavier_uniform", **kw) for i in range(n)]
+
+
+@pytest.mark.parametrize("task", ["memorize", "modular", "continual"])
+def test_generators_are_deterministic_per_seed(task):
+    a, b = make_sequences(SequenceSpec(task=task, seed=3)), make_sequences(SequenceSpec(task=task, seed=3))
+    c = make_sequences(SequenceSpec(task=task, seed=4))
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_train, b.y_train)
+    assert not torch.equal(a.x_train, c.x_train) or not torch.equal(a.y_train, c.y_train)
+    assert a.x_train.dtype == torch.int64 and int(a.x_train.max()) < a.num_classes
+
+
+def test_memorize_windows_are_next_token_pairs_of_one_sequence():
+    d = make_sequences(MEM)
+    assert d.x_train.shape == (4 * 13, 8) and d.num_groups == 4
+    assert torch.equal(d.x_train[:, 1:], d.y_train[:, :-1])  # the target is the next token
+    assert torch.equal(d.x_train[1, :-1], d.x_train[0, 1:])  # consecutive windows of one sequence
+
+
+def test_modular_answers_and_split():
+    d = make_sequences(SequenceSpec(task="modular", modulus=7, train_split=0.5))
+    x, y = torch.cat([d.x_train, d.x_test]), torch.cat([d.y_train, d.y_test])
+    assert len(x) == 49 and len({tuple(r) for r in x.tolist()}) == 49  # every pair once, train and test disjoint
+    assert torch.equal(y[:, -1], (x[:, 0] + x[:, 2]) % 7) and (y[:, :-1] == -1).all()
+    c = make_sequences(SequenceSpec(task="continual", modulus=7))
+    b = c.groups("test") == 1
+    assert c.task_names == ("a", "b") and torch.equal(c.y_test[b, -1], (c.x_test[b, 0] - c.x_test[b, 2]) % 7)
+
+
+@pytest.mark.parametrize("bad,words", [({"task": "sort"}, "sequence.task"), ({"length": 4, "context": 8},
+                                       "sequence.length"), ({"modulus": 1}, "sequence.modulus"),
+                                       ({"train_split": 1.0}, "train_split"), ({"colour": 3}, "sequence.colour")])
+def test_bad_sequence_settings_fail_with_one_line(bad, words):
+    with pytest.raises(UsageError, match=words):
+        SequenceSpec.of(bad)
+
+
+def test_memory_mlp_without_memory_is_the_plain_mlp():
+    mlp = MemoryMLP(16, 32, 0, "gelu")
+    plain = nn.Sequential(nn.Linear(16, 32), Activation("gelu"), nn.Linear(32, 16))
+    plain[0].load_state_dict(mlp.fc.state_dict())
+    plain[2].load_state_dict(mlp.proj.state_dict())
+    x = torch.randn(3, 5, 16)
+    assert [n for n, _ in mlp.named_parameters()] == ["fc.weight", "fc.bias", "proj.weight", "proj.bias"]
+    assert torch.equal(mlp(x), plain(x))
+
+
+def test_fresh_memory_neurons_leave_the_block_unchanged():
+    """Memory neurons start silent: a gpt_t with fc_mem_dim > 0 computes what the same net without them does."""
+    g = lambda: torch.Generator().manual_seed(0)
+    with_mem = init_weights(create_model("gpt_t", input_size=8, num_classes=12, fc_mem_dim=4), "xavier_uniform", 1, g())
+    plain = create_model("gpt_t", input_size=8, num_classes=12)
+    plain.load_state_dict({k: v for k, v in with_mem.state_dict().items() if "mem_" not in k})
+    x = torch.randint(0, 12, (3, 8))
+    assert torch.equal(with_mem(x), plain(x))
+
+
+def test_causal_attention_does_not_see_the_future():
+    net = init_weights(create_model("gpt_t", input_size=8, num_classes=12), "xavier_uniform", 1,
+                       torch.Generator().manual_seed(0)).eval()
+    x = torch.randint(0, 12, (2, 8))
+    x2 = x.clone()
+    x2[:, 5:] = (x2[:, 5:] + 1) % 12
+    assert torch.allclose(net(x)[:, :5], net(x2)[:, :5]) and not torch.allclose(net(x)[:, 5:], net(x2)[:, 5:])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_population_matches_plain_loop(tied):
+    """Same seeds, same batches: gpt_t members (memory neurons at their own lr) equal the plain loop."""
+    data = make_sequences(MEM)
+    kw = {**KW, "tied": tied}
+    members = _members()
+    pop = Population("gpt_t", kw, members, data)
+    pop.train_epoch(1, max_steps=6)
+    x = data.x_test[:16]
+    logits = pop.forward(x[:, None], train=False)  # (B, M, T, V)
+    for i, m in enumerate(members):
+        solo = train_solo("gpt_t", kw, m, data, epochs=1, max_steps=6).eval()
+        with torch.no_grad():
+            ref = solo(x)
+        assert float((logits[:, i] - ref).norm() / ref.norm()) < 5e-4, i
+        flat = torch.cat([t.reshape(-1) for t in solo.state_dict().values()])
+        # attention's key bias has a zero true gradient (softmax is shift-invariant per query): Adam turns the
+        # rounding noise there into steps of size lr, so it is left out of the weight comparison
+        key_bias = pop.net.layout["1.body.1.qkv.bias"].offset + torch.arange(16, 32)
+        keep = torch.ones_like(flat, dtype=torch.bool).index_fill_(0, key_bias, False)
+        assert float((pop.flat_weights()[i] - flat)[keep].norm() / flat.norm()) < 5e-4, i
+
+
+def test_unused_memory_neurons_stay_zero_and_members_memorise_their_sequence():
+    data = make_sequences(MEM)
+    members = [MemberSpec(seed=i, lr=3e-3, activation="gelu", batch_size=8, class_subset=str(i), mem_neurons=k)
+               for i, k in enumerate([0, 2, 4, -1])]
+    pop = Population("gpt_t", KW, members, data)
+    before = pop.evaluate()["test_acc"]
+    for e in range(1, 41):
+        pop.train_epoch(e)
+    after = pop.evaluate()
+    assert (after["test_acc"] > 0.7).all() and (after["test_acc"] > before + 0.5).all(), after["test_acc"]
+    w = pop.net.layout.tensor(pop.flat_weights(), "2.body.1.mem_fc.weight")  # (M, mem, D)
+    used = (w.abs().sum(-1) > 0).sum(-1).tolist()
+    assert used == [0, 2, 4, 4]
+
+
+def test_continual_members_switch_task_and_record_forgetting():
+    data = make_sequences(SequenceSpec(task="continual", modulus=7, train_split=0.8))
+    pop = Population("gpt_t", KW, _members(2), data, switch=2)
+    seen = []
+    for e in range(1, 5):
+        pop.train_epoch(e)
+        seen.append(set(data.groups("train")[pop.mine.pool[0]].tolist()))
+    assert seen == [{0}, {0}, {1}, {1}]  # task A up to the switch epoch, then task B
+    out = pop.evaluate()
+    assert {"test_a_acc", "test_b_acc", "forgetting"} <= set(out) and torch.isfinite(out["forgetting"]).all()
+
+
+def test_build_writes_a_sequence_zoo_that_every_reader_opens(tmp_path):
+    cfg = load_config(zoo.ZooConfig, "configs/zoo/seq_continual.yaml",
+                      ["n_random=3", "epochs=2", "checkpoints=[0,1,2]", "sequence.switch_epoch=1"])
+    out = build(cfg, tmp_path / "c.h5", progress=False)
+    with zoo.open(out) as z:
+        assert z.spec.input_shape == (4,) and z.architecture == "gpt_t" and z.usable().all()
+        assert {"test_a_acc", "forgetting"} <= set(z.metric_names)
+        assert np.isfinite(z.metric("forgetting")).all() and set(z.field("mem_neurons")) <= {0, 16}
+        net = z.model(0, -1)  # a plain module that reproduces its recorded accuracy
+        d = z.dataset()
+        with torch.no_grad():
+            logits = net(d.x_test)
+        hit = ((logits.argmax(-1) == d.y_test) & (d.y_test >= 0)).sum(1) / (d.y_test >= 0).sum(1)
+        assert abs(float(hit.float().mean()) - float(z.metric("test_acc")[0, -1])) < 1e-5
+
+
+def test_build_rejects_bad_sequence_configs_with_one_line(tmp_path):
+    for args, words in ((["sequence.task=sort"], "sequence.task"), (["dataset=digits", "sequence.task=modular"],
+                        "dataset: sequence"), (["fixed.label_noise=0.1"], "label_noise"),
+                        (["architecture_kwargs.fc_mem_dim=4"], "mem_neurons=16")):
+        r = subprocess.run([sys.executable, "-m", "zoo.build", "--config", "configs/zoo/seq_modular.yaml",
+                            "--out", str(tmp_path / "x.h5"), "--quiet", "n_random=2", "epochs=1", "checkpoints=[0,1]",
+                            *args],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        assert not list(tmp_path.iterdir())
