@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
-import zoo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import zoo  # noqa: E402
+from zoo.sequences import SequenceSpec  # noqa: E402
 
 
 def interval(v: np.ndarray, n_boot: int = 2000) -> str:
@@ -27,6 +30,7 @@ def rows(path: str) -> list[str]:
         ok = z.usable()
         mem = z.field("mem_neurons")
         wd = z.field("weight_decay")
+        task = "continual" if task.startswith("continual") else task
         metrics = {"memorize": ["test_acc"], "modular": ["train_acc", "test_acc"],
                    "continual": ["test_a_acc", "test_b_acc", "forgetting"]}[task]
         out = []
@@ -36,7 +40,7 @@ def rows(path: str) -> list[str]:
             if task == "modular":
                 cells.append(interval((z.metric("test_acc")[sel, -1] >= 0.9).astype(float)))
             if task == "continual":  # task A right before the switch (the checkpoint at the switch epoch)
-                switch = zoo.sequences.SequenceSpec.of(z.config["sequence"]).switch(z.config["epochs"])
+                switch = SequenceSpec.of(z.config["sequence"]).switch(z.config["epochs"])
                 slot = [int(e) for e in z.epochs].index(switch) if switch in list(z.epochs) else None
                 cells.insert(0, interval(z.metric("test_a_acc")[sel, slot]) if slot is not None else "-")
             label = "none" if kind == 0 else f"{kind} memory neurons" if kind > 0 else "all memory neurons"
@@ -53,6 +57,7 @@ def rows(path: str) -> list[str]:
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         lines, metrics, task = rows(path)
+        task = "continual" if task.startswith("continual") else task
         head = (["task A acc at the switch"] if task == "continual" else []) + metrics + \
             (["grokked (test_acc >= 0.9)"] if task == "modular" else [])
         print(f"\n| zoo | memory | {' | '.join(head)} |\n|---|---|{'---|' * len(head)}")

@@ -23,7 +23,7 @@ def _members(n=3, **kw):
                        init="xavier_uniform", **kw) for i in range(n)]
 
 
-@pytest.mark.parametrize("task", ["memorize", "modular", "continual"])
+@pytest.mark.parametrize("task", ["memorize", "modular", "continual", "continual_memorize"])
 def test_generators_are_deterministic_per_seed(task):
     a, b = make_sequences(SequenceSpec(task=task, seed=3)), make_sequences(SequenceSpec(task=task, seed=3))
     c = make_sequences(SequenceSpec(task=task, seed=4))
@@ -136,12 +136,25 @@ def test_continual_members_switch_task_and_record_forgetting():
     assert {"test_a_acc", "test_b_acc", "forgetting"} <= set(out) and torch.isfinite(out["forgetting"]).all()
 
 
+def test_memorising_a_second_sequence_forgets_the_first():
+    data = make_sequences(SequenceSpec(task="continual_memorize", length=20, context=8, vocab=12))
+    members = [MemberSpec(seed=i, lr=3e-3, activation="gelu", batch_size=4) for i in range(2)]
+    pop = Population("gpt_t", KW, members, data, switch=15)
+    for e in range(1, 31):
+        pop.train_epoch(e)
+        if e == 15:
+            learned = pop.evaluate()
+    out = pop.evaluate()
+    assert (learned["test_a_acc"] > 0.6).all() and (out["test_b_acc"] > 0.6).all()
+    assert (out["forgetting"] > 0.3).all() and torch.allclose(out["forgetting"], pop.best_a - out["test_a_acc"])
+
+
 def test_build_writes_a_sequence_zoo_that_every_reader_opens(tmp_path):
     cfg = load_config(zoo.ZooConfig, "configs/zoo/seq_continual.yaml",
                       ["n_random=3", "epochs=2", "checkpoints=[0,1,2]", "sequence.switch_epoch=1"])
     out = build(cfg, tmp_path / "c.h5", progress=False)
     with zoo.open(out) as z:
-        assert z.spec.input_shape == (4,) and z.architecture == "gpt_t" and z.usable().all()
+        assert z.spec.input_shape == (16,) and z.architecture == "gpt_t" and z.usable().all()
         assert {"test_a_acc", "forgetting"} <= set(z.metric_names)
         assert np.isfinite(z.metric("forgetting")).all() and set(z.field("mem_neurons")) <= {0, 16}
         net = z.model(0, -1)  # a plain module that reproduces its recorded accuracy
@@ -162,3 +175,51 @@ def test_build_rejects_bad_sequence_configs_with_one_line(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
         assert not list(tmp_path.iterdir())
+
+
+MEMORIA = {"dim": 16, "depth": 2, "heads": 2, "segment": 4, "memoria": True, "fc_mem_dim": 2}
+
+
+def test_memoria_members_match_the_plain_module_one_memory_each(monkeypatch):
+    """The engine keeps one Memoria memory per member: its logits equal each member's own module (Memoria's
+    random tie-breaking between equally induced long-term memories fixed, the only difference)."""
+    monkeypatch.setattr(torch, "rand_like", lambda t, **k: torch.full_like(t, 0.5, **k))
+    spec = zoo.ModelSpec("gpt_t", MEMORIA, (16,), 12)
+    mods = [init_weights(spec.create("gelu"), "xavier_uniform", 1, torch.Generator().manual_seed(i)) for i in range(3)]
+    with torch.no_grad():  # a read that matters
+        for m in mods:
+            m[1].read.o.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(9))
+    flat = torch.stack([torch.cat([t.reshape(-1) for t in m.state_dict().values()]) for m in mods])
+    x = torch.randint(0, 12, (6, 16), generator=torch.Generator().manual_seed(0))
+    out = zoo.BatchedNet(spec, ["gelu"] * 3).forward(x[:, None], flat)
+    with torch.no_grad():
+        ref = torch.stack([m(x) for m in mods], 1)
+    assert float((out - ref).abs().max()) < 1e-4
+    # segment 2 sees segment 1 only through the memory: change segment 1, and segment 2's output changes, unless
+    # the memory read is switched off
+    x2 = x.clone()
+    x2[:, :4] = (x2[:, :4] + 1) % 12
+    with torch.no_grad():
+        assert not torch.allclose(mods[0](x)[:, 4:8], mods[0](x2)[:, 4:8])
+        mods[0][1].read.o.weight.zero_()
+        mods[0][1].read.o.bias.zero_()
+        assert torch.allclose(mods[0](x)[:, 4:8], mods[0](x2)[:, 4:8])
+
+
+def test_memoria_path_trains_a_tiny_population():
+    data = make_sequences(SequenceSpec(task="memorize", n_sequences=2, length=20, context=16, vocab=12))
+    members = [MemberSpec(seed=i, lr=3e-3, activation="gelu", batch_size=2, class_subset=str(i)) for i in range(2)]
+    pop = Population("gpt_t", MEMORIA, members, data, cuda_graphs=True, compile=False)
+    before = pop.evaluate()["train_loss"]
+    for e in range(1, 4):
+        pop.train_epoch(e)
+    after = pop.evaluate()
+    assert torch.isfinite(after["train_loss"]).all() and (after["train_loss"] < before).all()
+    assert not pop.cuda_graphs  # Memoria's bookkeeping is not graph-capturable
+
+
+def test_memoria_without_the_package_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "memoria", None)  # import fails as if not installed
+    net = create_model("gpt_t", input_size=8, num_classes=12, **{**MEMORIA, "segment": 4})
+    with pytest.raises(UsageError, match="memoria-pytorch"):
+        net(torch.zeros(1, 8, dtype=torch.long))

@@ -120,7 +120,7 @@ def plan_populations(members: Sequence[MemberSpec], ids: np.ndarray, cfg: ZooCon
 def _metric_names(cfg: ZooConfig) -> list[str]:
     names = ["train_loss", "train_acc", "test_loss", "test_acc"]
     names += ["val_loss", "val_acc"] if cfg.val_fraction > 0 else []
-    if cfg.dataset == "sequence" and SequenceSpec.of(cfg.sequence).task == "continual":
+    if cfg.dataset == "sequence" and SequenceSpec.of(cfg.sequence).task.startswith("continual"):
         names += ["test_a_loss", "test_a_acc", "test_b_loss", "test_b_acc", "forgetting"]
     return names + (["sparsity"] if cfg.prune_epochs else [])
 

@@ -20,18 +20,8 @@ from ._convpool import available as triton_available
 from ._convpool import conv_pool
 from ._rng import hash32
 from .cli import UsageError
-from .models import (
-    ACTIVATIONS,
-    Activation,
-    ClassToken,
-    GlobalAvgPool,
-    MemoryMLP,
-    PatchEmbed,
-    Residual,
-    SelfAttention,
-    TiedHead,
-    TokenEmbed,
-)
+from .models import (ACTIVATIONS, Activation, ClassToken, GlobalAvgPool, MemoryMLP, MemoryRead, PatchEmbed, Residual,
+                     SegmentedMemoria, SelfAttention, TiedHead, TokenEmbed)
 from .spec import Layout, ModelSpec
 
 CONV_PATHS = ("auto", "grouped", "unfold", "fused")
@@ -48,7 +38,8 @@ def rule(layer_type: type):
 
 def missing_rules(module: nn.Module) -> list[str]:
     """Names of the layer types in `module` that the engine has no rule for (empty: it can run it)."""
-    return sorted({type(m).__name__ for m in module.modules() if type(m) not in RULES})
+    inner = (MemoryRead,)  # run by their parent's rule
+    return sorted({type(m).__name__ for m in module.modules() if type(m) not in RULES and not isinstance(m, inner)})
 
 
 def runs(values: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -205,6 +196,17 @@ def _memory_mlp(m: MemoryMLP, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tenso
         h = _activation(m.act, "", _linear(m.mem_fc, p + "mem_fc.", x, ctx), ctx)
         y = y + _linear(m.mem_proj, p + "mem_proj.", h, ctx)
     return _dropout(m.drop, p + "drop.", y, ctx)
+
+
+@rule(SegmentedMemoria)
+def _segmented_memoria(m: SegmentedMemoria, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """The module's own segment loop on (B, M, L, D): one Memoria memory per member (its batch elements are
+    not independent, see SegmentedMemoria); the blocks and the memory read run batched over members."""
+    def run(part, t, *extra):
+        if part is m.read:  # MemoryRead: per-member q/k/v/o
+            return m.read(t, *extra, linear=lambda name, u: _linear(getattr(m.read, name), f"{p}read.{name}.", u, ctx))
+        return _sequential(part, p + ("pre." if part is m.pre else "post."), t, ctx)
+    return m.forward(x, run, members=ctx.params[p + "read.q.weight"].shape[0])
 
 
 def _join(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .config import MemberSpec
 from .data import ImageData
 from .engine import BatchedNet, _join, activation_numel, runs, sample_loss
 from .evaluation import Evaluator
-from .models import MemoryMLP, flatten_state, init_weights
+from .models import MemoryMLP, SegmentedMemoria, flatten_state, init_weights
 from .spec import ModelSpec
 
 # The divergence rule: a member is diverged (stopped, its weights NaN in the zoo, excluded downstream) when a
@@ -241,6 +241,9 @@ class Population:
         self.best_a = torch.zeros(len(members), device=self.device)  # continual: best task-A test accuracy so far
         self.prune_epochs = sorted(prune_epochs)
         self.train_eval_samples = train_eval_samples
+        if any(isinstance(mod, SegmentedMemoria) for mod in self.net.template.modules()):
+            # Memoria's engram bookkeeping has data-dependent shapes and host syncs: eager, no graphs
+            compile = cuda_graphs = False
         self.evaluator = Evaluator(self.net, data, eval_bytes, compile)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None  # captured on the first graphed run_steps

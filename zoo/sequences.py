@@ -5,6 +5,7 @@ A zoo config selects it with `dataset: sequence` and a `sequence:` mapping (`Seq
     sequence: {task: memorize, n_sequences: 16, length: 32, context: 16, vocab: 16}   # one sequence per member
     sequence: {task: modular, modulus: 23, train_split: 0.5}                          # grokking: (a + b) mod p
     sequence: {task: continual, modulus: 11, switch_epoch: 10}                        # (a + b), then (a - b) mod p
+    sequence: {task: continual_memorize, length: 32, context: 16, switch_epoch: 10}   # sequence A, then B
 
 Samples are token windows `x (N, T)` int64 with next-token targets `y (N, T)` (-1 where no loss is taken) and a
 group id per sample (`groups`): the sequence a window was cut from (memorize) or the task (continual). A
@@ -23,7 +24,7 @@ import torch
 from .cli import UsageError
 from .data import ImageData
 
-TASKS = ("memorize", "modular", "continual")
+TASKS = ("memorize", "modular", "continual", "continual_memorize")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class SequenceSpec:
     over `vocab`, cut into every window of `context + 1` tokens. modular / continual: every pair (a, b) of
     0..modulus-1 as `[a, op, b, =]` with the answer as the target of the last position; `train_split` of the
     pairs train, the rest test (the same split for every member). continual trains task A, (a + b) mod p, up
-    to `switch_epoch`, then task B, (a - b) mod p."""
+    to `switch_epoch`, then task B, (a - b) mod p; continual_memorize memorises sequence A, then sequence B
+    (two random sequences, tested on what was stored: forgetting is what B overwrote of A)."""
     task: str = "memorize"
     seed: int = 0
     vocab: int = 16
@@ -132,8 +134,14 @@ def _modular(s: SequenceSpec) -> tuple:
     return cat(train), cat(test), p + 1 + len(tasks), len(tasks), names
 
 
+def _continual_memorize(s: SequenceSpec) -> tuple:
+    train, test, vocab, _, _ = _memorize(dataclasses.replace(s, n_sequences=2))
+    return train, test, vocab, 2, ("a", "b")
+
+
 def make_sequences(spec: SequenceSpec, name: str = "sequence") -> SequenceData:
-    (xt, yt, gt), (xs, ys, gs), vocab, n_groups, names = (_memorize if spec.task == "memorize" else _modular)(spec)
+    make = {"memorize": _memorize, "continual_memorize": _continual_memorize}.get(spec.task, _modular)
+    (xt, yt, gt), (xs, ys, gs), vocab, n_groups, names = make(spec)
     t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64)
     one = torch.ones(1)
     return SequenceData(name, t(xt), t(yt), t(xs), t(ys), None, None, one * 0, one, vocab,

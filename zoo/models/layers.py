@@ -142,3 +142,82 @@ class MemoryMLP(nn.Module):
 class ClassToken(nn.Module):
     def forward(self, x):  # (B, T, D) -> (B, D)
         return x[..., 0, :]
+
+
+def _memoria(kwargs: dict):
+    try:
+        from memoria import Memoria
+    except ImportError:
+        raise UsageError("memoria=true needs the package memoria-pytorch: pip install -e \".[memoria]\"") from None
+    return Memoria(**kwargs)
+
+
+class MemoryRead(nn.Module):
+    """Cross-attention from a segment's hidden states (queries) to the memories Memoria reminded (keys,
+    values), added to the residual stream; padding memories (index -1) get no weight."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, h, mem, valid, linear=None):
+        """h (..., T, D), mem (..., R, D), valid (..., R) -> (..., T, D), attention (..., T, R). `linear(name, t)`
+        applies the q/k/v/o layer `name` (the population engine passes its per-member one)."""
+        linear = linear or (lambda name, t: getattr(self, name)(t))
+        if mem.shape[-2] == 0:
+            return h, h.new_zeros(*h.shape[:-1], 0)
+        scores = (linear("q", h) @ linear("k", mem).transpose(-1, -2)) * h.shape[-1] ** -0.5
+        att = torch.softmax(scores.masked_fill(~valid.unsqueeze(-2), float("-inf")), -1).nan_to_num(0.0)
+        return h + linear("o", att @ linear("v", mem)), att
+
+
+MEMORIA_DEFAULTS = {"num_reminded_stm": 4, "stm_capacity": 16, "ltm_search_depth": 2, "initial_lifespan": 3,
+                    "num_final_ltms": 4}
+
+
+class SegmentedMemoria(nn.Module):
+    """A context cut into segments of `segment` tokens, run one after another through the blocks `pre`, a
+    Memoria memory, and the blocks `post` (attention stays inside a segment). After `pre`, each segment's hidden
+    states become Memoria's working memory; `remind` returns the short- and long-term memories they recall, which
+    `read` attends to; each recalled memory's lifespan grows by the attention it got (the paper's rule), then
+    `adjust_lifespan_and_memories` ages, promotes and drops engrams. The memory lives for one forward pass (one
+    context) and is not differentiated (engrams are detached hidden states); `read` learns to use it.
+
+    One memory serves one member's batch: Memoria's batch elements are not independent (its engram tables are
+    padded to the longest element, and short-term overflow is counted on that padded length), so putting members
+    on its batch dimension would let members change each other's memories. The population engine keeps one
+    memory per member (`members=M`) and batches everything else."""
+
+    def __init__(self, pre: nn.Sequential, read: MemoryRead, post: nn.Sequential, segment: int,
+                 memoria: dict | None = None):
+        super().__init__()
+        self.pre, self.read, self.post, self.segment = pre, read, post, segment
+        self.memoria = {**MEMORIA_DEFAULTS, **(memoria or {})}
+
+    def forward(self, x, run=None, members: int = 0):
+        """x (B, L, D), or (B, M, L, D) with `members` = M memories (the engine, whose `run(part, x, ...)` runs
+        a part with each member's parameters) -> the same shape."""
+        run = run or (lambda part, t, *a: part(t, *a))
+        memories, outs = [_memoria(self.memoria) for _ in range(max(members, 1))], []
+        for a in range(0, x.shape[-2], self.segment):
+            h = run(self.pre, x[..., a:a + self.segment, :])
+            outs.append(run(self.post, self.recall(memories, h, run, members > 0)))
+        return torch.cat(outs, -2)
+
+    def recall(self, memories, h, run, stacked: bool):
+        """One segment through the memories: h (B, T, D), or (B, M, T, D) with one memory per member."""
+        parts = h.unbind(1) if stacked else [h]
+        found = []
+        for memory, hm in zip(memories, parts):
+            memory.add_working_memory(hm.detach())
+            found.append(memory.remind())  # (B, R_m, D) memories, (B, R_m) indices (-1: padding)
+        R = max(idx.shape[1] for _, idx in found)
+        mem = torch.stack([F.pad(m, (0, 0, 0, R - m.shape[1])) for m, _ in found], 1)  # (B, M, R, D)
+        idx = torch.stack([F.pad(i, (0, R - i.shape[1]), value=-1) for _, i in found], 1)  # (B, M, R)
+        if not stacked:
+            mem, idx = mem[:, 0], idx[:, 0]
+        y, att = run(self.read, h, mem, idx >= 0)  # att (B, [M,] T, R)
+        att = att.detach() if stacked else att.detach()[:, None]
+        for k, (memory, (_, i)) in enumerate(zip(memories, found)):
+            memory.adjust_lifespan_and_memories(i, att[:, k, :, :i.shape[1]].mean(1))  # attention each memory got
+        return y
