@@ -20,8 +20,20 @@ from ._convpool import available as triton_available
 from ._convpool import conv_pool
 from ._rng import hash32
 from .cli import UsageError
-from .models import (ACTIVATIONS, Activation, ClassToken, GlobalAvgPool, MemoryMLP, MemoryRead, PatchEmbed, Residual,
-                     SegmentedMemoria, SelfAttention, TiedHead, TokenEmbed)
+from .models import (
+    ACTIVATIONS,
+    Activation,
+    ClassToken,
+    GlobalAvgPool,
+    MemoryMLP,
+    MemoryRead,
+    PatchEmbed,
+    Residual,
+    SegmentedMemoria,
+    SelfAttention,
+    TiedHead,
+    TokenEmbed,
+)
 from .spec import Layout, ModelSpec
 
 CONV_PATHS = ("auto", "grouped", "unfold", "fused")

@@ -7,8 +7,20 @@ One file per family (`cnn.py`, `mlp.py`, `vit.py`, `gpt.py`); a new family regis
 from . import cnn, gpt, mlp, vit  # noqa: F401  (registers the families)
 from ._registry import create_model, list_models, register
 from .init import INITS, flatten_state, init_weights
-from .layers import (ACTIVATIONS, Activation, ClassToken, GlobalAvgPool, MemoryMLP, MemoryRead, PatchEmbed, Residual,
-                     SegmentedMemoria, SelfAttention, TiedHead, TokenEmbed)
+from .layers import (
+                     ACTIVATIONS,
+                     Activation,
+                     ClassToken,
+                     GlobalAvgPool,
+                     MemoryMLP,
+                     MemoryRead,
+                     PatchEmbed,
+                     Residual,
+                     SegmentedMemoria,
+                     SelfAttention,
+                     TiedHead,
+                     TokenEmbed,
+)
 
 __all__ = ["create_model", "list_models", "register", "INITS", "flatten_state", "init_weights", "ACTIVATIONS",
            "Activation", "ClassToken", "GlobalAvgPool", "MemoryMLP", "MemoryRead", "PatchEmbed", "Residual",
