@@ -28,7 +28,9 @@ def rows(path: str) -> list[str]:
     with zoo.open(path) as z:
         task = (z.config.get("sequence") or {}).get("task", "memorize")
         ok = z.usable()
-        mem = z.field("mem_neurons")
+        mem = z.field("mem_neurons").astype(np.int64)
+        if z.architecture_kwargs.get("memoria"):  # memory kind = (memory neurons, Memoria on): one code
+            mem = mem * 2 + z.field("memoria").astype(np.int64)
         wd = z.field("weight_decay")
         task = "continual" if task.startswith("continual") else task
         metrics = {"memorize": ["test_acc"], "modular": ["train_acc", "test_acc"],
@@ -43,7 +45,9 @@ def rows(path: str) -> list[str]:
                 switch = SequenceSpec.of(z.config["sequence"]).switch(z.config["epochs"])
                 slot = [int(e) for e in z.epochs].index(switch) if switch in list(z.epochs) else None
                 cells.insert(0, interval(z.metric("test_a_acc")[sel, slot]) if slot is not None else "-")
-            label = "none" if kind == 0 else f"{kind} memory neurons" if kind > 0 else "all memory neurons"
+            n, on = (kind // 2, kind % 2) if z.architecture_kwargs.get("memoria") else (kind, 0)
+            label = ("none" if n == 0 else f"{n} memory neurons" if n > 0 else "all memory neurons") + \
+                (" + Memoria" if on else "")
             out.append(f"| {z.path.stem} | {label} | " + " | ".join(cells) + " |")
         if task == "modular":  # grokking against weight decay, every memory kind together
             for lo, hi in ((0, 0.01), (0.01, 0.1), (0.1, 10)):

@@ -20,12 +20,12 @@ STAT_NAMES = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
 METRIC_TARGETS = ("test_acc", "train_acc", "gen_gap", "epoch", "test_loss", "train_loss", "sparsity",
                   "test_a_acc", "test_b_acc", "forgetting")  # the last three: continual sequence zoos
 HPARAM_TARGETS = ("lr", "weight_decay", "dropout", "init", "init_scale", "activation", "optimizer", "batch_size",
-                  "prune_fraction", "train_fraction", "label_noise", "class_subset", "mem_neurons")
+                  "prune_fraction", "train_fraction", "label_noise", "class_subset", "mem_neurons", "memoria")
 LOG_TARGETS = ("lr", "weight_decay", "init_scale")  # drawn log-uniformly over decades in the zoos
 # trained_classes: which classes a member trained on (its class_subset; all when empty), one binary label each
 # sequence zoos: grokked (modular: test_acc >= 0.9 at that checkpoint), first_token (memorize: the first token of
-# the sequence the member memorised)
-SEQUENCE_TARGETS = ("grokked", "first_token")
+# the sequence the member memorised), memory_kind (gpt_t: none, neurons, memoria or neurons+memoria)
+SEQUENCE_TARGETS = ("grokked", "first_token", "memory_kind")
 ALL_TARGETS = METRIC_TARGETS + HPARAM_TARGETS + ("trained_classes", "dataset") + SEQUENCE_TARGETS
 
 
@@ -67,6 +67,12 @@ def _rows_of(z: zoo.Zoo, zoo_index: int) -> pd.DataFrame:
 
 def _sequence_targets(z: zoo.Zoo, t: pd.DataFrame) -> None:
     """grokked and first_token, for zoos of generated sequence data (their data is re-made from the config)."""
+    kw = z.architecture_kwargs
+    if z.architecture == "gpt_t" and "mem_neurons" in t:
+        neurons = (t["mem_neurons"].replace(-1, kw.get("fc_mem_dim", 0)) > 0) & (kw.get("fc_mem_dim", 0) > 0)
+        memoria = t["memoria"].astype(bool) & bool(kw.get("memoria", False)) if "memoria" in t else False
+        t["memory_kind"] = np.select([neurons & memoria, neurons, memoria], ["neurons+memoria", "neurons", "memoria"],
+                                     "none")
     if z.config.get("dataset") != "sequence":
         return
     from zoo.sequences import SequenceSpec, make_sequences

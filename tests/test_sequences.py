@@ -218,6 +218,17 @@ def test_memoria_path_trains_a_tiny_population():
     assert not pop.cuda_graphs  # Memoria's bookkeeping is not graph-capturable
 
 
+def test_members_without_memoria_have_no_memory_read():
+    data = make_sequences(SequenceSpec(task="memorize", n_sequences=2, length=20, context=16, vocab=12))
+    members = [MemberSpec(seed=i, lr=3e-3, activation="gelu", batch_size=2, memoria=on) for i, on in
+               enumerate([False, True])]
+    pop = Population("gpt_t", MEMORIA, members, data)
+    pop.train_epoch(1)
+    read = [e for e in pop.net.layout if ".read." in e.name]
+    w = torch.cat([pop.flat_weights()[:, e.slice] for e in read], 1)
+    assert read and (w[0] == 0).all() and (w[1] != 0).any()
+
+
 def test_memoria_without_the_package_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "memoria", None)  # import fails as if not installed
     net = create_model("gpt_t", input_size=8, num_classes=12, **{**MEMORIA, "segment": 4})

@@ -35,6 +35,7 @@ class MemberSpec:
     label_noise: float = 0.0
     class_subset: str = ""  # comma-separated class ids ("" = all); sequence data: ids of sequences / tasks
     mem_neurons: int = -1  # memory neurons used per block: the first mem_neurons of gpt_t's fc_mem_dim; -1 = all
+    memoria: bool = True  # uses the architecture's Memoria memory (gpt_t memoria=true); false: its memory read is 0
 
     def __post_init__(self):
         checks = [

@@ -227,7 +227,7 @@ class Population:
         self.mask: torch.Tensor | None = None  # (M, P) pruning / memory-neuron mask, ones elsewhere
         check_members(members, self.net.spec, data)
         self.lr_cols = lr_columns(self.net.template, self.net.layout, self.device)  # (P,) lr multipliers or None
-        self._mask_memory([m.mem_neurons for m in members])
+        self._mask_memory([m.mem_neurons for m in members], [m.memoria for m in members])
         self.state = _opt_state([name for name, _, _ in self.opt_runs], self.flat)
         hp = lambda k: torch.tensor([getattr(m, k) for m in members], dtype=torch.float32, device=self.device)
         self.lr, self.wd, self.dropout, self.prune_target = hp("lr"), hp("weight_decay"), hp("dropout"), \
@@ -441,14 +441,20 @@ class Population:
         self.flat.mul_(mask)
 
     @torch.no_grad()
-    def _mask_memory(self, used: list[int]) -> None:
-        """Members that use fewer memory neurons than the architecture has: the rest are zero for good."""
+    def _mask_memory(self, used: list[int], memoria: list[bool]) -> None:
+        """Members that use fewer memory neurons than the architecture has: the rest are zero for good; members
+        without Memoria (in an architecture with it): their memory read is zero for good (it adds nothing)."""
         mems = [(n, m) for n, m in self.net.template.named_modules() if isinstance(m, MemoryMLP)]
+        reads = [n for n, m in self.net.template.named_modules() if isinstance(m, SegmentedMemoria)]
         size = max([m.mem for _, m in mems], default=0)
-        if all(k in (-1, size) for k in used):
+        if all(k in (-1, size) for k in used) and (all(memoria) or not reads):
             return
         k = torch.tensor([size if v == -1 else v for v in used], device=self.device)  # (M,)
         mask = torch.ones_like(self.flat)
+        off = torch.tensor([not on for on in memoria], device=self.device)[:, None]  # (M, 1)
+        for e in self.net.layout:
+            if any(e.name.startswith(f"{r}.read.") for r in reads):
+                mask[:, e.slice] = (~off).float().expand(-1, e.size)
         unit = torch.arange(size, device=self.device)  # which memory neuron an entry belongs to:
         owner = {"mem_fc.weight": unit[:, None], "mem_fc.bias": unit, "mem_proj.weight": unit[None, :]}  # (mem, D),
         # (mem,), (D, mem) once broadcast to each tensor's shape
