@@ -83,9 +83,10 @@ def reconstruct_slot(module, z: zoo.Zoo, data, members: np.ndarray, slot: int, c
     """Per-member rows (original / reconstructed accuracy, ...) and per-tensor NMSE for one checkpoint slot."""
     W = z.weight_rows(members, slot)
     acts = [z.activations()[m] for m in members]
+    subsets = list(z.field("class_subset")[members])  # each member on its own classes, as the build measured it
     W_hat = batched(module.reconstruct, W, cfg.batch_size, device)
-    orig = zoo.evaluate(z.spec, W, data, acts)
-    rec = zoo.evaluate(z.spec, W_hat, data, acts)
+    orig = zoo.evaluate(z.spec, W, data, acts, class_subsets=subsets)
+    rec = zoo.evaluate(z.spec, W_hat, data, acts, class_subsets=subsets)
     rows = pd.DataFrame({"member": members, "slot": slot, "epoch": int(z.epochs[slot]),
                          "original_acc": orig["test_acc"], "reconstructed_acc": rec["test_acc"],
                          "original_loss": orig["test_loss"], "reconstructed_loss": rec["test_loss"]})
@@ -94,7 +95,8 @@ def reconstruct_slot(module, z: zoo.Zoo, data, members: np.ndarray, slot: int, c
         permuter = Permuter.of(z.spec)
         W_perm = _permuted(W, permuter, cfg.seed + slot)
         rows["permuted_reconstructed_acc"] = zoo.evaluate(z.spec, batched(module.reconstruct, W_perm, cfg.batch_size,
-                                                                          device), data, acts)["test_acc"]
+                                                                          device), data, acts,
+                                                           class_subsets=subsets)["test_acc"]
     return rows, layer_nmse(module, W, W_hat, z.layout)
 
 

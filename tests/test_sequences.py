@@ -1,4 +1,5 @@
 """Sequence members (gpt_t with memory neurons) on generated sequence data: models, data, population, build."""
+import dataclasses
 import subprocess
 import sys
 
@@ -163,6 +164,20 @@ def test_build_writes_a_sequence_zoo_that_every_reader_opens(tmp_path):
             logits = net(d.x_test)
         hit = ((logits.argmax(-1) == d.y_test) & (d.y_test >= 0)).sum(1) / (d.y_test >= 0).sum(1)
         assert abs(float(hit.float().mean()) - float(z.metric("test_acc")[0, -1])) < 1e-5
+
+
+def test_evaluate_with_class_subsets_reproduces_what_the_build_recorded(tmp_path):
+    """Each member memorises its own sequence: zoo.evaluate on the member's class_subset gives the recorded
+    test_acc; over every sequence of the bank it would not."""
+    cfg = load_config(zoo.ZooConfig, "configs/zoo/seq_memory.yaml", ["n_random=4", "epochs=3", "checkpoints=[0,3]",
+                                                                        "sequence.n_sequences=4"])
+    cfg = dataclasses.replace(cfg, random={**cfg.random, "class_subset": {"subset": [4, 1]}})
+    with zoo.open(build(cfg, tmp_path / "m.h5", progress=False)) as z:
+        W, acts = z.weight_rows(range(4), -1), z.activations()
+        mine = zoo.evaluate(z.spec, W, z.dataset(), acts, class_subsets=list(z.field("class_subset")))
+        every = zoo.evaluate(z.spec, W, z.dataset(), acts)
+        assert np.allclose(mine["test_acc"], z.metric("test_acc")[:, -1], atol=1e-6)
+        assert not np.allclose(every["test_acc"], z.metric("test_acc")[:, -1], atol=1e-3)
 
 
 def test_build_rejects_bad_sequence_configs_with_one_line(tmp_path):

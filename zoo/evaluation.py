@@ -90,12 +90,28 @@ def _sorted_members(activations: Sequence[str]) -> np.ndarray:
     return np.argsort(np.asarray(activations, dtype=object).astype(str), kind="stable")
 
 
+def subset_table(subsets: Sequence[str], num_classes: int, device) -> torch.Tensor | None:
+    """(M, K) bool: the classes (sequence data: groups) each member trains and is evaluated on, from its
+    class_subset ("" = all); K covers num_classes and every listed id; None when no member has a subset."""
+    ids = [[int(c) for c in str(s).split(",")] if str(s) else None for s in subsets]
+    if not any(ids):
+        return None
+    table = torch.ones(len(ids), max([num_classes] + [c + 1 for i in ids if i for c in i]), dtype=torch.bool)
+    for row, i in enumerate(ids):
+        if i:
+            table[row] = False
+            table[row, i] = True
+    return table.to(device)
+
+
 def evaluate(spec: ModelSpec, weights, data: ImageData, activations: Sequence[str], splits: Sequence[str] = ("test",),
              conv: str = "auto", precision: str = "fp32", batch_members: int = 1024,
-             predictions: bool = False) -> dict[str, np.ndarray]:
+             predictions: bool = False, class_subsets: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Evaluate `weights` (M, P) of architecture `spec` on `data` (on its device): {"<split>_loss",
     "<split>_acc": (M,)} for each split (test, val), and "<split>_pred" (M, n) int64 with `predictions`.
-    Members are grouped by activation and evaluated `batch_members` at a time; non-finite rows give NaN."""
+    `class_subsets` (M,) restricts each member to its classes (the build's `class_subset`; for sequence data the
+    sequences it memorised), as the build evaluated it. Members are grouped by activation and evaluated
+    `batch_members` at a time; non-finite rows give NaN."""
     W = torch.as_tensor(np.asarray(weights, np.float32) if not isinstance(weights, torch.Tensor) else weights)
     if W.dim() != 2 or W.shape[1] != spec.layout().n_params:
         raise UsageError(f"weights must be (members, {spec.layout().n_params}) for {spec.architecture}, "
@@ -113,8 +129,10 @@ def evaluate(spec: ModelSpec, weights, data: ImageData, activations: Sequence[st
         ok = torch.isfinite(flat).all(1).cpu().numpy()
         flat = torch.where(torch.isfinite(flat), flat, 0.0)
         ev = Evaluator(BatchedNet(spec, [activations[i] for i in ids], device, conv, precision), data)
+        table = subset_table([class_subsets[i] for i in ids], data.num_groups, device) if class_subsets is not None \
+            else None
         for s in splits:
-            x, y, w = ev.split(s)
+            x, y, w = ev.split(s, table)
             loss, acc = ev.evaluate(flat, x, y, w)
             out[f"{s}_loss"][ids] = np.where(ok, loss.cpu().numpy(), np.nan)
             out[f"{s}_acc"][ids] = np.where(ok, acc.cpu().numpy(), np.nan)

@@ -24,7 +24,7 @@ from .cli import UsageError
 from .config import MemberSpec
 from .data import ImageData
 from .engine import BatchedNet, _join, activation_numel, runs, sample_loss
-from .evaluation import Evaluator
+from .evaluation import Evaluator, subset_table
 from .models import MemoryMLP, SegmentedMemoria, flatten_state, init_weights
 from .spec import ModelSpec
 
@@ -63,15 +63,7 @@ def class_table(members: Sequence[MemberSpec], num_classes: int, device) -> torc
     """(M, K) bool: the classes each member trains and is evaluated on (all for members without a
     class_subset), K covering num_classes and every listed id; None when no member has a subset.
     Indexed by labels, `table[:, y]` is the (M, N) mask of samples that count for each member."""
-    if not any(m.class_subset for m in members):
-        return None
-    k = max([num_classes] + [c + 1 for m in members for c in m.classes() or []])
-    table = torch.ones(len(members), k, dtype=torch.bool)
-    for i, m in enumerate(members):
-        if m.classes():
-            table[i] = False
-            table[i, m.classes()] = True
-    return table.to(device)
+    return subset_table([m.class_subset for m in members], num_classes, device)
 
 
 def noisy_labels(y: torch.Tensor, idx: torch.Tensor, seeds: torch.Tensor, noise: torch.Tensor,
