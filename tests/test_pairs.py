@@ -86,3 +86,67 @@ def test_bad_pair_requests_are_one_line_and_write_nothing(seeded_zoo, tmp_path):
                             str(tmp_path / "p.parquet"), "--quiet", *args], capture_output=True, text=True)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert not (tmp_path / "p.parquet").exists()
+
+
+# ---- tethers ----
+
+def test_all_ones_tethers_are_the_plain_layers():
+    from zoo.models.tether import tether_layers
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 5))
+    tethered = tether_layers(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(),
+                                                 torch.nn.Linear(4 * 36, 5)), 0.5)
+    tethered.load_state_dict({**plain.state_dict(), **{k: v for k, v in tethered.state_dict().items()
+                                                       if k.endswith("tether")}})
+    x = torch.randn(3, 1, 8, 8)
+    assert all((t == 1).all() for k, t in tethered.state_dict().items() if k.endswith("tether"))
+    assert torch.equal(tethered(x), plain(x))
+
+
+def test_the_merge_rule_fires_exactly_when_its_conditions_hold():
+    from zoo.population import choose_merges
+    compat = torch.tensor([[0, 5, 1, 4], [5, 0, 3, 2], [1, 3, 0, 6], [4, 2, 6, 0]], dtype=torch.float)
+    every = torch.ones(4, dtype=torch.bool)
+    assert choose_merges(every, compat, 0.5, 4) == [(2, 3), (0, 1)]  # most compatible first, each member once
+    assert choose_merges(every, compat, 5.5, 4) == [(2, 3)]  # compatibility above the threshold only
+    assert choose_merges(torch.tensor([True, True, False, True]), compat, 0.5, 4) == [(0, 1)]  # ready members only
+    assert choose_merges(every, compat, 0.5, 1) == [(2, 3)]  # at most max_merges per epoch
+    assert choose_merges(torch.zeros(4, dtype=torch.bool), compat, 0.5, 4) == []
+
+
+def test_tethers_are_not_trained_and_a_tethered_population_is_the_plain_loop(digits):
+    from zoo import MemberSpec, Population
+    from zoo.solo import train_solo
+    kw = {"tethered": True, "tether_scale": 0.5}
+    members = [MemberSpec(seed=i, lr=3e-3, batch_size=32, init="xavier_uniform") for i in range(2)]
+    pop = Population("cnn_gap", kw, members, digits)
+    tethers = lambda: torch.cat([pop.net.layout.tensor(pop.flat, f"{n}.tether").flatten(1)
+                                 for n in pop.net.tethered], 1)
+    before = tethers().clone()
+    assert 0.4 < float(before.std()) < 0.6 and not torch.equal(before[0], before[1])  # 1 + 0.5 N(0, 1), per seed
+    pop.train_epoch(1, max_steps=5)
+    assert torch.equal(tethers(), before)
+    x = digits.normalize(digits.x_test[:32])
+    logits = pop.forward(x[:, None], train=False)
+    for i, m in enumerate(members):
+        solo = train_solo("cnn_gap", kw, m, digits, epochs=1, max_steps=5).eval()
+        with torch.no_grad():
+            assert float((logits[:, i] - solo(x)).norm() / solo(x).norm()) < 5e-4
+
+
+def test_a_build_merges_tethers_records_partners_and_plots_the_merges(tmp_path):
+    from pairs.tethers import plot_merges
+    cfg = tiny_config("architecture_kwargs.tethered=true", "tether_merge=true", "merge_compat=0.5",
+                      "merge_loss_delta=10", "max_merges_per_epoch=2", "checkpoints=[0,1,2]")
+    with zoo.open(build(cfg, tmp_path / "t.h5", progress=False)) as z:
+        merges, partner = z.metric("tether_merges"), z.metric("tether_partner")
+        assert merges[:, 0].sum() == 0 and merges[:, 1].sum() == 0  # no loss change to compare after one epoch
+        assert merges[:, -1].sum() == 4  # epoch 2: two merges of two members each (everyone ready, compatible)
+        for m in np.flatnonzero(merges[:, -1]):
+            p = int(partner[m, -1])
+            assert int(partner[p, -1]) == m  # partners name each other
+            T = lambda i: np.concatenate([z.state_dict(i, -1)[f"{n}.tether"].flatten().numpy()
+                                          for n in zoo.BatchedNet(z.spec, ["relu"]).tethered])
+            assert np.array_equal(T(m), T(p))  # merged: one tether
+    assert plot_merges(tmp_path / "t.h5").stat().st_size > 1000
+    with pytest.raises(zoo.UsageError, match="tethered=true"):
+        tiny_config("tether_merge=true")

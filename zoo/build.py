@@ -31,7 +31,7 @@ from .config import MemberSpec, ZooConfig, expand_members
 from .data import DataSpec, ImageData
 from .io import check_new_output, output_lock
 from .join import join
-from .population import PHASES, Population, check_members, member_bytes, spec_for, sync, train_and_record
+from .population import PHASES, Population, TetherMerge, check_members, member_bytes, spec_for, sync, train_and_record
 from .sequences import SequenceSpec
 from .spec import ModelSpec
 from .store import same_zoo_config
@@ -122,7 +122,13 @@ def _metric_names(cfg: ZooConfig) -> list[str]:
     names += ["val_loss", "val_acc"] if cfg.val_fraction > 0 else []
     if cfg.dataset == "sequence" and SequenceSpec.of(cfg.sequence).task.startswith("continual"):
         names += ["test_a_loss", "test_a_acc", "test_b_loss", "test_b_acc", "forgetting"]
+    names += ["tether_merges", "tether_partner"] if cfg.tether_merge else []
     return names + (["sparsity"] if cfg.prune_epochs else [])
+
+
+def _tether_merge(cfg: ZooConfig) -> TetherMerge | None:
+    return TetherMerge(cfg.merge_loss_delta, cfg.merge_grad_norm, cfg.merge_compat, cfg.max_merges_per_epoch) \
+        if cfg.tether_merge else None
 
 
 def _switch(cfg: ZooConfig) -> int:
@@ -203,7 +209,8 @@ def _build_locked(cfg: ZooConfig, out: Path, members: list[MemberSpec], data: Im
             t_setup = time.perf_counter()
             pop = Population(cfg.architecture, cfg.architecture_kwargs, [members[j] for j in pids], data,
                              cfg.prune_epochs, cfg.train_eval_samples, cfg.precision, cfg.compile,
-                             eval_bytes(cfg, device), conv=cfg.conv, cuda_graphs=cfg.cuda_graphs, switch=_switch(cfg))
+                             eval_bytes(cfg, device), conv=cfg.conv, cuda_graphs=cfg.cuda_graphs, switch=_switch(cfg),
+                             tether_merge=_tether_merge(cfg))
             sync(device)
             phases["setup"] += time.perf_counter() - t_setup
             train_and_record(pop, pids, cfg.checkpoints, writer, bar, phases)

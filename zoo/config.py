@@ -101,6 +101,12 @@ class ZooConfig(Config):
     conv: str = option("auto", choices=CONV_PATHS)  # auto: fused (Triton) on CUDA, else grouped; unfold: im2col + bmm
     out: str = ""  # default data/zoos/<name>.h5
     sequence: dict[str, Any] = field(default_factory=dict)  # dataset: sequence -> zoo.sequences.SequenceSpec keys
+    # tether merging (architecture_kwargs.tethered: true): see zoo.population.TetherMerge
+    tether_merge: bool = False
+    merge_loss_delta: float = option(0.01, ge=0)
+    merge_grad_norm: float = option(0.0, ge=0)
+    merge_compat: float = 1.0  # threshold on the tether compatibility averaged over tether entries
+    max_merges_per_epoch: int = option(1, ge=0)
 
     def check(self):
         bad = [c for c in self.checkpoints if not 0 <= c <= self.epochs]
@@ -135,6 +141,8 @@ class ZooConfig(Config):
             raise UsageError("random sampling needs n_random >= 1 (number of members to draw)")
         if self.grid and self.random:
             raise UsageError("set either grid or random, not both")
+        if self.tether_merge and not self.architecture_kwargs.get("tethered"):
+            raise UsageError("tether_merge needs tethered members: set architecture_kwargs.tethered=true")
         if self.dataset == "sequence":
             from .sequences import SequenceSpec
             SequenceSpec.of(self.sequence)

@@ -34,6 +34,7 @@ from .models import (
     TiedHead,
     TokenEmbed,
 )
+from .models.tether import TETHERED, TetheredConv2d, TetheredLinear
 from .spec import Layout, ModelSpec
 
 CONV_PATHS = ("auto", "grouped", "unfold", "fused")
@@ -249,6 +250,8 @@ def _sequential(m: nn.Sequential, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.T
     return x
 
 
+rule(TetheredConv2d)(_conv)  # their weights arrive as W * T (BatchedNet.forward)
+rule(TetheredLinear)(_linear)
 rule(nn.Flatten)(lambda m, p, x, ctx: x.flatten(2))
 rule(GlobalAvgPool)(lambda m, p, x, ctx: x.mean(dim=(-2, -1)))
 rule(Residual)(lambda m, p, x, ctx: x + _sequential(m.body, p + "body.", x, ctx))
@@ -285,6 +288,7 @@ class BatchedNet:
             raise UsageError(f"architecture '{spec.architecture}' uses layer types the population engine has no rule "
                              f"for: {', '.join(missing)} (add one with zoo.engine.rule)")
         self.layout = Layout.of(self.template)
+        self.tethered = [n for n, m in self.template.named_modules() if isinstance(m, TETHERED)]
         self.act_runs = runs(list(activations))
         self.size = len(activations)
         self.conv = resolve_conv(conv, self.device)
@@ -299,7 +303,10 @@ class BatchedNet:
         """x (B, M or 1, C, H, W) float, params (M, P) or its views -> (B, M, num_classes) float32 logits.
         `dropout` (M,) rates with `step_key` (M,) turn dropout on (training)."""
         views = self.views(params) if isinstance(params, torch.Tensor) else params
-        ctx = _Ctx(dict(zip(self.layout.names, views)), self.act_runs, dropout, step_key, self.conv,
+        named = dict(zip(self.layout.names, views))
+        for n in self.tethered:  # tethered layers compute with W * T
+            named[f"{n}.weight"] = named[f"{n}.weight"] * named[f"{n}.tether"]
+        ctx = _Ctx(named, self.act_runs, dropout, step_key, self.conv,
                    self.precision == "bf16")
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             return run_layer(self.template, "", x, ctx).float()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -26,6 +27,7 @@ from .data import ImageData
 from .engine import BatchedNet, _join, activation_numel, runs, sample_loss
 from .evaluation import Evaluator, subset_table
 from .models import MemoryMLP, SegmentedMemoria, flatten_state, init_weights
+from .models.tether import compatibility
 from .spec import ModelSpec
 
 # The divergence rule: a member is diverged (stopped, its weights NaN in the zoo, excluded downstream) when a
@@ -104,14 +106,44 @@ def _update(name: str, p, g, bufs, lr, wd, t):
 
 def lr_columns(template: nn.Module, layout, device) -> torch.Tensor | None:
     """(P,) learning-rate multiplier per weight: a module's `lr_scale` (gpt_t's memory neurons) for its
-    parameters, 1 elsewhere; None when every multiplier is 1."""
+    parameters, 0 for buffers (tethers: they never learn), 1 elsewhere; None when every multiplier is 1."""
     cols = torch.ones(layout.n_params)
     for name, m in template.named_modules():
         scale = getattr(m, "lr_scale", 1.0)
         if scale != 1.0:
             for pname, _ in m.named_parameters(recurse=False):
                 cols[layout[f"{name}.{pname}"].slice] = scale
+        for bname, _ in m.named_buffers(recurse=False):  # buffers (tethers) are state, not trained
+            cols[layout[f"{name}.{bname}".lstrip(".")].slice] = 0.0
     return None if bool((cols == 1).all()) else cols.to(device)
+
+
+@dataclass(frozen=True)
+class TetherMerge:
+    """When a build merges tethers (zoo config keys of the same names): members whose training loss on a fixed
+    batch changed by less than `loss_delta` since the last epoch, or whose gradient norm there is below
+    `grad_norm` (0: not used), are ready; two ready members whose tether compatibility, averaged over tether
+    entries, exceeds `compat` get the mean of their tethers; at most `max_per_epoch` merges per epoch."""
+    loss_delta: float = 0.01
+    grad_norm: float = 0.0
+    compat: float = 1.0
+    max_per_epoch: int = 1
+
+
+def choose_merges(ready: torch.Tensor, compat: torch.Tensor, threshold: float, max_merges: int) -> list[tuple]:
+    """ready (M,) bool, compat (M, M) -> pairs (i, j), i < j, both ready, compat above threshold, most compatible
+    first, every member in at most one pair, at most `max_merges` pairs."""
+    M = len(ready)
+    i, j = torch.triu_indices(M, M, 1)
+    ok = ready[i] & ready[j] & (compat[i, j] > threshold)
+    order = torch.argsort(compat[i, j].masked_fill(~ok, float("-inf")), descending=True, stable=True)
+    chosen, used = [], set()
+    for k in order[: int(ok.sum())].tolist():
+        a, b = int(i[k]), int(j[k])
+        if a not in used and b not in used and len(chosen) < max_merges:
+            chosen.append((a, b))
+            used |= {a, b}
+    return chosen
 
 
 def member_bytes(template: nn.Module, input_shape: tuple[int, ...], batch_size: int) -> int:
@@ -197,7 +229,7 @@ class Population:
     def __init__(self, architecture: str, architecture_kwargs: dict, members: Sequence[MemberSpec], data: ImageData,
                  prune_epochs: Sequence[int] = (), train_eval_samples: int = 0, precision: str = "fp32",
                  compile: bool = False, eval_bytes: int = 1 << 30, conv: str = "auto", cuda_graphs: bool = False,
-                 initial: torch.Tensor | None = None, switch: int = 0):
+                 initial: torch.Tensor | None = None, switch: int = 0, tether_merge: TetherMerge | None = None):
         if len({m.batch_size for m in members}) != 1:
             raise ValueError(f"a population shares its batch size; got {sorted({m.batch_size for m in members})}")
         self.members, self.data, self.device = list(members), data, data.x_train.device
@@ -231,6 +263,14 @@ class Population:
         self.switch = switch
         self.mine = _MemberData(members, data, self.batch_size, switch if getattr(data, "task_names", ()) else 0)
         self.best_a = torch.zeros(len(members), device=self.device)  # continual: best task-A test accuracy so far
+        self.tether_merge = tether_merge if self.net.tethered else None
+        self.tether_cols = torch.cat([torch.arange(self.net.layout[f"{n}.tether"].offset,
+                                                   self.net.layout[f"{n}.tether"].offset
+                                                   + self.net.layout[f"{n}.tether"].size)
+                                      for n in self.net.tethered] or [torch.zeros(0, dtype=torch.long)]).to(self.device)
+        self.merges = torch.zeros(len(members), device=self.device)  # tether merges so far, per member
+        self.partner = torch.full((len(members),), -1.0, device=self.device)  # the last merge partner (index)
+        self._last_loss: torch.Tensor | None = None
         self.prune_epochs = sorted(prune_epochs)
         self.train_eval_samples = train_eval_samples
         if any(isinstance(mod, SegmentedMemoria) for mod in self.net.template.modules()):
@@ -409,6 +449,33 @@ class Population:
         if epoch in self.prune_epochs:
             self.prune((self.prune_epochs.index(epoch) + 1) / len(self.prune_epochs) * self.prune_target)
         self.flag_exploded()
+        if self.tether_merge is not None:
+            self.merge_tethers()
+
+    def merge_tethers(self) -> list[tuple[int, int]]:
+        """The tether merge rule (TetherMerge), applied after an epoch: the merged pairs (population indices)."""
+        rule = self.tether_merge
+        xb, y, _, key = self._batch(self.epoch_order(0), 0, 0)  # one fixed batch per member
+        flat = self.flat.detach().requires_grad_(rule.grad_norm > 0)
+        with torch.set_grad_enabled(rule.grad_norm > 0):
+            total, loss = self._loss(flat, xb, y, key)
+        ready = torch.zeros_like(self.diverged)
+        if self._last_loss is not None:
+            ready = (loss.detach() - self._last_loss).abs() < rule.loss_delta
+        if rule.grad_norm > 0:
+            ready |= torch.autograd.grad(total, flat)[0].norm(dim=1) < rule.grad_norm
+        self._last_loss = loss.detach()
+        ready &= ~self.diverged
+        T = self.flat[:, self.tether_cols]  # (M, n)
+        pairs = choose_merges(ready, compatibility(T, T) / max(T.shape[1], 1), rule.compat, rule.max_per_epoch)
+        with torch.no_grad():
+            for a, b in pairs:
+                mean = (T[a] + T[b]) / 2
+                self.flat[a, self.tether_cols] = mean
+                self.flat[b, self.tether_cols] = mean
+                self.merges[[a, b]] += 1
+                self.partner[a], self.partner[b] = b, a
+        return pairs
 
     @torch.no_grad()
     def flag_exploded(self) -> None:
@@ -504,13 +571,15 @@ class Population:
         for split in self._eval_splits():
             out[f"{split}_loss"], out[f"{split}_acc"] = self.evaluator.evaluate(self.flat, *self._split(split))
         out.update(self._task_metrics())
+        if self.tether_merge is not None:
+            out["tether_merges"], out["tether_partner"] = self.merges.clone(), self.partner.clone()
         if self.prunable and self.prune_epochs:
             out["sparsity"] = self.sparsity()
         if self.epoch >= 1:  # blown up: its loss on its own training data far above chance level
             self.diverged |= ~(out["train_loss"] <= BLOWUP * math.log(self.data.num_classes))
             self.flat.mul_((~self.diverged).float()[:, None])
         bad = self.diverged | ~torch.isfinite(self.flat_weights()).all(1)
-        return {k: torch.where(bad, float("nan"), v) for k, v in out.items()}
+        return {k: v if k.startswith("tether_") else torch.where(bad, float("nan"), v) for k, v in out.items()}
 
     @torch.no_grad()
     def flat_weights(self) -> torch.Tensor:
@@ -541,6 +610,9 @@ def train_and_record(pop: Population, ids: np.ndarray, checkpoints, writer, bar=
         trained = evaluated = handed = time.perf_counter()
         if epoch in slots:
             metrics = {k: v.cpu().numpy() for k, v in pop.evaluate().items()}
+            if "tether_partner" in metrics:  # population index -> model id (NaN: never merged)
+                p = metrics["tether_partner"]
+                metrics["tether_partner"] = np.where(p >= 0, ids[np.clip(p, 0, None).astype(np.int64)], np.nan)
             evaluated = time.perf_counter()
             writer.write(ids, slots[epoch], pop.flat_weights().cpu().numpy(), metrics)
             handed = time.perf_counter()

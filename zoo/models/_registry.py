@@ -25,14 +25,21 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """A fresh `nn.Module` of a registered architecture; unknown names and arguments fail with the name."""
+def create_model(name: str, tethered: bool = False, tether_scale: float = 0.5, **kwargs) -> nn.Module:
+    """A fresh `nn.Module` of a registered architecture; unknown names and arguments fail with the name.
+    `tethered=True` uses every conv / linear weight as W * T with a fixed per-member tether T (`tether.py`)."""
     if name not in _REGISTRY:
         raise UsageError(f"unknown architecture '{name}'; registered: {', '.join(list_models())}")
     try:
-        return _REGISTRY[name](**kwargs)
+        model = _REGISTRY[name](**kwargs)
     except TypeError as e:
         raise UsageError(f"architecture '{name}': {e}") from None
+    if tethered:
+        if tether_scale < 0:
+            raise UsageError(f"tether_scale must be >= 0, got {tether_scale}")
+        from .tether import tether_layers
+        model = tether_layers(model, tether_scale)
+    return model
 
 
 def flat_features(features: nn.Module, in_channels: int, input_size: int, name: str) -> int:

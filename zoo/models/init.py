@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from ..cli import UsageError
 from .layers import MemoryMLP, PatchEmbed, TokenEmbed
+from .tether import TETHERED
 
 INITS = ("uniform", "normal", "kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal",
          "orthogonal", "truncated_normal")
@@ -40,6 +41,9 @@ def init_weights(model: nn.Module, init: str, scale: float, generator: torch.Gen
             elif isinstance(m, TokenEmbed):
                 nn.init.normal_(m.tok, 0.0, 0.02, generator=g)
                 nn.init.normal_(m.pos, 0.0, 0.02, generator=g)
+        for m in model.modules():
+            if isinstance(m, TETHERED):  # the member's own tether, from its seed
+                m.tether.normal_(1.0, m.tether_scale, generator=g)
         for m in model.modules():  # after the Linear pass: memory neurons start silent
             if isinstance(m, MemoryMLP) and m.mem:
                 m.mem_proj.weight.zero_()
