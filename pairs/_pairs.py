@@ -81,6 +81,13 @@ def _measure(spec, Wa, Wb, data, acts, cfg: PairsConfig, permuter: Permuter) -> 
         out[f"{mode}_barrier_acc"] = barrier(path["acc"], higher_is_better=True)
         if mode == "naive":
             out["acc_a"], out["acc_b"] = path["acc"][:, 0], path["acc"][:, -1]
+    ends = [zoo.evaluate(spec, W, data, acts, (cfg.split,), batch_members=cfg.batch_members, predictions=True)
+            [f"{cfg.split}_pred"] for W in (Wa, Wb)]
+    out["agreement"] = (ends[0] == ends[1]).reshape(len(Wa), -1).mean(1)  # same prediction, test images / tokens
+    tethers = [e for e in spec.layout() if e.name.endswith(".tether")]
+    if tethers:  # tether compatibility: sum of T_a * T_b over tether entries, here averaged over them
+        cols = np.concatenate([np.arange(e.offset, e.offset + e.size) for e in tethers])
+        out["tether_compat"] = (Wa[:, cols] * Wb[:, cols]).mean(1)
     out["l2"] = np.linalg.norm(Wa - Wb, axis=1)
     out["l2_matched"] = np.linalg.norm(Wa - Wb_matched, axis=1)
     out["cosine"] = (Wa * Wb).sum(1) / (np.linalg.norm(Wa, axis=1) * np.linalg.norm(Wb, axis=1) + 1e-12)

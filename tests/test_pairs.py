@@ -150,3 +150,23 @@ def test_a_build_merges_tethers_records_partners_and_plots_the_merges(tmp_path):
     assert plot_merges(tmp_path / "t.h5").stat().st_size > 1000
     with pytest.raises(zoo.UsageError, match="tethered=true"):
         tiny_config("tether_merge=true")
+
+
+# ---- predictors of mergeability ----
+
+def test_pair_splits_share_no_member_and_predictors_run(seeded_zoo, tmp_path):
+    from hyperrep.embeddings import Embeddings
+    from pairs.predict import pair_split, predict
+    cfg = load_config(PairsConfig, None, [f"zoo={seeded_zoo}", f"out={tmp_path / 'p.parquet'}", "n_per_relation=40",
+                                          "alphas=3"])
+    pairs = pd.read_parquet(pair_table(cfg, progress=False))
+    side = pair_split(pairs, 0.4, 0)
+    train = set(pairs.loc[side == 0, ["member_a", "member_b"]].to_numpy().ravel())
+    test = set(pairs.loc[side == 1, ["member_a", "member_b"]].to_numpy().ravel())
+    assert train and test and not train & test
+    with zoo.open(seeded_zoo) as z:  # stand-in embeddings: the first 8 weights of each member and checkpoint
+        e = np.stack([z.weight_rows(range(z.n_models), s)[:, :8] for s in range(z.n_checkpoints)], 1)
+    emb = Embeddings(tmp_path / "e.h5", e, np.zeros(len(e), np.int64), np.arange(e.shape[1]), "", "", "")
+    results = predict(pairs, emb, test_fraction=0.4, n_boot=20)
+    assert set(results["features"]) >= {"cosine", "l2", "agreement", "pairwise (all)", "embeddings |ea-eb|, ea*eb"}
+    assert np.isfinite(results.loc[results["target"] == "naive_barrier_loss", "r2"]).all()
