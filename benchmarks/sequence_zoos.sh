@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/sequence_zoos.sh                                   # the configs' sizes, ~1 h on 2 cores
 #   ZOO_OVER="n_random=16 epochs=2 checkpoints=[0,2]" FIT_OVER="epochs=1" bash benchmarks/sequence_zoos.sh
+#   NAMES="modular continual" FIT_OVER="epochs=6" bash benchmarks/sequence_zoos.sh     # some zoos, shorter fits
 # Logs and tables: data/pipeline_logs/sequences/.
 set -euo pipefail
 log=data/pipeline_logs/sequences; mkdir -p "$log"
@@ -22,6 +23,7 @@ done
 python3 benchmarks/sequence_table.py data/zoos/seq_{memory,memoria,modular,continual}.h5 | tee "$log/table.md"
 for ((i = 0; i < ${#targets[@]}; i += 2)); do
   name=${targets[i]}; zoo=data/zoos/seq_$name.h5; run=data/hyperrep/seq_$name
+  [[ " ${NAMES:-memory memoria modular continual} " == *" $name "* ]] || continue
   # gpt_t members are ~850 tokens of 64: train on random windows of 128 tokens, embed by covering windows
   [ -e "$run/model.pt" ] || python3 -m hyperrep.fit --zoo "$zoo" --out "$run" epochs=20 d_model=64 d_latent=16 \
     window=128 batch_size=32 ${FIT_OVER:-} 2>&1 | grep -v "it/s\]" | tail -3 | tee "$log/fit_$name.log"
