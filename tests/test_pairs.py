@@ -170,3 +170,18 @@ def test_pair_splits_share_no_member_and_predictors_run(seeded_zoo, tmp_path):
     results = predict(pairs, emb, test_fraction=0.4, n_boot=20)
     assert set(results["features"]) >= {"cosine", "l2", "agreement", "pairwise (all)", "embeddings |ea-eb|, ea*eb"}
     assert np.isfinite(results.loc[results["target"] == "naive_barrier_loss", "r2"]).all()
+
+
+@pytest.mark.parametrize("name", ["cnn_s", "mlp"])
+def test_permutations_of_tethered_members_move_the_tethers_and_keep_the_function(name):
+    from zoo.models import flatten_state, init_weights
+    spec = zoo.ModelSpec(name, {"tethered": True}, (1, 28, 28) if name == "cnn_s" else (1, 8, 8), 10)
+    net = init_weights(spec.create("tanh"), "xavier_uniform", 1, torch.Generator().manual_seed(0)).eval()
+    perm, flat = Permuter.of(spec), flatten_state(net)
+    moved = flat[perm.random_index(torch.Generator().manual_seed(1))]
+    other = spec.create("tanh").eval()
+    other.load_state_dict(spec.layout().unflatten(moved))
+    x = torch.randn(4, *spec.input_shape)
+    with torch.no_grad():
+        assert torch.allclose(other(x), net(x), atol=1e-5)
+    assert torch.equal(perm.align(moved, flat), flat)

@@ -59,9 +59,9 @@ def find_couplings(template: nn.Module, input_shape) -> list[Coupling]:
         for name, m in seq.named_children():
             full = f"{prefix}{name}"
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                if pending is not None and m.weight.shape[1] == pending[1] * block:
-                    out.append(Coupling((f"{pending[0]}.weight", f"{pending[0]}.bias"), f"{full}.weight",
-                                        pending[1], block))
+                if pending is not None and m.weight.shape[1] == pending[1] * block:  # a tether moves with its weight
+                    out.append(Coupling((f"{pending[0]}.weight", f"{pending[0]}.bias", f"{pending[0]}.tether"),
+                                        f"{full}.weight", pending[1], block))
                 pending, block = (full, m.weight.shape[0]), 1
             elif isinstance(m, nn.Flatten):
                 block = sizes.get(id(m), 1)
@@ -104,7 +104,9 @@ class Permuter:
                 if name in sd:
                     sd[name] = sd[name].index_select(0, p)
             expanded = (p[:, None] * c.block + torch.arange(c.block)).reshape(-1)
-            sd[c.consumer] = sd[c.consumer].index_select(1, expanded)
+            for name in (c.consumer, c.consumer.removesuffix("weight") + "tether"):  # tethered: T moves with W
+                if name in sd:
+                    sd[name] = sd[name].index_select(1, expanded)
         return self.layout.flatten(sd)
 
     def random_perms(self, generator: torch.Generator) -> list[torch.Tensor]:
@@ -115,7 +117,7 @@ class Permuter:
 
     def _unit_rows(self, flat: torch.Tensor, c: Coupling) -> torch.Tensor:
         """(n_units, fan_in + 1): each unit's incoming weights and bias."""
-        sd = {n: self.layout.tensor(flat, n) for n in c.producer if n in self.layout.names}
+        sd = {n: self.layout.tensor(flat, n) for n in c.producer if n in self.layout.names and not n.endswith("tether")}
         return torch.cat([t.reshape(c.n_units, -1) for t in sd.values()], 1)
 
     def match_perms(self, flat: torch.Tensor, reference: torch.Tensor) -> list[torch.Tensor]:
