@@ -47,7 +47,7 @@ def plot_merges(zoo_path: str | Path, out: str | Path | None = None, metric: str
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m pairs.tethers", description=__doc__.split("\n")[0])
-    ap.add_argument("zoo")
+    ap.add_argument("zoo", nargs="?", default="data/zoos/tethered.h5", help="a zoo built with tether_merge=true")
     ap.add_argument("--out")
     ap.add_argument("--metric", default="train_loss")
     args = ap.parse_args(argv)
