@@ -31,6 +31,13 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
 
 
+def require(obj: Any, checks: typing.Iterable[tuple[bool, str, str]], label: str = "{key}") -> None:
+    """Raise one UsageError for the first failed (ok, key, what) check: "<label> must be <what>, got <value>"."""
+    for ok, key, what in checks:
+        if not ok:
+            raise UsageError(f"{label.format(key=key)} must be {what}, got {getattr(obj, key)!r}")
+
+
 def option(default: Any = _MISSING, *, choices: typing.Iterable | None = None, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None, factory=None,
            each: bool = False) -> Any:

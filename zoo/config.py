@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .cli import Config, UsageError, coerce, option
+from .cli import Config, UsageError, coerce, option, require
 from .data import SCALINGS
 from .engine import CONV_PATHS
 from .models import ACTIVATIONS, INITS
@@ -50,9 +50,7 @@ class MemberSpec:
             (0 <= self.label_noise <= 1, "label_noise", "in [0, 1]"), (self.init_scale > 0, "init_scale", "> 0"),
             (self.mem_neurons >= -1, "mem_neurons", ">= 0 (or -1: all)"),
         ]
-        for ok, key, what in checks:
-            if not ok:
-                raise UsageError(f"hyperparameter '{key}' must be {what}, got {getattr(self, key)!r}")
+        require(self, checks, "hyperparameter '{key}'")
         if self.class_subset and not all(c.strip().isdigit() for c in self.class_subset.split(",")):
             raise UsageError(f"class_subset must be comma-separated class ids like '0,1,2', got {self.class_subset!r}")
 

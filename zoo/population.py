@@ -271,6 +271,7 @@ class Population:
         self.merges = torch.zeros(len(members), device=self.device)  # tether merges so far, per member
         self.partner = torch.full((len(members),), -1.0, device=self.device)  # the last merge partner (index)
         self._last_loss: torch.Tensor | None = None
+        self._merge_batch: tuple | None = None
         self.prune_epochs = sorted(prune_epochs)
         self.train_eval_samples = train_eval_samples
         if any(isinstance(mod, SegmentedMemoria) for mod in self.net.template.modules()):
@@ -455,7 +456,9 @@ class Population:
     def merge_tethers(self) -> list[tuple[int, int]]:
         """The tether merge rule (TetherMerge), applied after an epoch: the merged pairs (population indices)."""
         rule = self.tether_merge
-        xb, y, _, key = self._batch(self.epoch_order(0), 0, 0)  # one fixed batch per member
+        if self._merge_batch is None:  # one fixed batch per member, cut once
+            self._merge_batch = self._batch(self.epoch_order(0), 0, 0)
+        xb, y, _, key = self._merge_batch
         flat = self.flat.detach().requires_grad_(rule.grad_norm > 0)
         with torch.set_grad_enabled(rule.grad_norm > 0):
             total, loss = self._loss(flat, xb, y, key)

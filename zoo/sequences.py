@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cli import UsageError
+from .cli import UsageError, require
 from .data import ImageData
 
 TASKS = ("memorize", "modular", "continual", "continual_memorize")
@@ -54,9 +54,7 @@ class SequenceSpec:
             (self.modulus >= 2, "modulus", ">= 2"), (0 < self.train_split < 1, "train_split", "in (0, 1)"),
             (self.switch_epoch >= 0, "switch_epoch", ">= 0"),
         ]
-        for ok, key, what in checks:
-            if not ok:
-                raise UsageError(f"sequence.{key} must be {what}, got {getattr(self, key)!r}")
+        require(self, checks, "sequence.{key}")
 
     @classmethod
     def of(cls, mapping: dict | None) -> "SequenceSpec":

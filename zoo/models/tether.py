@@ -10,21 +10,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class TetheredLinear(nn.Linear):
+class _Tethered:
+    """Mixin: a fixed tether buffer of the weight's shape (all ones until `init_weights` draws it)."""
+
+    def _add_tether(self, scale: float) -> None:
+        self.tether_scale = scale
+        self.register_buffer("tether", torch.ones_like(self.weight))
+
+
+class TetheredLinear(_Tethered, nn.Linear):
     def __init__(self, *args, tether_scale: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tether_scale = tether_scale
-        self.register_buffer("tether", torch.ones_like(self.weight))
+        self._add_tether(tether_scale)
 
     def forward(self, x):
         return F.linear(x, self.weight * self.tether, self.bias)
 
 
-class TetheredConv2d(nn.Conv2d):
+class TetheredConv2d(_Tethered, nn.Conv2d):
     def __init__(self, *args, tether_scale: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tether_scale = tether_scale
-        self.register_buffer("tether", torch.ones_like(self.weight))
+        self._add_tether(tether_scale)
 
     def forward(self, x):
         return self._conv_forward(x, self.weight * self.tether, self.bias)
