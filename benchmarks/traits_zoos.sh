@@ -10,18 +10,20 @@
 # $OUT/traits.tar.gz when OUT is set).
 set -euo pipefail
 log=data/pipeline_logs/traits; mkdir -p "$log"
-export PYTHONUNBUFFERED=1 WEIGHTZOO_QUIET=1
+export PYTHONUNBUFFERED=1 WEIGHTZOO_QUIET=1 PYTHONFAULTHANDLER=1 TQDM_MININTERVAL=20
+# the logs come back even when a stage runs past its limit (BUILD_S, FIT_S, seconds each)
+[ -n "${OUT:-}" ] && trap 'tar czf "$OUT/traits.tar.gz" -C data/pipeline_logs traits' EXIT
 gpu=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
 # no compile: the evaluation's compile stalled on this zoo's members (benchmarks/NOTES.md, "Open")
 fast=$([ "$gpu" = 1 ] && echo "precision=bf16" || echo "")
 run=data/hyperrep/mnist_fashion_traits
 t0=$(date +%s)
 for d in mnist fashion_mnist; do
-  [ -e "data/zoos/${d}_traits.h5" ] || python3 -m zoo.build --config "configs/zoo/${d}_traits.yaml" \
-    --out "data/zoos/${d}_traits.h5" --quiet $fast ${ZOO_OVER:-} 2>&1 | tee "$log/build_$d.log"
+  [ -e "data/zoos/${d}_traits.h5" ] || timeout -s INT "${BUILD_S:-900}" python3 -m zoo.build \
+    --config "configs/zoo/${d}_traits.yaml" --out "data/zoos/${d}_traits.h5" $fast ${ZOO_OVER:-} 2>&1 | tee "$log/build_$d.log"
 done
 t1=$(date +%s)
-[ -e "$run/model.pt" ] || python3 -m hyperrep.fit --config configs/hyperrep/mnist_fashion_traits.yaml \
+[ -e "$run/model.pt" ] || timeout -s INT "${FIT_S:-3600}" python3 -m hyperrep.fit --config configs/hyperrep/mnist_fashion_traits.yaml \
   --out "$run" ${FIT_OVER:-} 2>&1 | grep -v "it/s\]" | tee "$log/fit.log"
 t2=$(date +%s)
 for d in mnist fashion_mnist; do
@@ -34,4 +36,3 @@ python3 -m probes.evaluate --zoo data/zoos/mnist_traits.h5 data/zoos/fashion_mni
 t4=$(date +%s)
 echo "seconds: build $((t1 - t0)) fit $((t2 - t1)) embed $((t3 - t2)) probes $((t4 - t3))" | tee -a "$log/probes.log"
 cp "$run/loss.png" "$log/fit_loss.png" 2>/dev/null || true
-if [ -n "${OUT:-}" ]; then tar czf "$OUT/traits.tar.gz" -C data/pipeline_logs traits; fi

@@ -17,7 +17,7 @@ from zoo.io import atomic_path, check_new_output, output_lock
 
 from .config import PairsConfig
 
-SEED_FREE = ("seed",)  # hyperparameters two other_init members may differ in
+SEED_FREE = ("seed", "data_seed")  # hyperparameters two members of one recipe may differ in
 
 
 def _recipes(z: zoo.Zoo) -> list[str]:
@@ -27,13 +27,15 @@ def _recipes(z: zoo.Zoo) -> list[str]:
 
 def pick_pairs(z: zoo.Zoo, relations, n: int, seed: int, slot: int, z_b: zoo.Zoo | None = None) -> pd.DataFrame:
     """Pairs (member_a, slot_a, member_b, slot_b, relation), at most n per relation, of usable members with one
-    activation (interpolating between two activations computes neither network). other_init: same recipe, other
-    seed (init and data order); other_hparams: other recipe; checkpoints: one member at an earlier checkpoint
-    and at `slot`; other_dataset: member i of `z` and member i of `z_b` (twin zoos share member draws)."""
+    activation (interpolating between two activations computes neither network). other_order: same recipe and
+    seed (one init), other data order (data_seed); other_init: same recipe, other seed (init and data order);
+    other_hparams: other recipe; checkpoints: one member at an earlier checkpoint and at `slot`; other_dataset:
+    member i of `z` and member i of `z_b` (twin zoos share member draws)."""
     rng = np.random.default_rng(seed)
     slot = slot % z.n_checkpoints
     ok = np.flatnonzero(z.usable([slot]))
     acts, recipes = z.activations(), _recipes(z)
+    seeds = z.field("seed")
     rows = []
     for rel in relations:
         if rel == "checkpoints":
@@ -41,10 +43,11 @@ def pick_pairs(z: zoo.Zoo, relations, n: int, seed: int, slot: int, z_b: zoo.Zoo
         elif rel == "other_dataset":
             ok_b, acts_b = set(np.flatnonzero(z_b.usable([slot])).tolist()), z_b.activations()
             cand = [(m, slot, m, slot) for m in ok if m in ok_b and acts[m] == acts_b[m]]
-        else:
-            same = rel == "other_init"
+        else:  # other_order / other_init: one recipe, one seed or two; other_hparams: two recipes
+            same, one_init = rel != "other_hparams", rel == "other_order"
             cand = [(a, slot, b, slot) for i, a in enumerate(ok) for b in ok[i + 1:]
-                    if acts[a] == acts[b] and (recipes[a] == recipes[b]) == same]
+                    if acts[a] == acts[b] and (recipes[a] == recipes[b]) == same
+                    and (not same or (seeds[a] == seeds[b]) == one_init)]
         pick = rng.permutation(len(cand))[:n]
         rows += [(*cand[i], rel) for i in sorted(pick)]
     return pd.DataFrame(rows, columns=["member_a", "slot_a", "member_b", "slot_b", "relation"])

@@ -1,4 +1,4 @@
-"""Which members can be merged? Pick pairs of a zoo's members with known relations (other init, other
+"""Which members can be merged? Pick pairs of a zoo's members with known relations (other data order, other init, other
 hyperparameters, two checkpoints of one run, the twin member of another dataset's zoo) and measure, batched
 with the zoo's evaluator: the accuracy and loss of the naive average and of the average after weight matching,
 and the loss / accuracy barrier along the linear path (`alphas` points). Writes `<zoo>.pairs.parquet`.

@@ -7,7 +7,8 @@ training pair when both are training members, and is left out otherwise (no memb
 
     python -m pairs.predict --zoo data/zoos/mnist_cnn_s_hyp.h5            # its pairs and embeddings beside it
 Tiny CPU run / no arguments: the default zoo's pair table and embeddings.
-Writes table.md and results.csv (R^2 and Kendall tau, or accuracy, with 95 % bootstrap intervals over test pairs).
+Writes table.md and results.csv (R^2 and Kendall tau, or accuracy, with 95 % bootstrap intervals over test pairs)
+and barriers.png (the barriers per relation, naive and weight-matched).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from probes import score
 from zoo import UsageError
 from zoo._rng import hash32
 from zoo.cli import run_cli
+from zoo.io import atomic_path
 
 BASELINES = ("cosine", "l2", "l2_matched", "agreement", "tether_compat")
 TARGETS = ("naive_avg_acc", "matched_avg_acc", "naive_barrier_loss", "matched_barrier_loss", "mergeable")
@@ -84,6 +86,34 @@ def markdown(results: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_barriers(pairs: pd.DataFrame, path: Path) -> Path:
+    """Box plots of the loss and accuracy barriers per relation, naive and after weight matching."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    relations = list(dict.fromkeys(pairs["relation"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, metric in zip(axes, ("barrier_loss", "barrier_acc")):
+        for j, mode in enumerate(("naive", "matched")):
+            vals = [pairs.loc[pairs["relation"] == r, f"{mode}_{metric}"].to_numpy() for r in relations]
+            pos = np.arange(len(relations)) + (j - 0.5) * 0.35
+            box = ax.boxplot(vals, positions=pos, widths=0.3, patch_artist=True, showfliers=False)
+            for patch in box["boxes"]:
+                patch.set_facecolor(("tab:red", "tab:blue")[j])
+            ax.plot([], [], color=("tab:red", "tab:blue")[j], lw=6, label=mode)
+        ax.set_xticks(range(len(relations)), [f"{r}\n(n={int((pairs['relation'] == r).sum())})" for r in relations],
+                      fontsize=8)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set(ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} along the linear path")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m pairs.predict", description=__doc__.split("\n")[0])
     ap.add_argument("--zoo", default="data/zoos/digits_default.h5")
@@ -101,8 +131,11 @@ def main(argv: list[str]) -> None:
     results = predict(pd.read_parquet(pair_path), emb, args.threshold)
     out = Path(args.out or f"data/pairs/{zoo_path.stem}")
     out.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out / "results.csv", index=False)
-    (out / "table.md").write_text(markdown(results))
+    with atomic_path(out / "results.csv") as tmp:
+        results.to_csv(tmp, index=False)
+    with atomic_path(out / "table.md") as tmp:
+        tmp.write_text(markdown(results))
+    plot_barriers(pd.read_parquet(pair_path), out / "barriers.png")
     print(markdown(results) + f"\nwritten to {out}")
 
 

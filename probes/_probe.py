@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from hyperrep.embeddings import TEST
 from zoo import UsageError
+from zoo.io import atomic_path
 
 from .features import ProbeData, target_kind, target_values
 
@@ -237,6 +238,39 @@ def plot_predictions(predictions: dict, results: pd.DataFrame, out: Path) -> lis
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_embedding_space(data: ProbeData, path: Path, traits: tuple[str, ...] = ("label_noise", "train_fraction",
+                                                                                    "test_acc")) -> Path | None:
+    """The embeddings' first two principal components, one panel per colouring: the dataset (several zoos) and
+    each trait that varies. None without embeddings."""
+    if data.emb is None:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    rows = data.rows
+    xy = PCA(n_components=2, random_state=0).fit_transform(data.emb)  # (n_rows, 2)
+    panels = [("dataset", False)] if "dataset" in rows and rows["dataset"].nunique() > 1 else []
+    panels += [(t, True) for t in traits if t in rows and rows[t].nunique() > 1]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4 * max(len(panels), 1), 3.6), squeeze=False)
+    for ax, (name, continuous) in zip(axes[0], panels):
+        if continuous:
+            fig.colorbar(ax.scatter(*xy.T, c=rows[name], s=3, cmap="viridis"), ax=ax)
+        else:
+            for value in sorted(rows[name].astype(str).unique()):
+                ax.scatter(*xy[rows[name].astype(str).to_numpy() == value].T, s=3, label=value)
+            ax.legend(fontsize=7, markerscale=3)
+        ax.set(title=name, xticks=[], yticks=[])
+    fig.suptitle(f"embeddings, PCA ({len(rows)} rows)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _default_embeddings(zoos: list[str]) -> list[str] | None:

@@ -22,7 +22,7 @@ import zoo
 from zoo.cli import UsageError, config_cli, run_cli, to_dict
 from zoo.io import atomic_path, output_lock
 
-from ._probe import _default_embeddings, evaluate_probes, markdown_table, plot_predictions
+from ._probe import _default_embeddings, evaluate_probes, markdown_table, plot_embedding_space, plot_predictions
 from .config import ProbeConfig
 from .features import ALL_TARGETS, load_probe_data, target_kind
 
@@ -69,6 +69,7 @@ def main(argv: list[str]) -> None:
             int(m) for m in np.unique(data.rows["member"][test]))}))
         _write(out, "table.md", table + "\n")
         plot_predictions(predictions, results, out)
+        plot_embedding_space(data, out / "plots" / "embedding_space.png")
     print(table)
     print(f"\n{len(data.rows)} (member, checkpoint) rows, {int(test.sum())} in the test split; written to {out}")
 

@@ -7,6 +7,7 @@ import sys
 import h5py
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 import pytest
 import yaml
 from conftest import TINY, tiny_config
@@ -17,6 +18,7 @@ from zoo.build import build, main, run_order, shard_ids
 from zoo.cli import run_cli
 from zoo.config import HPARAMS, MemberSpec, expand_members
 from zoo.join import _copy_weights
+from zoo.population import Population
 from zoo.solo import accuracy
 from zoo.store import table_from_h5
 
@@ -253,3 +255,38 @@ def test_summary_splits_time_into_phases(tmp_path, capsys):
     parts = [num("population setup"), num("train"), num("evaluate"), num("checkpoint handoff"), num("final write")]
     assert num("of which epoch 1") <= num("train") and num("of which epoch 0") <= num("evaluate")
     assert abs(sum(parts) - total) <= 0.3  # the phases cover the build's time (each printed to 0.05 s)
+
+
+def test_data_orders_share_the_init_and_not_the_order(digits):
+    members = expand_members(tiny_config("data_orders=2", "seeds=2"))
+    assert len(members) == 2 * len(expand_members(tiny_config("seeds=2")))
+    a, b = members[0], members[1]  # consecutive: one seed, two data orders
+    assert a.seed == b.seed and a.data_seed == -1 and b.order_seed != a.order_seed
+    assert len({m.order_seed for m in members}) == len(members)  # every member its own data order
+    pop = Population("cnn_gap", {}, [a, b], digits)
+    start = pop.flat_weights().clone()
+    assert torch.equal(start[0], start[1])
+    assert not torch.equal(pop.epoch_order(1)[0], pop.epoch_order(1)[1])
+    pop.train_epoch(1, max_steps=4)
+    assert not torch.equal(pop.flat_weights()[0], pop.flat_weights()[1])
+
+
+def test_populations_are_laid_out_in_activation_runs(tmp_path, monkeypatch):
+    """A random zoo draws activations in any order; each population trains them as one slice each."""
+    import zoo.build as zb
+    seen = []
+    real = zb.Population
+
+    def spy(*args, **kw):
+        pop = real(*args, **kw)
+        seen.append(len(pop.act_runs))
+        return pop
+    monkeypatch.setattr(zb, "Population", spy)
+    cfg = tiny_config("n_random=12", "epochs=1", "checkpoints=[0,1]", "grid={}",
+                      "random={activation: {choice: [tanh, relu]}, lr: {log_uniform: [0.001, 0.01]}}")
+    acts = [m.activation for m in expand_members(cfg)]
+    assert sum(a != b for a, b in zip(acts, acts[1:])) > 2  # drawn interleaved
+    out = build(cfg, tmp_path / "r.h5", progress=False)
+    assert seen and all(n <= 2 for n in seen)
+    with zoo.open(out) as z:
+        assert z.activations() == acts and z.usable().all()

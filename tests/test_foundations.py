@@ -132,6 +132,18 @@ def test_writer_lays_out_writes_and_commits_once(tmp_path):
     assert t.column("test_loss").null_count == 2  # NaN (not reached) is null in Parquet
 
 
+def test_writer_takes_members_in_any_order(tmp_path):
+    spec = ModelSpec("mlp", {"widths": [4]}, (1, 8, 8), 10)
+    w = ZooWriter.create(tmp_path / "w.h5", spec, [zoo.MemberSpec(seed=i) for i in range(3)], [0],
+                         ["test_loss", "test_acc"], dataset="digits", config="{}")
+    ids, P = np.array([2, 0, 1]), spec.layout().n_params  # a population's layout order, not id order
+    w.write(ids, 0, ids[:, None] * np.ones((3, P), np.float32), {"test_acc": ids / 10, "test_loss": ids * 1.0})
+    w.done(ids, np.array([True, False, False]))
+    with zoo.open(w.commit()) as z:
+        assert [z.weights(i, 0)[0] for i in range(3)] == [0, 1, 2]
+        assert np.allclose(z.metric("test_acc")[:, 0], [0, 0.1, 0.2]) and z.field("diverged").tolist() == [0, 0, 1]
+
+
 def test_a_stale_parquet_table_is_never_paired_with_the_zoo(tmp_path):
     out = tmp_path / "w.h5"
     _write_zoo(out)[0].commit()

@@ -12,7 +12,7 @@ from conftest import tiny_config
 import zoo
 from hyperrep import FitConfig, embed_zoo, fit_run, load_run
 from hyperrep.fit import main as fit_main
-from probes import evaluate_probes, load_probe_data
+from probes import evaluate_probes, load_probe_data, plot_embedding_space
 from probes.evaluate import main as probes_main
 from zoo.build import build
 from zoo.cli import load_config, run_cli
@@ -72,6 +72,8 @@ def test_one_encoder_embeds_both_and_probes_the_dataset(two_zoos, joint_run, tmp
     assert cells.loc[("dataset", "emb linear"), "kind"] == "categorical"
     assert cells.loc[("trained_classes", "s(W) gbm"), "kind"] == "multilabel"
     assert 0 <= cells.loc[("trained_classes", "W linear"), "mean_balanced_accuracy"] <= 1
+    figure = plot_embedding_space(data, tmp_path / "space.png")  # panels: dataset, label_noise
+    assert figure.stat().st_size > 1000
 
 
 def test_probes_refuse_embeddings_of_different_encoders(two_zoos, joint_run, tmp_path, capsys):

@@ -18,8 +18,8 @@ from zoo.cli import load_config
 
 @pytest.fixture(scope="module")
 def seeded_zoo(tmp_path_factory):
-    """32 members: every recipe twice (two seeds), so other_init pairs exist."""
-    return build(tiny_config("seeds=2"), tmp_path_factory.mktemp("pairs") / "z.h5", progress=False)
+    """64 members: every recipe with two seeds, each seed with two data orders (other_order, other_init pairs)."""
+    return build(tiny_config("seeds=2", "data_orders=2"), tmp_path_factory.mktemp("pairs") / "z.h5", progress=False)
 
 
 def test_barrier_is_the_largest_shortfall_from_the_line():
@@ -48,19 +48,23 @@ def test_weight_matching_recovers_a_permuted_copy_exactly(seeded_zoo):
 
 
 def test_pairs_have_the_relation_they_are_labelled_with(seeded_zoo):
+    relations = ["other_order", "other_init", "other_hparams", "checkpoints"]
     with zoo.open(seeded_zoo) as z:
-        pairs = pick_pairs(z, ["other_init", "other_hparams", "checkpoints"], 8, 0, -1)
+        pairs = pick_pairs(z, relations, 8, 0, -1)
         ms, acts = z.members(), z.activations()
-        assert set(pairs["relation"]) == {"other_init", "other_hparams", "checkpoints"}
+        assert set(pairs["relation"]) == set(relations)
+        recipe = lambda m: {k: v for k, v in vars(m).items() if k not in ("seed", "data_seed")}
         for r in pairs.itertuples():
             a, b = ms[r.member_a], ms[r.member_b]
-            same_recipe = {k: v for k, v in vars(a).items() if k != "seed"} == \
-                {k: v for k, v in vars(b).items() if k != "seed"}
             assert acts[r.member_a] == acts[r.member_b]
             if r.relation == "checkpoints":
                 assert r.member_a == r.member_b and r.slot_a < r.slot_b == z.n_checkpoints - 1
-            else:
-                assert same_recipe == (r.relation == "other_init") and a.seed != b.seed
+                continue
+            assert (recipe(a) == recipe(b)) == (r.relation != "other_hparams") and a.order_seed != b.order_seed
+            if r.relation != "other_hparams":
+                assert (a.seed == b.seed) == (r.relation == "other_order")
+        one_init = pairs[pairs["relation"] == "other_order"]
+        assert all(np.array_equal(z.weights(a, 0), z.weights(b, 0)) for a, b in zip(one_init.member_a, one_init.member_b))
 
 
 def test_pair_table_beside_the_zoo_matching_helps(seeded_zoo, tmp_path):
@@ -111,6 +115,8 @@ def test_the_merge_rule_fires_exactly_when_its_conditions_hold():
     assert choose_merges(torch.tensor([True, True, False, True]), compat, 0.5, 4) == [(0, 1)]  # ready members only
     assert choose_merges(every, compat, 0.5, 1) == [(2, 3)]  # at most max_merges per epoch
     assert choose_merges(torch.zeros(4, dtype=torch.bool), compat, 0.5, 4) == []
+    T = torch.tensor([[1.0, 2.0], [1.0, 2.0], [2.0, 1.0]])  # members 0 and 1 share a tether: no merge between them
+    assert choose_merges(torch.ones(3, dtype=torch.bool), T @ T.T, 0.5, 4) == [(0, 2)]
 
 
 def test_tethers_are_not_trained_and_a_tethered_population_is_the_plain_loop(digits):
@@ -170,6 +176,8 @@ def test_pair_splits_share_no_member_and_predictors_run(seeded_zoo, tmp_path):
     results = predict(pairs, emb, test_fraction=0.4, n_boot=20)
     assert set(results["features"]) >= {"cosine", "l2", "agreement", "pairwise (all)", "embeddings |ea-eb|, ea*eb"}
     assert np.isfinite(results.loc[results["target"] == "naive_barrier_loss", "r2"]).all()
+    from pairs.predict import plot_barriers
+    assert plot_barriers(pairs, tmp_path / "barriers.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("name", ["cnn_s", "mlp"])

@@ -21,7 +21,8 @@ OPTIMIZERS = ("adam", "sgd", "rmsprop")
 @dataclass(frozen=True)
 class MemberSpec:
     """Everything that can differ between two members of a zoo (one column each in the table)."""
-    seed: int = 0
+    seed: int = 0  # init, label noise and sample pool; also data order and dropout unless data_seed is set
+    data_seed: int = -1  # seed of the data order and dropout masks (-1: seed); same seed, other data_seed: same init
     init: str = "kaiming_uniform"
     init_scale: float = 1.0
     activation: str = "tanh"
@@ -43,6 +44,7 @@ class MemberSpec:
             (self.activation in ACTIVATIONS, "activation", f"one of {', '.join(ACTIVATIONS)}"),
             (self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}"),
             (0 <= self.seed < 2**31, "seed", "in [0, 2^31)"),
+            (-1 <= self.data_seed < 2**31, "data_seed", "in [0, 2^31) (or -1: seed)"),
             (self.lr > 0, "lr", "> 0"), (self.weight_decay >= 0, "weight_decay", ">= 0"),
             (0 <= self.dropout < 1, "dropout", "in [0, 1)"), (self.batch_size >= 1, "batch_size", ">= 1"),
             (0 <= self.prune_fraction < 1, "prune_fraction", "in [0, 1)"),
@@ -53,6 +55,11 @@ class MemberSpec:
         require(self, checks, "hyperparameter '{key}'")
         if self.class_subset and not all(c.strip().isdigit() for c in self.class_subset.split(",")):
             raise UsageError(f"class_subset must be comma-separated class ids like '0,1,2', got {self.class_subset!r}")
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the member's data order and dropout masks."""
+        return self.seed if self.data_seed < 0 else self.data_seed
 
     def classes(self) -> list[int] | None:
         return [int(c) for c in self.class_subset.split(",")] if self.class_subset else None
@@ -67,7 +74,8 @@ DISTRIBUTIONS = ("choice", "uniform", "log_uniform", "int_uniform", "subset")
 @dataclass(frozen=True)
 class ZooConfig(Config):
     """`python -m zoo.build` config. Members = `fixed` hparams, then the `grid` product (or `n_random`
-    draws from `random`), each repeated for `seeds` consecutive seeds starting at `seed`."""
+    draws from `random`), each repeated for `seeds` consecutive seeds starting at `seed`, each seed for
+    `data_orders` data orders (the first its own, then data_seed = seed + r * 2^24)."""
     name: str = "digits_default"
     dataset: str = "digits"
     data_root: str = "data/datasets"
@@ -87,6 +95,7 @@ class ZooConfig(Config):
     random: dict[str, dict[str, list]] = field(default_factory=dict)
     n_random: int = option(0, ge=0)
     seeds: int = option(1, ge=1)
+    data_orders: int = option(1, ge=1)  # each seed trained on this many data orders (same init; data_seed)
     seed: int = option(0, ge=0)
     prune_epochs: list[int] = ()
     population_size: int = option(0, ge=0)  # 0: as many as fit the device memory budget
@@ -168,7 +177,8 @@ def _draw(name: str, spec: dict[str, list], rng: np.random.Generator) -> Any:
 
 
 def expand_members(cfg: ZooConfig) -> list[MemberSpec]:
-    """Deterministic member list: grid product (last key fastest) or seeded random draws, times seeds."""
+    """Deterministic member list: grid product (last key fastest) or seeded random draws, times seeds, times
+    data orders (consecutive members: one init, other data orders)."""
     base = {k: _hp(k, v, "fixed") for k, v in cfg.fixed.items()}
     if cfg.random:
         rng = np.random.default_rng(cfg.seed)
@@ -184,5 +194,7 @@ def expand_members(cfg: ZooConfig) -> list[MemberSpec]:
             hp.setdefault("seed", cfg.seed + i * cfg.seeds + s)
             if "seed" in combo or "seed" in base:
                 hp["seed"] = hp["seed"] + s
-            members.append(MemberSpec(**hp))
+            for r in range(cfg.data_orders):
+                order = {"data_seed": (hp["seed"] + r * 2**24) % 2**31} if r else {}
+                members.append(MemberSpec(**{**hp, **order}))
     return members

@@ -132,10 +132,13 @@ class TetherMerge:
 
 def choose_merges(ready: torch.Tensor, compat: torch.Tensor, threshold: float, max_merges: int) -> list[tuple]:
     """ready (M,) bool, compat (M, M) -> pairs (i, j), i < j, both ready, compat above threshold, most compatible
-    first, every member in at most one pair, at most `max_merges` pairs."""
+    first, every member in at most one pair, at most `max_merges` pairs. Two members with one tether (compat equal
+    to both self-compatibilities: members of one seed, or merged before) are not paired: averaging changes nothing."""
     M = len(ready)
     i, j = torch.triu_indices(M, M, 1)
-    ok = ready[i] & ready[j] & (compat[i, j] > threshold)
+    c, d = compat[i, j], compat.diagonal()
+    same = torch.isclose(c, d[i], rtol=1e-6) & torch.isclose(c, d[j], rtol=1e-6)
+    ok = ready[i] & ready[j] & (c > threshold) & ~same
     order = torch.argsort(compat[i, j].masked_fill(~ok, float("-inf")), descending=True, stable=True)
     chosen, used = [], set()
     for k in order[: int(ok.sum())].tolist():
@@ -193,6 +196,7 @@ class _MemberData:
         dev = data.x_train.device
         hp = lambda k, dt=torch.float32: torch.tensor([getattr(m, k) for m in members], dtype=dt, device=dev)
         self.seeds, self.noise = hp("seed", torch.int64), hp("label_noise")
+        self.order_seeds = hp("order_seed", torch.int64)  # data order and dropout (data_seed, else seed)
         base = member_pools(members, data.groups("train"))  # (M, N) bool or None
         self.class_table = class_table(members, data.num_groups, dev)  # (M, K) or None: evaluation masks
         tasks = getattr(data, "task_names", ())
@@ -383,12 +387,12 @@ class Population:
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """(M, N) each member's shuffled sample order for `epoch` (its pool first)."""
-        return member_order(self.mine.seeds, epoch, len(self.data.y_train), self.mine.pool)
+        return member_order(self.mine.order_seeds, epoch, len(self.data.y_train), self.mine.pool)
 
     def _batch(self, order: torch.Tensor, epoch, s):
         """Step s of `epoch` (ints, or 0-dim device tensors inside a CUDA graph): (xb (B, M, C, H, W)
         uint8, labels (B, M), active (M,), dropout keys (M,)), cut from `order` by index, no DataLoader."""
-        B, seeds = self.batch_size, self.mine.seeds
+        B, seeds = self.batch_size, self.mine.order_seeds
         idx = order.index_select(1, s * B + torch.arange(B, device=self.device))  # (M, B)
         xb = self.data.x_train[idx.T]
         y = self._labels(idx).transpose(0, 1)  # (B, M) or (B, M, T)

@@ -42,12 +42,13 @@ def train_solo(architecture: str, architecture_kwargs: dict, m: MemberSpec, data
     runs forward and backward under bf16 autocast (fp32 weights and optimizer), as the population does."""
     model = build_member(architecture, architecture_kwargs, m, data).train()
     opt = _OPTIMIZERS[m.optimizer](_param_groups(model, m.lr), m)
-    seed = torch.tensor([m.seed], device=data.x_train.device)
+    seed = torch.tensor([m.seed], device=data.x_train.device)  # label noise
+    order_seed = torch.tensor([m.order_seed], device=seed.device)  # data order
     pool = member_pools([m], data.groups("train"))
     n_steps = int(pool.sum() if pool is not None else len(data.y_train)) // m.batch_size
     steps = 0
     for epoch in range(1, epochs + 1):
-        order = member_order(seed, epoch, len(data.y_train), pool)[0]
+        order = member_order(order_seed, epoch, len(data.y_train), pool)[0]
         for s in range(n_steps):
             idx = order[s * m.batch_size:(s + 1) * m.batch_size]
             with torch.autocast(seed.device.type, torch.bfloat16, enabled=precision == "bf16"):

@@ -142,16 +142,18 @@ class ZooWriter:
 
     def _do(self, kind, ids, *rest) -> None:
         f = self.file
+        up = np.argsort(ids, kind="stable")  # h5py writes rows at increasing indices; callers may give any order
+        ids = ids[up]
         if kind == "write":
             slot, w, metrics = rest
-            for row, i in enumerate(ids):  # row by row: one chunk each
+            for row, i in zip(up, ids):  # row by row: one chunk each
                 f["weights"][i, slot] = w[row]
             for name, v in metrics.items():
                 if name not in f["metrics"]:
                     raise KeyError(f"metric '{name}' was not laid out in {self.partial}")
-                f[f"metrics/{name}"][ids, slot] = v
+                f[f"metrics/{name}"][ids, slot] = np.asarray(v)[up]
         else:
-            f["models/diverged"][ids] = rest[0]
+            f["models/diverged"][ids] = rest[0][up]
             f["models/done"][ids] = True
             f.flush()
 
