@@ -47,6 +47,8 @@ def features(pairs: pd.DataFrame, emb: Embeddings | None) -> dict[str, np.ndarra
     base = [c for c in BASELINES if c in pairs]
     out = {c: pairs[[c]].to_numpy(float) for c in base}
     out["pairwise (all)"] = pairs[base].to_numpy(float)
+    if "tether_compat" in base and len(base) > 1:  # what tether compatibility adds beyond the other baselines
+        out["pairwise without tether_compat"] = pairs[[c for c in base if c != "tether_compat"]].to_numpy(float)
     if emb is not None:
         ea = emb.embeddings[pairs["member_a"].to_numpy(), pairs["slot_a"].to_numpy()]
         eb = emb.embeddings[pairs["member_b"].to_numpy(), pairs["slot_b"].to_numpy()]
