@@ -40,7 +40,7 @@ cols = ["acc_a", "acc_b", "naive_avg_acc", "matched_avg_acc", "naive_barrier_los
         "naive_barrier_acc", "matched_barrier_acc", "agreement", "tether_compat"]
 g = t.groupby("relation", sort=False)
 m = pd.concat([g.size().rename("n"), g[[c for c in cols if c in t]].median()], axis=1)
-print("medians per relation\n\n| relation | " + " | ".join(m.columns) + " |\n|---" * (len(m.columns) + 1) + "|")
+print("medians per relation\n\n| relation | " + " | ".join(m.columns) + " |\n" + "|---" * (len(m.columns) + 1) + "|")
 for rel, r in m.iterrows():
     print(f"| {rel} | {int(r['n'])} | " + " | ".join(f"{v:.3f}" for v in r.iloc[1:]) + " |")
 PY

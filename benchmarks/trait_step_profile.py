@@ -31,7 +31,8 @@ def step_ms(members, data, steps: int, precision: str, profile: bool = False) ->
     sync()
     ms = (time.perf_counter() - t) / steps * 1e3
     if profile:
-        from torch.profiler import ProfilerActivity, profile as prof
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
             pop.train_epoch(3, max_steps=steps)
             sync()

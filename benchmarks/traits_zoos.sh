@@ -4,7 +4,7 @@
 # the dataset, label noise, train fraction and trained classes from W, s(W) (linear, GBM) and the embeddings.
 #
 #   bash benchmarks/traits_zoos.sh                                   # full size (2 x 2,000 members), one GPU
-#   ZOO_OVER="n_random=600 epochs=6 checkpoints=[0,6]" FIT_OVER="epochs=20" bash benchmarks/traits_zoos.sh
+#   ZOO_OVER="n_random=1000" FIT_OVER="epochs=40" bash benchmarks/traits_zoos.sh       # benchmarks/TRAITS.md, ~6 min
 #   ZOO_OVER="n_random=16 epochs=1 checkpoints=[0,1]" FIT_OVER="epochs=1 batch_size=8" bash benchmarks/traits_zoos.sh
 # Needs data/datasets/{mnist,fashion_mnist}. Logs and the probe table: data/pipeline_logs/traits/ (and
 # $OUT/traits.tar.gz when OUT is set).
@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 WEIGHTZOO_QUIET=1 PYTHONFAULTHANDLER=1 TQDM_MININTERVA
 # the logs come back even when a stage runs past its limit (BUILD_S, FIT_S, seconds each)
 [ -n "${OUT:-}" ] && trap 'tar czf "$OUT/traits.tar.gz" -C data/pipeline_logs traits' EXIT
 gpu=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
-# no compile: the evaluation's compile stalled on this zoo's members (benchmarks/NOTES.md, "Open")
+# no compile: its stall on this zoo came with ~600 activation slices per population (fixed); not re-measured (NOTES.md)
 fast=$([ "$gpu" = 1 ] && echo "precision=bf16" || echo "")
 run=data/hyperrep/mnist_fashion_traits
 t0=$(date +%s)

@@ -13,7 +13,8 @@ class PairsConfig(Config):
     """Which pairs of members to pick and how to measure what merging them does."""
     zoo: str = "data/zoos/digits_default.h5"
     zoo_b: str = ""  # a second zoo of the same architecture: other_dataset pairs member i of zoo with member i here
-    relations: list[str] = option(("other_order", "other_init", "other_hparams", "checkpoints"), choices=RELATIONS, each=True)
+    relations: list[str] = option(("other_order", "other_init", "other_hparams", "checkpoints"), choices=RELATIONS,
+                                  each=True)
     n_per_relation: int = option(64, ge=1)  # at most this many pairs per relation (fewer when fewer exist)
     checkpoint: int = -1  # the checkpoint slot members are taken at (checkpoints: paired with an earlier slot)
     alphas: int = option(11, ge=3)  # points on the linear path W(a) = (1 - a) W_a + a W_b, ends included

@@ -7,8 +7,8 @@ import sys
 import h5py
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 import pytest
+import torch
 import yaml
 from conftest import TINY, tiny_config
 

@@ -64,7 +64,8 @@ def test_pairs_have_the_relation_they_are_labelled_with(seeded_zoo):
             if r.relation != "other_hparams":
                 assert (a.seed == b.seed) == (r.relation == "other_order")
         one_init = pairs[pairs["relation"] == "other_order"]
-        assert all(np.array_equal(z.weights(a, 0), z.weights(b, 0)) for a, b in zip(one_init.member_a, one_init.member_b))
+        assert all(np.array_equal(z.weights(a, 0), z.weights(b, 0))
+                   for a, b in zip(one_init.member_a, one_init.member_b))
 
 
 def test_pair_table_beside_the_zoo_matching_helps(seeded_zoo, tmp_path):
