@@ -17,8 +17,9 @@ from .embeddings import EXCLUDED, write_embeddings
 
 
 def embed_zoo(zoo_path: str | Path, run: str | Path, out: str | Path | None = None, overwrite: bool = False,
-              device: str = "auto", batch_size: int = 256, progress: bool = True) -> Path:
-    """Embed every finished, non-diverged (member, checkpoint) of a zoo; the HDF5 file is written last."""
+              device: str = "auto", batch_size: int = 256, progress: bool = True, sequence: bool = False) -> Path:
+    """Embed every finished, non-diverged (member, checkpoint) of a zoo; the HDF5 file is written last.
+    sequence: also keep every token's latent (n_models, n_checkpoints, T, d_latent), whose mean is the embedding."""
     dev = resolve_device(device)
     z = zoo.open_zoo(zoo_path)
     out = Path(out or z.path.with_suffix(".embeddings.h5"))
@@ -27,7 +28,9 @@ def embed_zoo(zoo_path: str | Path, run: str | Path, out: str | Path | None = No
     check_compatible(z, meta, run)
     split = run_split(z, meta)
     split = split if split is not None else np.full(z.n_models, EXCLUDED, np.int8)
-    emb = np.full((z.n_models, z.n_checkpoints, module.cfg.d_latent), np.nan, np.float32)
+    d = module.cfg.d_latent
+    emb = np.full((z.n_models, z.n_checkpoints, d), np.nan, np.float32)
+    seq = np.full((z.n_models, z.n_checkpoints, len(module.positions), d), np.nan, np.float32) if sequence else None
     rows = [(m, s) for m in np.flatnonzero(z.done & ~z.diverged) for s in range(z.n_checkpoints)]
     with output_lock(out):
         bar = tqdm(total=len(rows), unit="model", disable=not progress, desc="embedding")
@@ -36,10 +39,13 @@ def embed_zoo(zoo_path: str | Path, run: str | Path, out: str | Path | None = No
                 chunk = rows[a:a + batch_size]
                 flats = torch.from_numpy(np.stack([z.weights(m, s) for m, s in chunk])).to(dev)
                 ok = torch.isfinite(flats).all(1)
-                e = torch.full((len(chunk), module.cfg.d_latent), float("nan"), device=dev)
+                lat = torch.full((len(chunk), len(module.positions), d), float("nan"), device=dev)  # (B, T, d_latent)
                 if ok.any():
-                    e[ok] = module.embed(flats[ok]).float()
-                emb[tuple(np.array(chunk).T)] = e.cpu().numpy()
+                    lat[ok] = module.encode_latents(flats[ok]).float()
+                where = tuple(np.array(chunk).T)
+                emb[where] = lat.mean(1).cpu().numpy()  # module.embed: the mean token latent
+                if seq is not None:
+                    seq[where] = lat.cpu().numpy()
                 bar.update(len(chunk))
-        write_embeddings(out, emb, split, z, Path(run), meta)
+        write_embeddings(out, emb, split, z, Path(run), meta, seq)
     return out

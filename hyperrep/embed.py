@@ -5,6 +5,8 @@ Tiny CPU run / no arguments: the default zoo and run (data/zoos/digits_default.h
 Writes NAME.embeddings.h5 beside the zoo: /embeddings [n_models, n_checkpoints, d_latent] float32 (NaN for
 members that did not finish or diverged), /split per member (0 train, 1 val, 2 test, -1 not used in the fit),
 /checkpoints/epoch; and NAME.embeddings.parquet with the keys (model_id, checkpoint, epoch, split, row).
+With sequence=true also /sequence [n_models, n_checkpoints, n_tokens, d_latent], every token's latent, which
+probes.evaluate reads as the `emb seq linear` column (SANE's probe on the full latent sequence).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ def main(argv: list[str]) -> None:
     cfg, args = config_cli(EmbedConfig, argv, "python -m hyperrep.embed", __doc__,
                            {"zoo": "zoo", "model": "model", "out": "out", "device": "device",
                             "batch-size": "batch_size"}, extra=extra)
-    path = embed_zoo(cfg.zoo, cfg.model, cfg.out or None, args.overwrite, cfg.device, cfg.batch_size, not args.quiet)
+    path = embed_zoo(cfg.zoo, cfg.model, cfg.out or None, args.overwrite, cfg.device, cfg.batch_size, not args.quiet,
+                     cfg.sequence)
     print(f"embeddings written to {path}")
 
 

@@ -3,8 +3,10 @@ read by the probes.
 
 /embeddings [n_models, n_checkpoints, d_latent] float32 (NaN for members that did not finish or diverged),
 /split [n_models] int8 (TRAIN 0, VAL 1, TEST 2 of the hyperrep fit; EXCLUDED -1: not in the fit),
-/checkpoints/epoch, /models/model_id. Root attributes: the zoo, the run directory, `model_sha256` (the identity
-of the encoder: a hash of its model.pt), the run's config, version and a build id shared with the Parquet keys.
+/checkpoints/epoch, /models/model_id; optionally /sequence [n_models, n_checkpoints, n_tokens, d_latent] (every
+token's latent: `hyperrep.embed sequence=true`). Root attributes: the zoo, the run directory, `model_sha256` (the
+identity of the encoder: a hash of its model.pt), the run's config, version and a build id shared with the Parquet
+keys.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class Embeddings:
     zoo: str
     model: str
     model_sha256: str
+    sequence: np.ndarray | None = None  # (n_models, n_checkpoints, n_tokens, d_latent), when stored
 
     @classmethod
     def open(cls, path: str | Path) -> "Embeddings":
@@ -58,13 +61,15 @@ class Embeddings:
                     raise UsageError(f"{path} is not a weightzoo embeddings file (format {f.attrs.get('format')!r})")
                 epochs = f["checkpoints/epoch"][:] if "checkpoints/epoch" in f else np.arange(f["embeddings"].shape[1])
                 return cls(path, f["embeddings"][:], f["split"][:], epochs, str(f.attrs.get("zoo", "")),
-                           str(f.attrs.get("model", "")), str(f.attrs.get("model_sha256", "")))
+                           str(f.attrs.get("model", "")), str(f.attrs.get("model_sha256", "")),
+                           f["sequence"][:] if "sequence" in f else None)
         except (OSError, KeyError) as e:
             raise UsageError(f"{path} is not a readable embeddings file ({type(e).__name__}: {e}); "
                              f"rerun python -m hyperrep.embed") from None
 
 
-def write_embeddings(out: Path, emb: np.ndarray, split: np.ndarray, z: zoo.Zoo, run: Path, meta: dict) -> None:
+def write_embeddings(out: Path, emb: np.ndarray, split: np.ndarray, z: zoo.Zoo, run: Path, meta: dict,
+                     sequence: np.ndarray | None = None) -> None:
     """The HDF5 file is the commit point (renamed last); the Parquet keys beside it are derived and carry its
     build id."""
     build_id = uuid.uuid4().hex
@@ -79,6 +84,8 @@ def write_embeddings(out: Path, emb: np.ndarray, split: np.ndarray, z: zoo.Zoo, 
         with h5py.File(tmp, "w") as f:
             f.create_dataset("embeddings", data=emb, chunks=(1, emb.shape[1], emb.shape[2]))
             f.create_dataset("split", data=split.astype(np.int8))
+            if sequence is not None:
+                f.create_dataset("sequence", data=sequence, chunks=(1, 1, *sequence.shape[2:]))
             f.create_dataset("checkpoints/epoch", data=z.epochs.astype(np.int32))
             f.create_dataset("models/model_id", data=np.arange(n, dtype=np.int64))
             f.attrs.update({"format": FORMAT, "zoo": str(z.path), "model": str(run), "version": zoo.__version__,

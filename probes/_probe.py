@@ -21,7 +21,7 @@ from zoo.io import atomic_path
 
 from .features import ProbeData, target_kind, target_values
 
-COLUMNS = ("W linear", "s(W) linear", "s(W) gbm", "emb linear")
+COLUMNS = ("W linear", "s(W) linear", "s(W) gbm", "emb linear", "emb seq linear")  # emb seq: every token's latent
 PRIMARY = {"continuous": "r2", "categorical": "accuracy", "multilabel": "mean_balanced_accuracy"}
 METRIC_LABEL = {"continuous": "R²", "categorical": "acc", "multilabel": "mean bal acc"}
 
@@ -85,7 +85,8 @@ def prepare(column: str, data: ProbeData, test: np.ndarray) -> tuple[np.ndarray,
     extremes are heavy-tailed, and a member whose weights blew up must not dominate a linear fit).
     With more features than training rows, inputs are expressed in the row space of the training rows
     (X V from its SVD): exact for L2-penalised linear models, whose solutions lie in that space, and cheaper."""
-    X = {"W": data.W, "s(W)": data.sW, "emb": data.emb}[column.split(" ")[0]].astype(np.float64)
+    features = {"W": data.W, "s(W)": data.sW, "emb": data.emb, "emb seq": data.emb_seq}
+    X = features[column.rsplit(" ", 1)[0]].astype(np.float64)  # "s(W) gbm" -> s(W), "emb seq linear" -> emb seq
     if column.endswith("gbm"):
         return X[~test], X[test]
     if column.startswith("s(W)"):
@@ -165,7 +166,8 @@ def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fra
         raise UsageError(f"the member split leaves {'no' if not test.any() else 'only'} test rows; "
                          f"change test_fraction or the split file")
     assert not set(members[test]) & set(members[~test])  # no member on both sides
-    columns = [c for c in COLUMNS if data.emb is not None or not c.startswith("emb")]
+    columns = [c for c in COLUMNS if (data.emb is not None or not c.startswith("emb"))
+               and (data.emb_seq is not None or not c.startswith("emb seq"))]
     jobs = [(t, target_kind(data.rows[t], t)) for t in targets]
     jobs = [(t, k) for t, k in jobs if k is not None]
     results, predictions, inputs = [], {}, {}

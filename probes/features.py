@@ -38,6 +38,7 @@ class ProbeData:
     emb_split: np.ndarray | None  # per row: the hyperrep fit's member split (0 train, 1 val, 2 test)
     stat_names: list[str]
     fixed_test: np.ndarray | None = None  # per row: in the test split of a given split file
+    emb_seq: np.ndarray | None = None  # (n_rows, n_tokens * d_latent): every token's latent, when all files have it
 
 
 def weight_stats(W: np.ndarray, layout: Layout) -> tuple[np.ndarray, list[str]]:
@@ -86,6 +87,11 @@ def _sequence_targets(z: zoo.Zoo, t: pd.DataFrame) -> None:
         t["first_token"] = [first[int(str(c).split(",")[0])] for c in t["class_subset"]]
 
 
+def _sequence(e: Embeddings, rows: pd.DataFrame) -> np.ndarray:
+    """(n_rows, n_tokens * d_latent) token latents of the rows."""
+    return e.sequence[rows["model_id"].to_numpy(), rows["checkpoint"].to_numpy()].reshape(len(rows), -1)
+
+
 def _embeddings(e: Embeddings, z: zoo.Zoo, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     if e.embeddings.shape[:2] != (z.n_models, z.n_checkpoints):
         raise UsageError(f"{e.path} holds embeddings for {e.embeddings.shape[0]} x {e.embeddings.shape[1]} (member, "
@@ -115,6 +121,7 @@ def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Pat
     if len(encoders) > 1:
         check_one_encoder(encoders)
     frames, Ws, embs, splits, layout, arch = [], [], [], [], None, None
+    seqs = [] if encoders and all(e.sequence is not None for e in encoders) else None
     for i, p in enumerate(zoo_paths):
         with zoo.open(p) as z:
             if arch is not None and (z.architecture, z.layout) != (arch, layout):
@@ -134,6 +141,8 @@ def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Pat
                 e, s = _embeddings(encoders[i], z, rows)
                 embs.append(e)
                 splits.append(s)
+                if seqs is not None:
+                    seqs.append(_sequence(encoders[i], rows))
             frames.append(rows)
     rows = pd.concat(frames, ignore_index=True)
     W = np.concatenate(Ws)
@@ -146,7 +155,8 @@ def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Pat
         raise UsageError(f"no usable (member, checkpoint) rows in {', '.join(map(str, zoo_paths))}")
     sW, names = weight_stats(W, layout)
     fixed = test_rows(rows, split_file) if split_file else None
-    return ProbeData(rows, W, sW, emb[ok] if encoders else None, split[ok] if encoders else None, names, fixed)
+    seq = np.concatenate(seqs)[ok] if seqs is not None else None
+    return ProbeData(rows, W, sW, emb[ok] if encoders else None, split[ok] if encoders else None, names, fixed, seq)
 
 
 def test_rows(rows: pd.DataFrame, split_file: str | Path) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_models import SHAPES
 
-from probes import evaluate_probes, load_probe_data, member_split, score, weight_stats
+from probes import COLUMNS, evaluate_probes, load_probe_data, markdown_table, member_split, score, weight_stats
 from probes.evaluate import main
 from zoo import Layout, create_model, list_models
 from zoo.cli import run_cli
@@ -73,6 +73,26 @@ def test_quality_bars_on_the_default_zoo(default_pipeline):
     r2 = dict(zip(results["column"], results["r2"]))
     assert r2["s(W) linear"] >= 0.8, r2
     assert r2["emb linear"] >= r2["W linear"], r2
+
+
+def test_token_sequence_embeddings_and_their_probe(default_pipeline, tmp_path):
+    """embed sequence=true keeps every token's latent (its mean is the embedding); probes add `emb seq linear`."""
+    from hyperrep import embed_zoo
+    from hyperrep.embeddings import Embeddings
+    zoo_path, emb = default_pipeline
+    seq_path = embed_zoo(zoo_path, Embeddings.open(emb).model, tmp_path / "seq.h5", progress=False, device="cpu",
+                         sequence=True)
+    e, plain = Embeddings.open(seq_path), Embeddings.open(emb)
+    assert e.sequence.shape[:2] == e.embeddings.shape[:2] and plain.sequence is None
+    ok = np.isfinite(e.embeddings).all(-1)
+    assert np.allclose(e.sequence[ok].mean(1), e.embeddings[ok], atol=1e-5)
+    assert np.allclose(e.embeddings[ok], plain.embeddings[ok], atol=1e-5)
+    data = load_probe_data([zoo_path], [seq_path], checkpoints=[-1])
+    assert data.emb_seq.shape == (len(data.rows), e.sequence.shape[2] * e.sequence.shape[3])
+    results, _, _ = evaluate_probes(data, ["test_acc"], n_boot=5)
+    r2 = dict(zip(results["column"], results["r2"]))
+    assert set(r2) == set(COLUMNS) and np.isfinite(r2["emb seq linear"])
+    assert markdown_table(results).splitlines()[0].endswith("| emb linear | emb seq linear |")
 
 
 @pytest.mark.parametrize("notebook", ["01_probe_zoo", "02_embedding_space"])
