@@ -186,12 +186,17 @@ def fit_run(cfg: FitConfig, overwrite: bool = False) -> Path | None:
     slots = [_slots(cfg, z) for z in zs][0]
     # one split seed for every zoo: twin zoos (the same member draws on other data) keep each member's twins on
     # one side of the split, so a probe never tests on the twin of a training member
-    splits = [split_members(z.usable(slots), cfg.splits, cfg.split_seed) for z in zs]
+    splits = [split_members(_first_usable(z.usable(slots), cfg.max_members), cfg.splits, cfg.split_seed) for z in zs]
     for z, split in zip(zs, splits):
         _check_splits(split, cfg, z)
     rank0 = os.environ.get("LOCAL_RANK", "0") == "0"  # Lightning's DDP ranks re-run this command
     with output_lock(out) if rank0 else contextlib.nullcontext():
         return _fit_locked(cfg, zs, out, slots, splits, overwrite, rank0)
+
+
+def _first_usable(usable: np.ndarray, n: int) -> np.ndarray:
+    """The first n usable members by id (all for n = 0): the same members in twin zoos, nested across n."""
+    return usable & (np.cumsum(usable) <= n) if n else usable
 
 
 def _fit_locked(cfg: FitConfig, zs: list[zoo.Zoo], out: Path, slots, splits, overwrite: bool,

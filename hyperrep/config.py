@@ -18,6 +18,7 @@ class FitConfig(Config):
     checkpoints: list[int] = option((), ge=0, each=True)  # checkpoint slots to learn from; () = all
     splits: list[float] = option((0.7, 0.15, 0.15), ge=0, le=1, each=True)  # train / val / test fractions of members
     split_seed: int = option(0, ge=0)
+    max_members: int = option(0, ge=0)  # fit on the first N usable members of each zoo, the rest excluded (0: all)
     token_size: int = option(64, ge=1)
     window: int = option(0, ge=0)  # train on random windows of this many tokens; 0 = whole models
     d_model: int = option(64, ge=1)

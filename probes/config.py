@@ -18,6 +18,7 @@ class ProbeConfig(Config):
     test_fraction: float = option(0.2, gt=0, lt=1)  # of members, when the hyperrep's split is not used
     bootstrap: int = option(200, ge=0)  # resamples of test members for the 95 % intervals
     split: str = ""  # a split file (JSON {"test_members": [...]} or a benchmark's CSV): fixed test members
+    members: str = option("all", choices=("all", "fit"))  # fit: only the members the encoder was fitted on
 
     def check(self):
         if not self.zoo:

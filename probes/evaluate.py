@@ -24,7 +24,7 @@ from zoo.io import atomic_path, output_lock
 
 from ._probe import _default_embeddings, evaluate_probes, markdown_table, plot_embedding_space, plot_predictions
 from .config import ProbeConfig
-from .features import ALL_TARGETS, load_probe_data, target_kind
+from .features import ALL_TARGETS, fit_members_only, load_probe_data, target_kind
 
 FLAGS = {"zoo": "zoo+", "embeddings": "embeddings+", "targets": "targets+", "checkpoints": "checkpoints+",
          "out": "out", "seed": "seed", "test-fraction": "test_fraction", "bootstrap": "bootstrap", "split": "split"}
@@ -54,6 +54,7 @@ def main(argv: list[str]) -> None:
         raise UsageError(f"output {out} is a file; --out takes a directory")
     embeddings = list(cfg.embeddings) or _default_embeddings(list(cfg.zoo))
     data = load_probe_data(list(cfg.zoo), embeddings, list(cfg.checkpoints) or None, cfg.split or None)
+    data = fit_members_only(data) if cfg.members == "fit" else data
     targets = list(cfg.targets) or [t for t in ALL_TARGETS if t in data.rows and target_kind(data.rows[t], t)]
     with output_lock(out):
         results, predictions, test = evaluate_probes(data, targets, cfg.seed, cfg.test_fraction, cfg.bootstrap,

@@ -159,6 +159,19 @@ def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Pat
     return ProbeData(rows, W, sW, emb[ok] if encoders else None, split[ok] if encoders else None, names, fixed, seq)
 
 
+def fit_members_only(data: ProbeData) -> ProbeData:
+    """The rows of members the hyper-representation was fitted on (train, val or test of its split): a probe on
+    an encoder fitted on part of a zoo (FitConfig.max_members, a zoo-size curve) then sees the same members."""
+    if data.emb_split is None:
+        raise UsageError("members=fit needs embeddings (the encoder's split says which members it was fitted on)")
+    keep = data.emb_split >= 0
+    if not keep.any():
+        raise UsageError("no row belongs to a member of the encoder's fit; were the embeddings made by another run?")
+    pick = lambda a: None if a is None else a[keep]
+    return ProbeData(data.rows[keep].reset_index(drop=True), data.W[keep], data.sW[keep], pick(data.emb),
+                     data.emb_split[keep], data.stat_names, pick(data.fixed_test), pick(data.emb_seq))
+
+
 def test_rows(rows: pd.DataFrame, split_file: str | Path) -> np.ndarray:
     """Rows in the test split of a split file: JSON {"test_members": [member ids]} (probes' own split.json)."""
     path = Path(split_file)

@@ -1,5 +1,6 @@
 """One frozen encoder for many zoos: a fit over two zoos of one architecture, embeddings of both from one
 model, the refusal of mixed encoders, and probes for the dataset and data traits."""
+import json
 import os
 from pathlib import Path
 
@@ -123,3 +124,29 @@ def test_cross_zoo_notebook_runs_headless(two_zoos, joint_run, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     assert sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs) >= 2
+
+
+def test_zoo_size_curve_fits_and_probes_the_first_members_only(two_zoos, tmp_path):
+    """max_members=N fits on the first N members (the rest excluded, split -1); members=fit probes those only;
+    the size-curve plot reads one probe directory per size."""
+    import subprocess
+    import sys
+    a, _ = two_zoos
+    out = tmp_path / "n12"
+    assert run_cli(fit_main, ["--zoo", str(a), "--out", str(out), *TINY_FIT, "max_members=12"]) == 0
+    split = np.asarray(load_run(out)[1]["splits"][0])
+    assert (split[:12] >= 0).all() and (split[12:] == -1).all()
+    emb = embed_zoo(a, out, tmp_path / "e.h5", progress=False, device="cpu")
+    runs = []
+    for members in ("fit", "all"):
+        probe_out = tmp_path / f"probes_{members}"
+        assert run_cli(probes_main, ["--zoo", str(a), "--embeddings", str(emb), "--targets", "test_acc", "lr",
+                                     "--out", str(probe_out), "--bootstrap", "5", f"members={members}",
+                                     "--quiet"]) == 0
+        runs.append(f"{12 if members == 'fit' else 24}={probe_out}")
+    test_fit = json.loads((tmp_path / "probes_fit" / "split.json").read_text())["test_members"]
+    assert test_fit and all(m < 12 for m in test_fit)
+    done = subprocess.run([sys.executable, "benchmarks/size_curve_plot.py", *runs, "--out", str(tmp_path / "c.png")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "c.png").stat().st_size > 1000 and "| test_acc | emb linear |" in (tmp_path / "c.md").read_text()
