@@ -76,7 +76,6 @@ class ReconstructConfig(Config):
     permutation_check: bool = True  # reconstruct pi(W) too: |acc(rec(pi W)) - acc(rec(W))| vs between members
     device: str = "auto"
     batch_size: int = option(256, ge=1)
-    sequence: bool = False  # also store every token's latent (/sequence) for the probes' `emb seq linear` column
     seed: int = option(0, ge=0)
 
 
@@ -125,3 +124,4 @@ class EmbedConfig(Config):
     out: str = ""  # default <zoo>.embeddings.h5 beside the zoo
     device: str = "auto"
     batch_size: int = option(256, ge=1)
+    sequence: bool = False  # also store every token's latent (/sequence) for the probes' `emb seq linear` column

@@ -77,11 +77,12 @@ def test_quality_bars_on_the_default_zoo(default_pipeline):
 
 def test_token_sequence_embeddings_and_their_probe(default_pipeline, tmp_path):
     """embed sequence=true keeps every token's latent (its mean is the embedding); probes add `emb seq linear`."""
-    from hyperrep import embed_zoo
+    from hyperrep.embed import main as embed_main
     from hyperrep.embeddings import Embeddings
     zoo_path, emb = default_pipeline
-    seq_path = embed_zoo(zoo_path, Embeddings.open(emb).model, tmp_path / "seq.h5", progress=False, device="cpu",
-                         sequence=True)
+    seq_path = tmp_path / "seq.h5"
+    assert run_cli(embed_main, ["--zoo", str(zoo_path), "--model", Embeddings.open(emb).model, "--out", str(seq_path),
+                                "--device", "cpu", "sequence=true", "--quiet"]) == 0
     e, plain = Embeddings.open(seq_path), Embeddings.open(emb)
     assert e.sequence.shape[:2] == e.embeddings.shape[:2] and plain.sequence is None
     ok = np.isfinite(e.embeddings).all(-1)
