@@ -35,6 +35,7 @@ class FitConfig(Config):
     noise_add: float = option(0.05, ge=0)
     erase: float = option(0.1, ge=0, lt=1)  # probability of erasing a token in the input
     normalize: str = option("layer", choices=("layer", "global"))  # standardise tokens per tensor, or one mean/std
+    loss_norm: str = option("entries", choices=("entries", "layer"))  # MSE over all entries, or each layer equally
     beta: float = option(0.0, ge=0)  # weight of the functional loss: KL of decoded vs original outputs on probes
     probe_images: int = option(256, ge=1)  # training images the functional loss runs the members on
     lr: float = option(1e-3, gt=0)

@@ -95,8 +95,16 @@ class HyperAE(nn.Module):
         return self.encode(tokens, pos).mean(1)
 
 
+def layer_weights(mask: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
+    """mask (B, T, S) bool, layer (T,) layer id of each token -> (B, T, S) float weights under which every layer's
+    real entries sum to 1: a masked MSE with them is the mean over layers of each layer's MSE (small layers, e.g.
+    biases and the classifier, count as much as a large conv), as SANE's per-layer loss normalisation."""
+    per_layer = torch.zeros(int(layer.max()) + 1, device=mask.device).index_add_(0, layer, mask[0].sum(-1).float())
+    return mask.float() / per_layer[layer].clamp(min=1)[None, :, None]
+
+
 def masked_mse(pred, target, mask):
-    """Mean squared error over real (unpadded) token entries."""
+    """Mean squared error over real (unpadded) token entries; a float mask weights them."""
     m = mask.to(pred.dtype)
     return ((pred - target) ** 2 * m).sum() / m.sum().clamp(min=1)
 

@@ -12,7 +12,7 @@ from zoo.engine import runs
 
 from .augment import add_noise, erase_tokens
 from .config import FitConfig
-from .model import AEShape, HyperAE, sane_loss
+from .model import AEShape, HyperAE, layer_weights, masked_mse, sane_loss
 from .tokens import Tokenizer
 
 
@@ -68,8 +68,11 @@ class HyperRepModule(L.LightningModule):
         if train:
             inp = erase_tokens(add_noise(target, mask, self.cfg.noise_mult, self.cfg.noise_add), self.cfg.erase)
         recon, _, proj = self.model(inp, pos)
-        loss, mse, con = sane_loss(recon.float(), target, mask, proj[:len(a)].float(), proj[len(a):].float(),
+        weights = layer_weights(mask, pos[0, :, 1]) if self.cfg.loss_norm == "layer" else mask
+        loss, mse, con = sane_loss(recon.float(), target, weights, proj[:len(a)].float(), proj[len(a):].float(),
                                    self.cfg.gamma, self.cfg.tau)
+        if self.cfg.loss_norm == "layer":  # the logged MSE stays the plain one, comparable across runs
+            mse = masked_mse(recon.float(), target, mask).detach()
         fun = torch.zeros((), device=loss.device)
         if self.cfg.beta > 0 and hasattr(self, "probe"):
             full = tokens.clone()

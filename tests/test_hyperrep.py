@@ -251,3 +251,19 @@ def test_fit_logs_to_tensorboard_per_step_and_one_line_per_epoch_off_a_terminal(
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     logs = pd.read_csv(next(out.glob("logs/version_*/metrics.csv")))
     assert logs["train_loss_step"].notna().sum() >= 3 and logs["lr"].notna().sum() >= 3
+
+
+def test_per_layer_loss_normalisation_weights_every_layer_equally(tiny_zoo, tmp_path):
+    from hyperrep import layer_weights, masked_mse
+    tok = Tokenizer.from_layout(zoo.open(tiny_zoo).layout, 32)
+    mask = tok.mask[None].expand(2, -1, -1)
+    layer = tok.positions[:, 1]
+    pred, target = torch.randn(2, *tok.index.shape), torch.zeros(2, *tok.index.shape)
+    per_layer = [masked_mse(pred[:, layer == k], target[:, layer == k], mask[:, layer == k])
+                 for k in layer.unique()]
+    assert torch.allclose(masked_mse(pred, target, layer_weights(mask, layer)), torch.stack(per_layer).mean())
+    assert not torch.allclose(masked_mse(pred, target, mask), torch.stack(per_layer).mean())  # layers differ in size
+    cfg = load_config(FitConfig, None, TINY_FIT + [f"zoo={tiny_zoo}", f"out={tmp_path / 'run'}", "loss_norm=layer",
+                                                   "epochs=1"])
+    _, meta = load_run(fit_run(cfg))
+    assert meta["config"]["loss_norm"] == "layer"
