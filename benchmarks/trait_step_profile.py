@@ -1,6 +1,8 @@
 """Where a data-trait population's training step goes: one cnn_s population of trait members
 (configs/zoo/mnist_traits.yaml) against the same members without each trait, step time with CUDA graphs, and the
-top CUDA kernels of the slowest variant (torch.profiler).
+top CUDA kernels of the slowest variant (torch.profiler). Members are laid out in id order, as zoo.build did before
+it sorted populations into activation runs: the drawn activations alternate, one slice per alternation (the
+156 ms/step of benchmarks/NOTES.md); zoo.build now lays them out with zoo.build.run_order.
 
     python benchmarks/trait_step_profile.py --members 1200          # one GPU, ~1 min
     python benchmarks/trait_step_profile.py --members 16 --steps 4  # CPU smoke run

@@ -12,7 +12,7 @@ from tqdm import tqdm
 import zoo
 from zoo import Layout, Permuter, UsageError
 from zoo.build import resolve_device
-from zoo.io import atomic_path
+from zoo.io import atomic_path, save_figure
 
 from ._fit import load_run
 from .config import ReconstructConfig
@@ -179,7 +179,4 @@ def plot_scatter(rows: pd.DataFrame, path: Path) -> None:
     ax.plot([0, 1], [0, KEEP], ":", color="gray", lw=0.8, label="90 % kept")
     ax.set(xlabel="original test accuracy", ylabel="reconstructed test accuracy", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)

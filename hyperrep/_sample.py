@@ -25,7 +25,7 @@ from zoo.build import resolve_device
 from zoo.cli import to_dict
 from zoo.compare import agreement, error_iou, nearest
 from zoo.data import DataSpec
-from zoo.io import atomic_path, check_new_output, output_lock
+from zoo.io import atomic_path, check_new_output, output_lock, save_figure
 from zoo.population import Population, init_flat, train_and_record
 
 from ._fit import load_run
@@ -275,15 +275,6 @@ def summary_table(report: pd.DataFrame, curves: pd.DataFrame, cfg: SampleConfig,
     return "\n".join(lines)
 
 
-def _savefig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
 def plot_novelty(report: pd.DataFrame, path: Path) -> None:
     """Accuracy vs novelty (max wrong-prediction IoU with any training member; lower is more novel)."""
     import matplotlib
@@ -295,7 +286,7 @@ def plot_novelty(report: pd.DataFrame, path: Path) -> None:
         ax.scatter(g["max_error_iou"], g["test_acc"], s=10, alpha=0.7, label=name)
     ax.set(xlabel="max wrong-prediction IoU with a training member", ylabel="test accuracy")
     ax.legend(fontsize=7)
-    _savefig(fig, path)
+    save_figure(fig, path)
 
 
 def plot_finetune(curves: pd.DataFrame, path: Path) -> None:
@@ -308,4 +299,4 @@ def plot_finetune(curves: pd.DataFrame, path: Path) -> None:
         ax.errorbar(g["epoch"], g["mean"], yerr=g["std"].fillna(0), marker="o", ms=3, capsize=2, label=name)
     ax.set(xlabel="fine-tuning epochs", ylabel="test accuracy", xscale="symlog")
     ax.legend(fontsize=7)
-    _savefig(fig, path)
+    save_figure(fig, path)

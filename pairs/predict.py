@@ -25,7 +25,7 @@ from probes import score
 from zoo import UsageError
 from zoo._rng import hash32
 from zoo.cli import run_cli
-from zoo.io import atomic_path
+from zoo.io import atomic_path, save_figure
 
 BASELINES = ("cosine", "l2", "l2_matched", "agreement", "tether_compat")
 TARGETS = ("naive_avg_acc", "matched_avg_acc", "naive_barrier_loss", "matched_barrier_loss", "mergeable")
@@ -109,11 +109,7 @@ def plot_barriers(pairs: pd.DataFrame, path: Path) -> Path:
         ax.axhline(0, color="k", lw=0.6)
         ax.set(ylabel=metric.replace("_", " "), title=f"{metric.replace('_', ' ')} along the linear path")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str]) -> None:
@@ -130,14 +126,15 @@ def main(argv: list[str]) -> None:
         raise UsageError(f"pair table {pair_path} not found; run python -m pairs.build --zoo {zoo_path} first")
     emb_path = Path(args.embeddings or zoo_path.with_suffix(".embeddings.h5"))
     emb = Embeddings.open(emb_path) if (args.embeddings or emb_path.is_file()) else None
-    results = predict(pd.read_parquet(pair_path), emb, args.threshold)
+    pairs = pd.read_parquet(pair_path)
+    results = predict(pairs, emb, args.threshold)
     out = Path(args.out or f"data/pairs/{zoo_path.stem}")
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "results.csv") as tmp:
         results.to_csv(tmp, index=False)
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(markdown(results))
-    plot_barriers(pd.read_parquet(pair_path), out / "barriers.png")
+    plot_barriers(pairs, out / "barriers.png")
     print(markdown(results) + f"\nwritten to {out}")
 
 

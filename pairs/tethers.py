@@ -17,7 +17,7 @@ import numpy as np
 import zoo
 from zoo import UsageError
 from zoo.cli import run_cli
-from zoo.io import atomic_path
+from zoo.io import save_figure
 
 
 def plot_merges(zoo_path: str | Path, out: str | Path | None = None, metric: str = "train_loss",
@@ -38,11 +38,7 @@ def plot_merges(zoo_path: str | Path, out: str | Path | None = None, metric: str
         grew = np.flatnonzero(np.diff(merges[m], prepend=0) > 0)
         ax.scatter(epochs[grew], values[m, grew], s=18, color=line.get_color(), edgecolor="k", zorder=3)
     ax.set(xlabel="epoch", ylabel=metric, title=f"{Path(zoo_path).stem}: {len(members)} members, dots = tether merges")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: list[str]) -> None:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from hyperrep.embeddings import TEST
 from zoo import UsageError
-from zoo.io import atomic_path
+from zoo.io import save_figure
 
 from .features import ProbeData, target_kind, target_values
 
@@ -267,12 +267,8 @@ def plot_embedding_space(data: ProbeData, path: Path, traits: tuple[str, ...] = 
             ax.legend(fontsize=7, markerscale=3)
         ax.set(title=name, xticks=[], yticks=[])
     fig.suptitle(f"embeddings, PCA ({len(rows)} rows)", fontsize=9)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _default_embeddings(zoos: list[str]) -> list[str] | None:

@@ -5,6 +5,7 @@ variance and the 0/25/50/75/100 % quantiles.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +169,9 @@ def fit_members_only(data: ProbeData) -> ProbeData:
     if not keep.any():
         raise UsageError("no row belongs to a member of the encoder's fit; were the embeddings made by another run?")
     pick = lambda a: None if a is None else a[keep]
-    return ProbeData(data.rows[keep].reset_index(drop=True), data.W[keep], data.sW[keep], pick(data.emb),
-                     data.emb_split[keep], data.stat_names, pick(data.fixed_test), pick(data.emb_seq))
+    return dataclasses.replace(data, rows=data.rows[keep].reset_index(drop=True), W=data.W[keep], sW=data.sW[keep],
+                               emb=pick(data.emb), emb_split=data.emb_split[keep], fixed_test=pick(data.fixed_test),
+                               emb_seq=pick(data.emb_seq))
 
 
 def test_rows(rows: pd.DataFrame, split_file: str | Path) -> np.ndarray:

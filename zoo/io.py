@@ -68,6 +68,17 @@ def atomic_path(out: str | Path) -> Iterator[Path]:
         raise
 
 
+def save_figure(fig, out: str | Path, dpi: int = 120) -> Path:
+    """A matplotlib figure as a PNG at `out`, laid out tightly, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(out)
+
+
 def check_new_output(out: Path, overwrite: bool, what: str = "output") -> None:
     """`out` may be written: absent, or present with --overwrite (never a directory where a file goes)."""
     if out.is_dir():

@@ -2,7 +2,7 @@
 (a buffer: stored with the member, never trained), drawn per member from its seed as 1 + tether_scale * N(0, 1).
 `create_model(name, tethered=True, tether_scale=s)` tethers any registry architecture. Two members' tether
 compatibility is the sum over all tether entries of T_i * T_j (`compatibility`); a build can merge the tethers of
-compatible members that have stopped learning (`zoo.population.tether_merges`)."""
+compatible members that have stopped learning (`zoo.population.TetherMerge`, `choose_merges`)."""
 from __future__ import annotations
 
 import torch
