@@ -39,7 +39,7 @@ import torch._inductor.config  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo_throughput import hyp_members  # noqa: E402  (this folder is on sys.path when run as a script)
 
-from zoo import _convpool  # noqa: E402
+from zoo import _triton  # noqa: E402
 from zoo.data import load_dataset  # noqa: E402
 from zoo.population import Population  # noqa: E402
 
@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--eval-samples", type=int, default=10000, help="train_eval_samples of the population")
     ap.add_argument("--steps", type=int, default=20, help="training steps per phase")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--jit-threads", type=int, default=_convpool.JIT_THREADS,
+    ap.add_argument("--jit-threads", type=int, default=_triton.JIT_THREADS,
                     help="threads compiling the band kernels at setup (1: one after another)")
     ap.add_argument("--summarize", metavar="SPY_RAW", help="only summarize a py-spy raw file of an earlier run")
     ap.add_argument("--rate", type=int, default=100, help="py-spy's samples per second (-r) for --summarize")
@@ -111,7 +111,7 @@ def main():
     args = ap.parse_args()
     if args.summarize:
         return summarize(args.summarize, args.rate)
-    _convpool.JIT_THREADS = args.jit_threads
+    _triton.JIT_THREADS = args.jit_threads
     for item in args.inductor:
         key, value = item.split("=", 1)
         setattr(torch._inductor.config, key, ast.literal_eval(value))  # unknown keys raise

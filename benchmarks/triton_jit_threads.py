@@ -2,7 +2,7 @@
 
 A build compiles its band-kernel specializations one after another (12.9 s per process on the H100,
 benchmarks/NOTES.md, "Per-process fixed cost"). This compiles N distinct forward-kernel specializations (cnn_s-like
-geometries) as `zoo._convpool.precompile` does at population setup (recorded launches, `JITFunction.warmup`,
+geometries) as `zoo._triton.precompile` does at population setup (recorded launches, `JITFunction.warmup`,
 nothing launched), first serially, then in N threads, each time other geometries into a cold
 TRITON_CACHE_DIR, and prints both wall times: a ratio near N means compiling them in threads pays.
 
@@ -51,7 +51,7 @@ def main():
     sizes = [28 + 4 * i for i in range(2 * args.n + 1)]  # distinct kernels for each timing: none from a cache
     timed(launches(sizes[:1], args.device), 1)  # Triton's one-time set-up (driver, launcher build), not timed
     recorded = [launches(sizes[1: args.n + 1], args.device), launches(sizes[args.n + 1:], args.device)]
-    assert all(len(cp._distinct(r)) == args.n for r in recorded), "expected one specialization per size"
+    assert all(len(cp.distinct(r)) == args.n for r in recorded), "expected one specialization per size"
     serial, threaded = timed(recorded[0], 1), timed(recorded[1], args.n)
     print(f"{args.n} band-kernel compiles: serial {serial:.2f} s, {args.n} threads {threaded:.2f} s, "
           f"speed-up {serial / max(threaded, 1e-9):.2f}x")

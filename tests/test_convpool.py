@@ -12,10 +12,13 @@ from zoo._convpool import _reference, available, conv_pool
 pytestmark = pytest.mark.skipif(not available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                                 reason="needs Triton (GPU, or its CPU interpreter)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (B, M, C, H, O, k, stride, padding, pool): cnn_s's two stages, cnn_gap's stride-2 padded conv, a 2x2
-# kernel, and an odd conv output whose last row and column the pool drops
-GEOMETRIES = [(3, 2, 1, 12, 8, 5, 1, 0, 2), (2, 3, 8, 12, 6, 5, 1, 0, 2), (2, 2, 3, 9, 5, 3, 2, 1, 1),
-              (2, 2, 2, 7, 3, 2, 1, 0, 1), (2, 2, 2, 9, 4, 3, 1, 0, 2)]
+# (B, M, C, H, O, k, stride, padding, pool): cnn_s's two stages, a 2x2 kernel, and an odd conv output whose
+# last row and column the pool drops (band kernels); cnn_gap's stride-2 padded conv, smallcnn's valid one on
+# an even size (the last input column feeds no output), a patch embedding, and 16 -> 16 channels (K = 144 in
+# several chunks) on the direct kernels
+GEOMETRIES = [(3, 2, 1, 12, 8, 5, 1, 0, 2), (2, 3, 8, 12, 6, 5, 1, 0, 2), (2, 2, 2, 7, 3, 2, 1, 0, 1),
+              (2, 2, 2, 9, 4, 3, 1, 0, 2), (2, 2, 3, 9, 5, 3, 2, 1, 1), (2, 2, 3, 8, 5, 3, 2, 0, 1),
+              (2, 2, 1, 8, 6, 4, 4, 0, 1), (1, 2, 16, 7, 16, 3, 2, 0, 1)]
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -50,6 +53,23 @@ def test_shared_input_matches_per_member_input(geometry):
     ref = _reference(x.expand(-1, M, -1, -1, -1), w, b, stride, padding, pool)
     (rx,) = torch.autograd.grad(ref.square().sum(), [x])
     assert torch.allclose(gx, rx, atol=1e-4, rtol=1e-4)
+
+
+def test_strided_convs_without_pool_run_the_direct_kernels():
+    """A stride-2 conv without pool goes to the implicit-GEMM kernels (forward; dw and dx in the backward),
+    a pooled one to the band kernels."""
+    import zoo._convpool as cp
+    import zoo._directconv as dc
+    from zoo._triton import recording
+
+    x = torch.randn(2, 2, 3, 9, 9, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 4, 3, 3, 3, device=DEVICE, requires_grad=True)
+    b = torch.zeros(2, 4, device=DEVICE, requires_grad=True)
+    with recording() as launches:
+        conv_pool(x, w, b, 2, 1, 1).sum().backward()
+        conv_pool(x, w, b, 1, 0, 2)
+    kernels = [k for k, _, _ in launches]
+    assert kernels == [dc._fwd_kernel, dc._dw_kernel, dc._dx_kernel, cp._band_fwd_kernel]
 
 
 def test_large_batches_launch_in_pieces(monkeypatch):
@@ -95,6 +115,7 @@ def test_ties_go_to_the_first_position_like_max_pool():
 
 
 @pytest.mark.parametrize("arch,kw,data_name", [("cnn_s", {}, "digits28"), ("cnn_gap", {}, "digits"),
+                                              ("smallcnn", {}, "digits28"),
                                               ("vit_t", {"patch": 4, "dim": 16, "depth": 1}, "digits")])
 def test_fused_population_matches_grouped(arch, kw, data_name, request, monkeypatch):
     """Every registry architecture with a conv (vit_t: the stride-`patch` patch embedding) on the kernels."""
@@ -112,14 +133,14 @@ def test_fused_population_matches_grouped(arch, kw, data_name, request, monkeypa
     assert float((a - b).norm() / b.norm()) < 1e-5
 
 
-@pytest.mark.parametrize("conv", ["grouped", "fused"])
-def test_training_loss_compiles_to_one_graph(conv, digits28):
+@pytest.mark.parametrize("arch,conv", [("cnn_s", "grouped"), ("cnn_s", "fused"), ("smallcnn", "fused")])
+def test_training_loss_compiles_to_one_graph(arch, conv, digits28):
     """A graph break would make torch.compile recompile per layer and fall back to eager (seen on the H100)."""
     import torch._dynamo
 
     members = [MemberSpec(seed=i, batch_size=8, dropout=0.5, activation=a, optimizer=o)
                for i, (a, o) in enumerate([("tanh", "adam"), ("relu", "sgd")])]
-    pop = Population("cnn_s", {}, members, digits28.to(DEVICE), conv=conv, precision="bf16")
+    pop = Population(arch, {}, members, digits28.to(DEVICE), conv=conv, precision="bf16")
     pop._prepare_kernels()  # as compile=True does: dynamo fails its guard if the plan cache fills while it traces
     xb, y, _, key = pop._batch(pop.epoch_order(1), 1, 0)
     explained = torch._dynamo.explain(pop._loss)(pop.flat.detach().requires_grad_(True), xb, y, key)
@@ -176,16 +197,16 @@ def test_fold_is_the_adjoint_of_the_band_matrix(geometry):
 
 @pytest.mark.skipif(not available(torch.device(DEVICE)), reason="needs Triton (GPU or its interpreter)")
 def test_recorded_launches_do_not_run_and_dedupe_by_specialization():
-    """`recording` collects the kernels' launches without running them; `_distinct` keeps one per
+    """`recording` collects the kernels' launches without running them; `distinct` keeps one per
     specialization (dtypes and alignment of tensors, values of the rest), which `precompile` compiles."""
-    from zoo._convpool import _distinct, recording
+    from zoo._triton import distinct, recording
 
     x, w, b = (torch.randn(*s, device=DEVICE) for s in [(3, 2, 1, 12, 12), (2, 4, 1, 3, 3), (2, 4)])
     with recording() as launches:
         z = conv_pool(x, w, b, 1, 1, 2)
         conv_pool(x, w, b, 1, 1, 2)  # the same specialization again
         conv_pool(x[:, :, :, :8, :8].contiguous(), w, b, 1, 1, 2)  # another geometry (constexprs)
-    assert len(launches) == 3 and len(_distinct(launches)) == 2
+    assert len(launches) == 3 and len(distinct(launches)) == 2
     assert z.shape == (3, 2, 4, 6, 6)
     assert not torch.allclose(z, _reference(x, w, b, 1, 1, 2), atol=1e-3)  # not run: z holds no result
-    assert len(_distinct(launches[:1] * 5)) == 1
+    assert len(distinct(launches[:1] * 5)) == 1

@@ -19,34 +19,29 @@ kernels run on CPU tensors (that is how the tests check them).
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs: the torch fallback below
-    triton = None
+from ._directconv import direct_conv
+from ._triton import (
+    MAX_GRID_Y,
+    NUM_WARPS,
+    available,
+    dot_dtype,
+    launch,
+    on_device,
+    pow2,
+    precompile,
+    recording,
+    stages,
+    tl,
+    triton,
+)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BAND_R, BAND_R_DT, NUM_WARPS = 64, 128, 4  # rows per program (forward, band gradient); measured on an H100
-MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis
-
-
-def available(device: torch.device) -> bool:
-    """Whether the Triton kernels run for tensors on `device` (CPU: Triton >= 3.9's interpreter; older
-    interpreters fail on runtime loop bounds)."""
-    if triton is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return INTERPRET and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
-
+__all__ = ["available", "conv_pool", "precompile", "recording"]
+BAND_R, BAND_R_DT = 64, 128  # rows per program (forward, band gradient); measured on an H100
 
 if triton is not None:
     @triton.jit
@@ -141,19 +136,6 @@ if triton is not None:
         tl.store(dt_ptr + part * (KB * N) + kk[:, None] * N + tl.arange(0, N)[None, :], acc, mask=(kk < KB)[:, None])
 
 
-def _dot_dtype(dtype: torch.dtype):
-    """bf16 tensor cores for bf16 activations; exact fp32 (no TF32) otherwise, to match torch's fp32 conv."""
-    if dtype == torch.bfloat16 and not INTERPRET:  # the interpreter's bf16 dot is wrong (triton 3.6-3.9)
-        return tl.bfloat16, "tf32"
-    return tl.float32, "ieee"
-
-
-def _stages(dtype: torch.dtype) -> int:
-    """Software-pipeline depth: fp32 operand tiles are twice as large, and three stages of them overflow an
-    H100's 227 KiB of shared memory (cnn_gap's band gradient asked for 272 KiB)."""
-    return 1 if dtype == torch.float32 else 3
-
-
 def _reference(x, w, b, stride, padding, pool):
     """The same function from stock PyTorch ops (grouped conv + max-pool): fallback and test oracle.
     x (B, 1, C, H, W) is every member's input: one dense conv with M*O output channels."""
@@ -198,10 +180,6 @@ class Band:
                 self.NXC, self.KB, self.BO)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 _BAND_PLANS: dict[tuple, Band | None] = {}
 _BAND_MAPS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # plain dicts: dynamo traces them
 
@@ -217,10 +195,10 @@ def band_plan(C: int, H: int, W: int, O: int, KS: int, S: int, P: int) -> Band |
 
 def _plan(C: int, H: int, W: int, O: int, KS: int, S: int, P: int) -> Band | None:
     Hq, Wq = ((H - KS) // S + 1) // P, ((W - KS) // S + 1) // P
-    SP, BO = (P - 1) * S + KS, _pow2(O)
+    SP, BO = (P - 1) * S + KS, pow2(O)
     best = None
     for XQ in (1, 2, 4, 8, 16):
-        XWP, N, NXC = max(4, _pow2((XQ * P - 1) * S + KS)), P * P * XQ * BO, -(-Wq // XQ)
+        XWP, N, NXC = max(4, pow2((XQ * P - 1) * S + KS)), P * P * XQ * BO, -(-Wq // XQ)
         KB = -(-C * SP * XWP // 16) * 16
         if 16 <= N <= 256:
             cost = (NXC * KB * N, NXC)
@@ -268,57 +246,8 @@ def _scatter_band(w_flat: torch.Tensor, valid: torch.Tensor, src: torch.Tensor, 
     return torch.where(valid, w_flat.to(dtype)[:, src], 0.0)
 
 
-def _on(device: torch.device):
-    """Triton launches on the current CUDA device: make it the tensors' (CPU/interpreter: nothing to do)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _band_of(x: torch.Tensor, O: int, KS: int, stride: int, pool: int) -> Band | None:
     return band_plan(x.shape[2], x.shape[3], x.shape[4], O, KS, stride, pool)
-
-
-_RECORDED: list | None = None  # a list while `recording()`: launches are collected there, not run
-
-
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    if _RECORDED is None:
-        kernel[grid](*args, **kwargs)
-    else:
-        _RECORDED.append((kernel, args, kwargs))
-
-
-@contextlib.contextmanager
-def recording():
-    """Collect the band-kernel launches made inside (their outputs stay uninitialised) for `precompile`."""
-    global _RECORDED
-    outer, _RECORDED = _RECORDED, []
-    try:
-        yield _RECORDED
-    finally:
-        _RECORDED = outer
-
-
-def _distinct(launches: list) -> list:
-    """One launch per kernel specialization: dtypes and 16-byte alignment of tensors, values of the rest."""
-    spec = lambda a: (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else repr(a)
-    return list({(id(k), tuple(map(spec, args)), repr(sorted(kw.items()))): (k, args, kw)
-                 for k, args, kw in launches}.values())
-
-
-JIT_THREADS = 8  # threads that compile kernel specializations (`precompile`)
-
-
-def precompile(launches: list, threads: int | None = None) -> int:
-    """JIT-compile the distinct specializations among recorded launches in threads, without running them; later
-    launches find them compiled. Triton's compiler passes release the GIL: 6 compiles took 1.90 s one after
-    another and 0.54 s in 6 threads on the H100 (benchmarks/triton_jit_threads.py). Returns how many."""
-    if INTERPRET or not launches:  # the interpreter compiles nothing
-        return 0
-    unique = _distinct(launches)
-    with ThreadPoolExecutor(min(threads or JIT_THREADS, len(unique))) as pool:
-        for f in [pool.submit(k.warmup, *args, grid=(1,), **kw) for k, args, kw in unique]:
-            f.result()
-    return len(unique)
 
 
 def _band_fwd(x, t, b, band: Band, winners: bool = True):
@@ -333,13 +262,13 @@ def _band_fwd(x, t, b, band: Band, winners: bool = True):
     # members on grid axis 0 (members sharing input rows run together); axis 1 holds at most MAX_GRID_Y
     # row blocks, so large evaluation chunks go in several launches of whole images
     per_launch = max(1, MAX_GRID_Y * BAND_R // (band.Hq * band.NXC))
-    with _on(x.device):
+    with on_device(x.device):
         for a in range(0, B, per_launch):
             xs, zs, args = x[a: a + per_launch], z[a: a + per_launch], arg[a: a + per_launch] if winners else arg
             n_rows = len(xs) * band.Hq * band.NXC
-            _launch(_band_fwd_kernel, (M, triton.cdiv(n_rows, BAND_R)),
+            launch(_band_fwd_kernel, (M, triton.cdiv(n_rows, BAND_R)),
                 xs, t, b, zs, args, M, x.shape[1], n_rows, *band.kernel_args(), BAND_R, block_k,
-                *_dot_dtype(x.dtype), winners, num_warps=NUM_WARPS, num_stages=_stages(x.dtype))
+                *dot_dtype(x.dtype), winners, num_warps=NUM_WARPS, num_stages=stages(x.dtype))
     return z, arg
 
 
@@ -348,15 +277,15 @@ def _band_dt(gz, arg, x, band: Band) -> torch.Tensor:
     B, M = x.shape[:2]
     n_rows = B * band.Hq * band.NXC
     # one K chunk per program when it fits in registers (the routed gradient is then loaded once per row)
-    block_k = next(k for k in (_pow2(band.KB), 128, 64, 32, 16)
+    block_k = next(k for k in (pow2(band.KB), 128, 64, 32, 16)
                    if k * band.N <= 8192 and (k >= band.KB or band.KB % k == 0))
     n_kc = triton.cdiv(band.KB, block_k)
     n_split = max(1, min(triton.cdiv(n_rows, BAND_R_DT), triton.cdiv(2048, M * n_kc)))  # fill the GPU
     dt = torch.empty(n_split, M, band.KB, band.N, device=x.device, dtype=torch.float32)
-    with _on(x.device):
-        _launch(_band_dt_kernel, (M, n_split, n_kc),
-            x, gz, arg, dt, M, n_rows, *band.kernel_args(), BAND_R_DT, block_k, *_dot_dtype(x.dtype),
-            num_warps=NUM_WARPS, num_stages=_stages(x.dtype))
+    with on_device(x.device):
+        launch(_band_dt_kernel, (M, n_split, n_kc),
+            x, gz, arg, dt, M, n_rows, *band.kernel_args(), BAND_R_DT, block_k, *dot_dtype(x.dtype),
+            num_warps=NUM_WARPS, num_stages=stages(x.dtype))
     return dt[0] if n_split == 1 else dt.sum(0)
 
 
@@ -462,6 +391,8 @@ def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1
         x, shared = x.expand(-1, M, *x.shape[2:]), False  # the backward kernels want one input per member
     if not available(x.device):
         return _reference(x, w, b, stride, padding, pool)
+    if pool == 1 and stride > 1:  # strided windows: the band would be mostly zeros (_directconv.py)
+        return direct_conv(x, w, b, stride, padding)
     xp = F.pad(x, (padding,) * 4) if padding else x  # the kernels see a pre-padded input
     O, C, KS = w.shape[1], w.shape[2], w.shape[-1]
     band = _band_of(xp, O, KS, stride, pool)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import _convpool
+from . import _triton
 from ._rng import TAG_DROPOUT, TAG_EVAL, TAG_NOISE, TAG_NOISE_LABEL, TAG_SUBSET, hash32
 from .cli import UsageError
 from .config import MemberSpec
@@ -314,14 +314,14 @@ class Population:
         traces (torch 2.11 fails the guard on that dict), and JIT-compiles the kernel specializations they
         launch in threads (one after another they took ~13 s per process on the H100). Whether the compiled
         step and evaluation launch only these is not checked (benchmarks/NOTES.md, "Open")."""
-        with _convpool.recording() as launches:
+        with _triton.recording() as launches:
             xb, y, _, key = self._batch(self.epoch_order(1), 1, 0)
             flat = self.flat.detach().requires_grad_(True)
             torch.autograd.grad(self._loss(flat, xb, y, key)[0], flat)
             with torch.no_grad():
                 for split in self._eval_splits():
                     self.evaluator._chunk(self.flat, *next(self.evaluator.chunks(*self._split(split))))
-        _convpool.precompile(launches)
+        _triton.precompile(launches)
 
     @property
     def size(self) -> int:

@@ -1,0 +1,239 @@
+"""Per-member convolution without pooling as implicit-GEMM Triton kernels: the strided 3x3 convs of cnn_gap /
+smallcnn and vit_t's patch embedding, where the band form of `_convpool.py` spends most MACs and loads on
+the zeros between strided windows.
+
+`direct_conv(x, w, b, stride, padding)` is `conv2d(x_m, w_m, b_m)` for every member m. Activations are
+`(B, M, C, H, W)`, weights `(M, O, C, k, k)` read in place (no band matrix). A GEMM row is one output pixel
+(image, oy, ox) of member m and K is the patch under it, (c, ky, kx): the kernel gathers the patch from the
+input (zero padding by masks, so no padded copy exists) and multiplies it by the member's (K, O) kernel
+matrix on tensor cores. Backward:
+- dw[m] (O, K) = sum over rows of gz (rows, O)^T @ patch (rows, K), partial sums over row splits added
+  in a fixed order (deterministic);
+- dx: a row is one input pixel, K is (o, ky, kx): the output gradient at (iy + pad - ky) / S where that is
+  a whole output pixel (masked elsewhere: with stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx].
+Without Triton the caller uses grouped conv (`_convpool._reference`); TRITON_INTERPRET=1 runs these on CPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import MAX_GRID_Y, NUM_WARPS, dot_dtype, launch, on_device, pow2, stages, tl, triton
+
+BLOCK_R, BLOCK_R_DW = 128, 128  # GEMM rows per program (forward / input gradient, weight gradient)
+
+
+def out_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+def block_k(K: int) -> int:
+    """K chunk: the power of two in 16..64 that pads K least (ties: the larger)."""
+    return min((-(-K // k) * k, -k, k) for k in (64, 32, 16))[2]
+
+
+if triton is not None:
+    @triton.jit
+    def _patch(x_ptr, xbase, oy, ox, rok, k0, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+               KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(R, BLOCK_K) patch values k = (c, ky, kx) under output pixels (oy, ox); zero outside the image."""
+        k = k0 + tl.arange(0, BLOCK_K)
+        c, ky, kx = k // (KS * KS), (k // KS) % KS, k % KS
+        iy = oy[:, None] * S + ky[None, :] - PAD
+        ix = ox[:, None] * S + kx[None, :] - PAD
+        ok = rok[:, None] & (k < K)[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        return tl.load(x_ptr + xbase[:, None] + c[None, :] * (H * W) + iy * W + ix, mask=ok, other=0.0)
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, M, XM, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                    O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
+                    PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr,
+                    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """z = conv_S(x, w[m]) + b[m] for a tile of output pixels of member m: patch (R, K) @ w[m]^T (K, O).
+        The input has XM = M members, or XM = 1 when every member reads the same images (evaluation)."""
+        m = tl.program_id(0)
+        r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        rok = r < n_rows
+        image, pix = (r // (Ho * Wo)).to(tl.int64), r % (Ho * Wo)
+        oy, ox = pix // Wo, pix % Wo
+        xbase = (image * XM + m % XM) * (C * H * W)
+        o = tl.arange(0, BO)
+        acc = tl.zeros((BLOCK, BO), tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            a = _patch(x_ptr, xbase, oy, ox, rok, k0, C, H, W, KS, S, PAD, K, BLOCK_K)
+            k = k0 + tl.arange(0, BLOCK_K)
+            wt = tl.load(w_ptr + m * (O * K) + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :],
+                         other=0.0)  # (BLOCK_K, BO)
+            acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
+        acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[None, :]
+        out = (image * M + m)[:, None] * (O * Ho * Wo) + o[None, :] * (Ho * Wo) + pix[:, None]  # (B, M, O, Ho, Wo)
+        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=rok[:, None] & (o < O)[None, :])
+
+    @triton.jit
+    def _dw_kernel(x_ptr, gz_ptr, dw_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                   O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
+                   PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """Partial weight gradient of member m over every n_split-th row block, K chunk kc:
+        dw[split, m, o, k] = sum over rows of gz[row, o] * patch[row, k]. K chunks on grid axis 0, so a
+        member's chunks run together and re-read its output gradient from L2."""
+        kc, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_split = tl.num_programs(2)
+        o = tl.arange(0, BO)
+        acc = tl.zeros((BLOCK_K, BO), tl.float32)
+        for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
+            r = r0 + tl.arange(0, BLOCK)
+            rok = r < n_rows
+            image, pix = (r // (Ho * Wo)).to(tl.int64), r % (Ho * Wo)
+            g = tl.load(gz_ptr + (image * M + m)[:, None] * (O * Ho * Wo) + o[None, :] * (Ho * Wo) + pix[:, None],
+                        mask=rok[:, None] & (o < O)[None, :], other=0.0)  # (R, BO)
+            a = _patch(x_ptr, (image * M + m) * (C * H * W), pix // Wo, pix % Wo, rok, kc * BLOCK_K,
+                       C, H, W, KS, S, PAD, K, BLOCK_K)
+            acc += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)
+        k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        part = (split * M + m).to(tl.int64) * O
+        tl.store(dw_ptr + (part + o[None, :]) * K + k[:, None], acc, mask=(k < K)[:, None] & (o < O)[None, :])
+
+    @triton.jit
+    def _dx_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+                   O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
+                   PAD: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """dx for a tile of input pixels (iy, ix) of member m: K = (o, ky, kx), the output gradient at
+        ((iy + PAD - ky) / S, (ix + PAD - kx) / S) where both are whole and inside, times w[m, o, c, ky, kx]."""
+        KO: tl.constexpr = O * KS * KS
+        m = tl.program_id(0)
+        r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        rok = r < n_rows
+        image, pix = (r // (H * W)).to(tl.int64), r % (H * W)
+        iy, ix = pix // W, pix % W
+        gbase = (image * M + m) * (O * Ho * Wo)
+        c = tl.arange(0, BC)
+        acc = tl.zeros((BLOCK, BC), tl.float32)
+        for k0 in tl.static_range(0, KO, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            o, ky, kx = k // (KS * KS), (k // KS) % KS, k % KS
+            ty, tx = iy[:, None] + PAD - ky[None, :], ix[:, None] + PAD - kx[None, :]  # (R, BLOCK_K)
+            oy, ox = ty // S, tx // S
+            ok = (rok[:, None] & (k < KO)[None, :] & (ty >= 0) & (tx >= 0) & (ty % S == 0) & (tx % S == 0)
+                  & (oy < Ho) & (ox < Wo))
+            g = tl.load(gz_ptr + gbase[:, None] + o[None, :] * (Ho * Wo) + oy * Wo + ox, mask=ok, other=0.0)
+            wt = tl.load(w_ptr + m * (O * C * KS * KS) + (o * (C * KS * KS) + ky * KS + kx)[:, None]
+                         + c[None, :] * (KS * KS), mask=(k < KO)[:, None] & (c < C)[None, :], other=0.0)
+            acc += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
+        out = (image * M + m)[:, None] * (C * H * W) + c[None, :] * (H * W) + pix[:, None]
+        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=rok[:, None] & (c < C)[None, :])
+
+
+def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, ...]:
+    """(C, H, W, O, Ho, Wo, KS, S, PAD): the kernels' shape arguments."""
+    C, H, W = x_shape[-3:]
+    O, KS = w_shape[1], w_shape[-1]
+    return C, H, W, O, out_size(H, KS, stride, padding), out_size(W, KS, stride, padding), KS, stride, padding
+
+
+def _fwd(x, w, b, stride: int, padding: int) -> torch.Tensor:
+    """x (B, M or 1, C, H, W), w (M, O, C, k, k), b (M, O) -> z (B, M, O, Ho, Wo) in x's dtype. Grid axis 1
+    holds at most MAX_GRID_Y row blocks, so large evaluation chunks go in several launches of whole images."""
+    g = _geometry(x.shape, w.shape, stride, padding)
+    C, O, Ho, Wo, KS = g[0], g[3], g[4], g[5], g[6]
+    B, M, K = x.shape[0], w.shape[0], C * KS * KS
+    z = torch.empty(B, M, O, Ho, Wo, device=x.device, dtype=x.dtype)
+    per_launch = max(1, MAX_GRID_Y * BLOCK_R // (Ho * Wo))
+    with on_device(x.device):
+        for a in range(0, B, per_launch):
+            xs, zs = x[a: a + per_launch], z[a: a + per_launch]
+            n_rows = len(xs) * Ho * Wo
+            launch(_fwd_kernel, (M, triton.cdiv(n_rows, BLOCK_R)), xs, w, b, zs, M, x.shape[1], n_rows, *g, K,
+                    max(16, pow2(O)), BLOCK_R, block_k(K), *dot_dtype(x.dtype), num_warps=NUM_WARPS,
+                    num_stages=stages(x.dtype))
+    return z
+
+
+def _dw(gz, x, w_shape, stride: int, padding: int) -> torch.Tensor:
+    """Weight gradient (M, O, C, k, k) float32 from gz (B, M, O, Ho, Wo) and x (B, M, C, H, W)."""
+    g = _geometry(x.shape, w_shape, stride, padding)
+    C, KS, O = g[0], g[6], g[3]
+    B, M = x.shape[:2]
+    K, bk = C * KS * KS, block_k(C * KS * KS)
+    n_rows, n_kc = B * g[4] * g[5], triton.cdiv(C * KS * KS, bk)
+    n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R_DW), triton.cdiv(2048, M * n_kc)))  # fill the GPU
+    dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
+    with on_device(x.device):
+        launch(_dw_kernel, (n_kc, M, n_split), x, gz, dw, M, n_rows, *g, K, max(16, pow2(O)), BLOCK_R_DW, bk,
+                *dot_dtype(x.dtype), num_warps=NUM_WARPS, num_stages=stages(x.dtype))
+    return (dw[0] if n_split == 1 else dw.sum(0)).view(w_shape)
+
+
+def _dx(gz, w, x_shape, stride: int, padding: int) -> torch.Tensor:
+    """Input gradient (B, M, C, H, W) in gz's dtype."""
+    g = _geometry(x_shape, w.shape, stride, padding)
+    C, H, W, O, KS = g[0], g[1], g[2], g[3], g[6]
+    B, M = gz.shape[:2]
+    dx = torch.empty(B, M, C, H, W, device=gz.device, dtype=gz.dtype)
+    per_launch = max(1, MAX_GRID_Y * BLOCK_R // (H * W))
+    with on_device(gz.device):
+        for a in range(0, B, per_launch):
+            gs, dxs = gz[a: a + per_launch], dx[a: a + per_launch]
+            n_rows = len(gs) * H * W
+            launch(_dx_kernel, (M, triton.cdiv(n_rows, BLOCK_R)), gs, w, dxs, M, n_rows, *g, max(16, pow2(C)),
+                    BLOCK_R, block_k(O * KS * KS), *dot_dtype(gz.dtype), num_warps=NUM_WARPS,
+                    num_stages=stages(gz.dtype))
+    return dx
+
+
+# Custom ops: opaque to torch.compile, differentiable through autograd (as the band ops of _convpool.py)
+@torch.library.custom_op("weightzoo::direct_conv", mutates_args=())
+def _conv_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    return _fwd(x.contiguous(), w.contiguous(), b.contiguous(), stride, padding)
+
+
+@_conv_op.register_fake
+def _(x, w, b, stride, padding):
+    O, Ho, Wo = _geometry(x.shape, w.shape, stride, padding)[3:6]
+    return x.new_empty(x.shape[0], w.shape[0], O, Ho, Wo)
+
+
+@torch.library.custom_op("weightzoo::direct_conv_dw", mutates_args=())
+def _dw_op(gz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    return _dw(gz.contiguous(), x.contiguous(), w.shape, stride, padding)
+
+
+@_dw_op.register_fake
+def _(gz, x, w, stride, padding):
+    return w.new_empty(w.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("weightzoo::direct_conv_dx", mutates_args=())
+def _dx_op(gz: torch.Tensor, w: torch.Tensor, x: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """x is here for its shape and dtype only."""
+    return _dx(gz.to(x.dtype).contiguous(), w.contiguous(), x.shape, stride, padding)
+
+
+@_dx_op.register_fake
+def _(gz, w, x, stride, padding):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    x, w, _, stride, padding = inputs
+    ctx.save_for_backward(x, w)
+    ctx.geometry = (stride, padding)
+
+
+def _backward(ctx, gz):
+    x, w = ctx.saved_tensors
+    stride, padding = ctx.geometry
+    dw = _dw_op(gz, x, w, stride, padding).to(w.dtype)
+    db = gz.float().sum((0, 3, 4)).to(w.dtype)
+    dx = _dx_op(gz, w, x, stride, padding) if ctx.needs_input_grad[0] else None
+    return dx, dw, db, None, None
+
+
+_conv_op.register_autograd(_backward, setup_context=_setup)
+
+
+def direct_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """x (B, M or 1, C, H, W), w (M, O, C, k, k), b (M, O) -> (B, M, O, Ho, Wo) = conv2d per member, in x's
+    dtype (bf16: tensor cores, fp32 accumulation; fp32: exact fp32 products). The caller checks
+    `_triton.available(x.device)` and expands a shared input when gradients are needed."""
+    return _conv_op(x, w, b, stride, padding)
