@@ -9,9 +9,8 @@ input (zero padding by masks, so no padded copy exists) and multiplies it by the
 matrix on tensor cores. Backward:
 - dw[m] (O, K) = sum over rows of gz (rows, O)^T @ patch (rows, K), partial sums over row splits added
   in a fixed order (deterministic);
-- dx: a row is one input pixel, K is (tap, o): w[m, o, c, ky, kx] times the output gradient at
-  ((iy + pad - ky) / S, (ix + pad - kx) / S). Only taps with ky = (iy + pad) mod S (mod S) reach a pixel, so
-  the pixels are split into S x S phases, each with its own taps (3x3 stride 2: 4, 2, 2 and 1 of the 9).
+- dx: a row is one input pixel, K is (o, ky, kx): the output gradient at (iy + pad - ky) / S where that is
+  a whole output pixel (masked elsewhere: with stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx].
 Without Triton the caller uses grouped conv (`_convpool._reference`); TRITON_INTERPRET=1 runs these on CPU.
 """
 from __future__ import annotations
@@ -33,42 +32,41 @@ def block_k(K: int) -> int:
 
 
 if triton is not None:
-    # Tiles are (channel or K, pixel) with pixels last: a warp's lanes then walk along an image row (stride-S
-    # addresses, a cache line or two per load) instead of across channel planes (one line per lane).
     @triton.jit
     def _patch(x_ptr, xbase, oy, ox, rok, k0, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr):
-        """(BLOCK_K, R) patch values k = (c, ky, kx) under output pixels (oy, ox); zero outside the image."""
+        """(R, BLOCK_K) patch values k = (c, ky, kx) under output pixels (oy, ox); zero outside the image."""
         k = k0 + tl.arange(0, BLOCK_K)
         c, ky, kx = k // (KS * KS), (k // KS) % KS, k % KS
-        iy = oy[None, :] * S + ky[:, None] - PAD
-        ix = ox[None, :] * S + kx[:, None] - PAD
-        ok = rok[None, :] & (k < K)[:, None] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
-        return tl.load(x_ptr + xbase[None, :] + c[:, None] * (H * W) + iy * W + ix, mask=ok, other=0.0)
+        iy = oy[:, None] * S + ky[None, :] - PAD
+        ix = ox[:, None] * S + kx[None, :] - PAD
+        ok = rok[:, None] & (k < K)[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        return tl.load(x_ptr + xbase[:, None] + c[None, :] * (H * W) + iy * W + ix, mask=ok, other=0.0)
 
     @triton.jit
     def _fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, M, XM, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                     O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
                     PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr,
                     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """z^T = w[m] (O, K) @ patch^T (K, R) + b[m] for a tile of R output pixels of member m. The input has
-        XM = M members, or XM = 1 when every member reads the same images (evaluation)."""
+        """z = conv_S(x, w[m]) + b[m] for a tile of output pixels of member m: patch (R, K) @ w[m]^T (K, O).
+        The input has XM = M members, or XM = 1 when every member reads the same images (evaluation)."""
         m = tl.program_id(0)
         r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         rok = r < n_rows
         image, pix = (r // (Ho * Wo)).to(tl.int64), r % (Ho * Wo)
+        oy, ox = pix // Wo, pix % Wo
         xbase = (image * XM + m % XM) * (C * H * W)
         o = tl.arange(0, BO)
-        acc = tl.zeros((BO, BLOCK), tl.float32)
+        acc = tl.zeros((BLOCK, BO), tl.float32)
         for k0 in tl.static_range(0, K, BLOCK_K):
-            a = _patch(x_ptr, xbase, pix // Wo, pix % Wo, rok, k0, C, H, W, KS, S, PAD, K, BLOCK_K)
+            a = _patch(x_ptr, xbase, oy, ox, rok, k0, C, H, W, KS, S, PAD, K, BLOCK_K)
             k = k0 + tl.arange(0, BLOCK_K)
-            wt = tl.load(w_ptr + m * (O * K) + o[:, None] * K + k[None, :], mask=(o < O)[:, None] & (k < K)[None, :],
-                         other=0.0)  # (BO, BLOCK_K)
-            acc += tl.dot(wt.to(DOT_DTYPE), a.to(DOT_DTYPE), input_precision=PREC)
-        acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[:, None]
-        out = (image * M + m)[None, :] * (O * Ho * Wo) + o[:, None] * (Ho * Wo) + pix[None, :]  # (B, M, O, Ho, Wo)
-        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=(o < O)[:, None] & rok[None, :])
+            wt = tl.load(w_ptr + m * (O * K) + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :],
+                         other=0.0)  # (BLOCK_K, BO)
+            acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
+        acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[None, :]
+        out = (image * M + m)[:, None] * (O * Ho * Wo) + o[None, :] * (Ho * Wo) + pix[:, None]  # (B, M, O, Ho, Wo)
+        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=rok[:, None] & (o < O)[None, :])
 
     @triton.jit
     def _dw_kernel(x_ptr, gz_ptr, dw_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
@@ -76,56 +74,54 @@ if triton is not None:
                    PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
         """Partial weight gradient of member m over every n_split-th row block, K chunk kc:
-        dw[split, m] (O, BLOCK_K) = sum over rows of gz^T (O, R) @ patch (R, BLOCK_K). K chunks on grid axis 0,
-        so a member's chunks run together and re-read its output gradient from L2."""
+        dw[split, m, o, k] = sum over rows of gz[row, o] * patch[row, k]. K chunks on grid axis 0, so a
+        member's chunks run together and re-read its output gradient from L2."""
         kc, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_split = tl.num_programs(2)
         o = tl.arange(0, BO)
-        acc = tl.zeros((BO, BLOCK_K), tl.float32)
+        acc = tl.zeros((BLOCK_K, BO), tl.float32)
         for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
             r = r0 + tl.arange(0, BLOCK)
             rok = r < n_rows
             image, pix = (r // (Ho * Wo)).to(tl.int64), r % (Ho * Wo)
-            g = tl.load(gz_ptr + (image * M + m)[None, :] * (O * Ho * Wo) + o[:, None] * (Ho * Wo) + pix[None, :],
-                        mask=(o < O)[:, None] & rok[None, :], other=0.0)  # (BO, R)
+            g = tl.load(gz_ptr + (image * M + m)[:, None] * (O * Ho * Wo) + o[None, :] * (Ho * Wo) + pix[:, None],
+                        mask=rok[:, None] & (o < O)[None, :], other=0.0)  # (R, BO)
             a = _patch(x_ptr, (image * M + m) * (C * H * W), pix // Wo, pix % Wo, rok, kc * BLOCK_K,
                        C, H, W, KS, S, PAD, K, BLOCK_K)
-            acc += tl.dot(g.to(DOT_DTYPE), tl.trans(a.to(DOT_DTYPE)), input_precision=PREC)
+            acc += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)
         k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
         part = (split * M + m).to(tl.int64) * O
-        tl.store(dw_ptr + (part + o[:, None]) * K + k[None, :], acc, mask=(o < O)[:, None] & (k < K)[None, :])
+        tl.store(dw_ptr + (part + o[None, :]) * K + k[:, None], acc, mask=(k < K)[:, None] & (o < O)[None, :])
 
     @triton.jit
-    def _dx_kernel(gz_ptr, w_ptr, dx_ptr, M, NQ, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    def _dx_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                    O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
-                   PAD: tl.constexpr, QH: tl.constexpr, QW: tl.constexpr, BC: tl.constexpr, BO: tl.constexpr,
-                   BLOCK: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """dx for a tile of input pixels of member m in one phase (ry, rx) = ((iy + PAD) % S, (ix + PAD) % S)
-        (grid axis 2): only taps ky = ry + j S, kx = rx + i S reach them, from output pixel (qy - j, qx - i)
-        where qy = (iy + PAD) // S. K = (tap, o); each tap is one (C, O) @ (O, R) product. Rows are
-        (image, qy, qx) over a QH x QW grid per image (NQ rows in all); pixels outside the input are masked."""
-        m, phase = tl.program_id(0), tl.program_id(2)
-        ry, rx = phase // S, phase % S
+                   PAD: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """dx for a tile of input pixels (iy, ix) of member m: K = (o, ky, kx), the output gradient at
+        ((iy + PAD - ky) / S, (ix + PAD - kx) / S) where both are whole and inside, times w[m, o, c, ky, kx]."""
+        KO: tl.constexpr = O * KS * KS
+        m = tl.program_id(0)
         r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        image, q = (r // (QH * QW)).to(tl.int64), r % (QH * QW)
-        qy, qx = q // QW, q % QW
-        iy, ix = qy * S + ry - PAD, qx * S + rx - PAD
-        rok = (r < NQ) & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        rok = r < n_rows
+        image, pix = (r // (H * W)).to(tl.int64), r % (H * W)
+        iy, ix = pix // W, pix % W
         gbase = (image * M + m) * (O * Ho * Wo)
-        c, o = tl.arange(0, BC), tl.arange(0, BO)
-        acc = tl.zeros((BC, BLOCK), tl.float32)
-        for j in range(0, (KS - ry + S - 1) // S):
-            for i in range(0, (KS - rx + S - 1) // S):
-                oy, ox = qy - j, qx - i
-                ok = rok & (oy >= 0) & (oy < Ho) & (ox >= 0) & (ox < Wo)
-                g = tl.load(gz_ptr + gbase[None, :] + o[:, None] * (Ho * Wo) + (oy * Wo + ox)[None, :],
-                            mask=(o < O)[:, None] & ok[None, :], other=0.0)  # (BO, R)
-                tap = (ry + j * S) * KS + rx + i * S
-                wt = tl.load(w_ptr + m * (O * C * KS * KS) + o[None, :] * (C * KS * KS) + c[:, None] * (KS * KS) + tap,
-                             mask=(c < C)[:, None] & (o < O)[None, :], other=0.0)  # (BC, BO)
-                acc += tl.dot(wt.to(DOT_DTYPE), g.to(DOT_DTYPE), input_precision=PREC)
-        out = (image * M + m)[None, :] * (C * H * W) + c[:, None] * (H * W) + (iy * W + ix)[None, :]
-        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=(c < C)[:, None] & rok[None, :])
+        c = tl.arange(0, BC)
+        acc = tl.zeros((BLOCK, BC), tl.float32)
+        for k0 in tl.static_range(0, KO, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            o, ky, kx = k // (KS * KS), (k // KS) % KS, k % KS
+            ty, tx = iy[:, None] + PAD - ky[None, :], ix[:, None] + PAD - kx[None, :]  # (R, BLOCK_K)
+            oy, ox = ty // S, tx // S
+            ok = (rok[:, None] & (k < KO)[None, :] & (ty >= 0) & (tx >= 0) & (ty % S == 0) & (tx % S == 0)
+                  & (oy < Ho) & (ox < Wo))
+            g = tl.load(gz_ptr + gbase[:, None] + o[None, :] * (Ho * Wo) + oy * Wo + ox, mask=ok, other=0.0)
+            wt = tl.load(w_ptr + m * (O * C * KS * KS) + (o * (C * KS * KS) + ky * KS + kx)[:, None]
+                         + c[None, :] * (KS * KS), mask=(k < KO)[:, None] & (c < C)[None, :], other=0.0)
+            acc += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
+        out = (image * M + m)[:, None] * (C * H * W) + c[None, :] * (H * W) + pix[:, None]
+        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=rok[:, None] & (c < C)[None, :])
 
 
 def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, ...]:
@@ -169,20 +165,19 @@ def _dw(gz, x, w_shape, stride: int, padding: int) -> torch.Tensor:
 
 
 def _dx(gz, w, x_shape, stride: int, padding: int) -> torch.Tensor:
-    """Input gradient (B, M, C, H, W) in gz's dtype: one launch, the S x S phases on grid axis 2."""
+    """Input gradient (B, M, C, H, W) in gz's dtype."""
     g = _geometry(x_shape, w.shape, stride, padding)
-    C, H, W, O, S, PAD = g[0], g[1], g[2], g[3], g[7], g[8]
+    C, H, W, O, KS = g[0], g[1], g[2], g[3], g[6]
     B, M = gz.shape[:2]
-    QH, QW = (H + PAD + S - 1) // S, (W + PAD + S - 1) // S  # qy = (iy + PAD) // S for every phase
     dx = torch.empty(B, M, C, H, W, device=gz.device, dtype=gz.dtype)
-    per_launch = max(1, MAX_GRID_Y * BLOCK_R // (QH * QW))
+    per_launch = max(1, MAX_GRID_Y * BLOCK_R // (H * W))
     with on_device(gz.device):
         for a in range(0, B, per_launch):
             gs, dxs = gz[a: a + per_launch], dx[a: a + per_launch]
-            n_rows = len(gs) * QH * QW
-            launch(_dx_kernel, (M, triton.cdiv(n_rows, BLOCK_R), S * S), gs, w, dxs, M, n_rows, *g, QH, QW,
-                   max(16, pow2(C)), max(16, pow2(O)), BLOCK_R, *dot_dtype(gz.dtype), num_warps=NUM_WARPS,
-                   num_stages=stages(gz.dtype))
+            n_rows = len(gs) * H * W
+            launch(_dx_kernel, (M, triton.cdiv(n_rows, BLOCK_R)), gs, w, dxs, M, n_rows, *g, max(16, pow2(C)),
+                    BLOCK_R, block_k(O * KS * KS), *dot_dtype(gz.dtype), num_warps=NUM_WARPS,
+                    num_stages=stages(gz.dtype))
     return dx
 
 
