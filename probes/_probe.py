@@ -40,36 +40,62 @@ def member_split(data: ProbeData, seed: int, test_fraction: float) -> np.ndarray
     return np.isin(ids, test)
 
 
+class _RidgeFolds:
+    """Grouped K-fold decompositions of one input matrix for ridge: the eigendecomposition of each training
+    fold's centred Gram matrix (p x p), from which every alpha's solution is one product. Every continuous
+    target on these inputs reuses them (the folds depend on the member groups only): a 10,000-member zoo's
+    raw weights (40k rows x 4,970) then cost six decompositions per feature set, not six per target."""
+
+    def __init__(self, X, groups, n_splits: int):
+        self.X = X
+        self.splits = list(GroupKFold(n_splits=n_splits).split(X, groups=groups))
+        self._dec: dict[int, tuple] = {}
+
+    def decomposition(self, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, mean, eigenvalues, eigenvectors) of a training fold (-1: all rows)."""
+        if fold not in self._dec:
+            rows = np.arange(len(self.X)) if fold < 0 else self.splits[fold][0]
+            mx = self.X[rows].mean(0)
+            xc = self.X[rows] - mx
+            s2, v = np.linalg.eigh(xc.T @ xc)
+            self._dec[fold] = rows, mx, np.clip(s2, 0.0, None), v
+        return self._dec[fold]
+
+    def path(self, y, fold: int, alphas) -> tuple[np.ndarray, np.ndarray]:
+        """Coefficients (p, n_alphas) and intercepts of ridge on the fold's centred rows, for every alpha."""
+        rows, mx, s2, v = self.decomposition(fold)
+        my = y[rows].mean()
+        proj = v.T @ (self.X[rows].T @ (y[rows] - my))  # (p,): V^T Xc^T (y - my), Xc^T 1 = 0
+        coefs = v @ (proj[:, None] / (s2[:, None] + np.asarray(alphas)[None, :]))
+        return coefs, my - mx @ coefs
+
+
 class _RidgeCV:
-    """Ridge with alpha chosen by grouped K-fold CV: one SVD per fold serves every alpha."""
+    """Ridge with alpha chosen by grouped K-fold CV on shared fold decompositions (`_RidgeFolds`)."""
     alphas = np.logspace(-3, 5, 17)
 
-    def fit(self, X, y, groups, n_splits):
+    def fit(self, folds: _RidgeFolds, y):
         err = np.zeros(len(self.alphas))
-        for tr, va in GroupKFold(n_splits=n_splits).split(X, y, groups):
-            coefs, b = self._path(X[tr], y[tr])
-            err += ((X[va] @ coefs + b - y[va][:, None]) ** 2).sum(0)
+        for i, (_, va) in enumerate(folds.splits):
+            coefs, b = folds.path(y, i, self.alphas)
+            err += ((folds.X[va] @ coefs + b - y[va][:, None]) ** 2).sum(0)
         self.alpha_ = self.alphas[int(np.argmin(err))]
-        coefs, self.intercept_ = self._path(X, y, [self.alpha_])
-        self.coef_ = coefs[:, 0]
+        coefs, intercept = folds.path(y, -1, [self.alpha_])
+        self.coef_, self.intercept_ = coefs[:, 0], intercept[0]
         return self
-
-    def _path(self, X, y, alphas=None):
-        """Coefficients (p, n_alphas) and intercepts of ridge on centred data, for every alpha."""
-        alphas = self.alphas if alphas is None else np.asarray(alphas)
-        mx, my = X.mean(0), y.mean()
-        u, sv, vt = np.linalg.svd(X - mx, full_matrices=False)
-        coefs = vt.T @ ((sv / (sv ** 2 + alphas[:, None]))[:, :, None] * (u.T @ (y - my))[None, :, None])[..., 0].T
-        return coefs, my - mx @ coefs
 
     def predict(self, X):
         return X @ self.coef_ + self.intercept_
 
 
-def _linear(kind: str, X, y, groups, seed: int):
-    n_splits = min(5 if kind == "continuous" else 3, len(np.unique(groups)))
+def _n_splits(kind: str, groups) -> int:
+    return min(5 if kind == "continuous" else 3, len(np.unique(groups)))
+
+
+def _linear(kind: str, X, y, groups, seed: int, folds: _RidgeFolds | None = None):
+    n_splits = _n_splits(kind, groups)
     if kind == "continuous":
-        return _RidgeCV().fit(X, y, groups, n_splits)
+        return _RidgeCV().fit(folds or _RidgeFolds(X, groups, n_splits), y)
     # C by grouped CV, when every class spans enough members that each training fold holds them all
     members_per_class = min(len(np.unique(groups[y == c])) for c in np.unique(y))
     if members_per_class < 2 * n_splits:
@@ -102,9 +128,11 @@ def prepare(column: str, data: ProbeData, test: np.ndarray) -> tuple[np.ndarray,
     return Xtr, Xte
 
 
-def fit_predict(column: str, kind: str, data: ProbeData, y, test, seed: int, inputs=None) -> np.ndarray:
+def fit_predict(column: str, kind: str, data: ProbeData, y, test, seed: int, inputs=None,
+                folds: _RidgeFolds | None = None) -> np.ndarray:
     """Fit one probe on the training rows, predict the test rows. Regression predictions are clipped
-    to the range of the training targets (a linear map must not extrapolate an accuracy above 1)."""
+    to the range of the training targets (a linear map must not extrapolate an accuracy above 1).
+    `inputs` (train, test) and ridge `folds` on those training inputs may come from earlier targets."""
     Xtr, Xte = inputs if inputs is not None else prepare(column, data, test)
     if kind == "multilabel":  # one binary probe per label column; a label constant in training is predicted so
         return np.stack([_binary(column, data, y[:, k], test, seed, (Xtr, Xte)) for k in range(y.shape[1])], 1)
@@ -114,7 +142,7 @@ def fit_predict(column: str, kind: str, data: ProbeData, y, test, seed: int, inp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a probe that did not converge is still a probe
         warnings.simplefilter("ignore", LinAlgWarning)  # ill-conditioned at the smallest alphas; CV avoids them
-        model = _linear(kind, Xtr, y[~test], data.rows["member"].to_numpy()[~test], seed)
+        model = _linear(kind, Xtr, y[~test], data.rows["member"].to_numpy()[~test], seed, folds)
     pred = model.predict(Xte)
     return np.clip(pred, y[~test].min(), y[~test].max()) if kind == "continuous" else pred
 
@@ -170,7 +198,7 @@ def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fra
                and (data.emb_seq is not None or not c.startswith("emb seq"))]
     jobs = [(t, target_kind(data.rows[t], t)) for t in targets]
     jobs = [(t, k) for t, k in jobs if k is not None]
-    results, predictions, inputs = [], {}, {}
+    results, predictions, inputs, folds = [], {}, {}, {}
     bar = tqdm(total=len(jobs) * len(columns), unit="probe", desc="probes", disable=not progress)
     with bar:
         for name, kind in jobs:
@@ -180,7 +208,9 @@ def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fra
                 bar.set_postfix_str(f"{name} / {col}", refresh=False)
                 if col not in inputs:
                     inputs[col] = prepare(col, data, test)
-                pred = fit_predict(col, kind, data, y, test, seed, inputs[col])
+                if kind == "continuous" and col not in folds and not col.endswith("gbm"):
+                    folds[col] = _RidgeFolds(inputs[col][0], members[~test], _n_splits(kind, members[~test]))
+                pred = fit_predict(col, kind, data, y, test, seed, inputs[col], folds.get(col))
                 predictions[name][col] = (y[test], pred)
                 results.append({"target": name, "kind": kind, "column": col,
                                 **score(kind, y[test], pred, members[test], n_boot, seed)})
