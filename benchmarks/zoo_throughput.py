@@ -41,7 +41,10 @@ from zoo.build import eval_bytes, run_order  # noqa: E402
 from zoo.population import member_order  # noqa: E402
 from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
 
-ARCH_KWARGS = {"cnn_s": {}, "cnn_l": {}, "cnn_gap": {}, "smallcnn": {}, "mlp": {}, "vit_t": {"patch": 7, "dim": 32, "depth": 2}}
+ARCH_KWARGS = {
+    "cnn_s": {}, "cnn_l": {}, "cnn_gap": {}, "smallcnn": {}, "mlp": {},
+    "vit_t": {"patch": 7, "dim": 32, "depth": 2},
+}
 VARIANTS = {  # name: (precision, compile, conv, cuda_graphs)
     "fp32": ("fp32", False, "grouped", False), "bf16": ("bf16", False, "grouped", False),
     "fp32+compile": ("fp32", True, "grouped", False), "bf16+compile": ("bf16", True, "grouped", False),
