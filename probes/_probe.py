@@ -40,14 +40,35 @@ def member_split(data: ProbeData, seed: int, test_fraction: float) -> np.ndarray
     return np.isin(ids, test)
 
 
+def probe_device(device: str = "auto") -> str:
+    """Where the probes' dense linear algebra runs: 'cuda' (torch, float64) when asked or available, else 'cpu'."""
+    if device == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _eigh_gram(X: np.ndarray, device: str = "cpu", rows: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (clipped at 0) and eigenvectors of X^T X (p x p), or of X X^T (n x n) with rows, in float64.
+    On 'cuda' through torch: one 5,000-wide decomposition costs ~10 s on 16 CPU cores, and a fold's probes on a
+    10,000-member zoo need a dozen. 'torch' runs the torch path on the CPU (tests compare it with numpy's)."""
+    if device == "cpu":
+        s2, v = np.linalg.eigh(X @ X.T if rows else X.T @ X)
+        return np.clip(s2, 0.0, None), v
+    import torch
+    xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64)).to("cpu" if device == "torch" else device)
+    s2, v = torch.linalg.eigh(xt @ xt.T if rows else xt.T @ xt)
+    return s2.clamp_min(0.0).cpu().numpy(), v.cpu().numpy()
+
+
 class _RidgeFolds:
     """Grouped K-fold decompositions of one input matrix for ridge: the eigendecomposition of each training
     fold's centred Gram matrix (p x p), from which every alpha's solution is one product. Every continuous
     target on these inputs reuses them (the folds depend on the member groups only): a 10,000-member zoo's
     raw weights (40k rows x 4,970) then cost six decompositions per feature set, not six per target."""
 
-    def __init__(self, X, groups, n_splits: int):
-        self.X = X
+    def __init__(self, X, groups, n_splits: int, device: str = "cpu"):
+        self.X, self.device = X, device
         self.splits = list(GroupKFold(n_splits=n_splits).split(X, groups=groups))
         self._dec: dict[int, tuple] = {}
 
@@ -56,9 +77,8 @@ class _RidgeFolds:
         if fold not in self._dec:
             rows = np.arange(len(self.X)) if fold < 0 else self.splits[fold][0]
             mx = self.X[rows].mean(0)
-            xc = self.X[rows] - mx
-            s2, v = np.linalg.eigh(xc.T @ xc)
-            self._dec[fold] = rows, mx, np.clip(s2, 0.0, None), v
+            s2, v = _eigh_gram(self.X[rows] - mx, self.device)
+            self._dec[fold] = rows, mx, s2, v
         return self._dec[fold]
 
     def path(self, y, fold: int, alphas) -> tuple[np.ndarray, np.ndarray]:
@@ -105,12 +125,13 @@ def _linear(kind: str, X, y, groups, seed: int, folds: _RidgeFolds | None = None
     return search.fit(X, y, groups=groups).best_estimator_
 
 
-def prepare(column: str, data: ProbeData, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def prepare(column: str, data: ProbeData, test: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(train, test) inputs of a probe. Linear probes see standardised features; s(W) is first
     rank-Gaussianised per feature (a quantile transform fitted on the training rows: its variances and
     extremes are heavy-tailed, and a member whose weights blew up must not dominate a linear fit).
     With more features than training rows, inputs are expressed in the row space of the training rows
-    (X V from its SVD): exact for L2-penalised linear models, whose solutions lie in that space, and cheaper."""
+    (X V from its SVD): exact for L2-penalised linear models, whose solutions lie in that space, and cheaper.
+    `device` runs the decompositions (`probe_device`)."""
     features = {"W": data.W, "s(W)": data.sW, "emb": data.emb, "emb seq": data.emb_seq}
     X = features[column.rsplit(" ", 1)[0]].astype(np.float64)  # "s(W) gbm" -> s(W), "emb seq linear" -> emb seq
     if column.endswith("gbm"):
@@ -122,9 +143,11 @@ def prepare(column: str, data: ProbeData, test: np.ndarray) -> tuple[np.ndarray,
         X[~test], X[test] = q.transform(data.sW[~test]), q.transform(data.sW[test])
     scaler = StandardScaler().fit(X[~test])
     Xtr, Xte = scaler.transform(X[~test]), scaler.transform(X[test])
-    if Xtr.shape[1] > Xtr.shape[0]:
-        _, _, vt = np.linalg.svd(Xtr, full_matrices=False)
-        Xtr, Xte = Xtr @ vt.T, Xte @ vt.T
+    if Xtr.shape[1] > Xtr.shape[0]:  # X V = U S with Xtr Xtr^T = U S^2 U^T: an n x n eigh, not an n x p SVD
+        s2, u = _eigh_gram(Xtr, device, rows=True)
+        keep = s2 > 1e-12 * s2.max()  # below: rounding noise of the Gram matrix, directions ridge cannot use
+        u, s = u[:, keep], np.sqrt(s2[keep])
+        Xtr, Xte = u * s, (Xte @ Xtr.T) @ (u / s)  # (n_train, k), (n_test, k)
     return Xtr, Xte
 
 
@@ -186,8 +209,11 @@ def score(kind: str, y, pred, members, n_boot: int, seed: int) -> dict[str, floa
 
 
 def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fraction: float = 0.2, n_boot: int = 200,
-                    progress: bool = False):
-    """-> (long results table, predictions {target: {column: (y_test, pred)}}, test mask)."""
+                    progress: bool = False, device: str = "auto", columns: list[str] | None = None):
+    """-> (long results table, predictions {target: {column: (y_test, pred)}}, test mask). `device`: where the
+    linear probes' decompositions run (auto: CUDA when available; the fits and scores stay on the CPU).
+    `columns`: a subset of COLUMNS (default: every column the inputs allow)."""
+    device = probe_device(device)
     test = member_split(data, seed, test_fraction)
     members = data.rows["member"].to_numpy()
     if not test.any() or test.all():
@@ -195,7 +221,10 @@ def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fra
                          f"change test_fraction or the split file")
     assert not set(members[test]) & set(members[~test])  # no member on both sides
     columns = [c for c in COLUMNS if (data.emb is not None or not c.startswith("emb"))
-               and (data.emb_seq is not None or not c.startswith("emb seq"))]
+               and (data.emb_seq is not None or not c.startswith("emb seq")) and (not columns or c in columns)]
+    if not columns:
+        raise UsageError("none of the asked probe columns has inputs (emb columns need embeddings, emb seq "
+                         "embeddings written with sequence=true)")
     jobs = [(t, target_kind(data.rows[t], t)) for t in targets]
     jobs = [(t, k) for t, k in jobs if k is not None]
     results, predictions, inputs, folds = [], {}, {}, {}
@@ -207,9 +236,9 @@ def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fra
             for col in columns:
                 bar.set_postfix_str(f"{name} / {col}", refresh=False)
                 if col not in inputs:
-                    inputs[col] = prepare(col, data, test)
+                    inputs[col] = prepare(col, data, test, device)
                 if kind == "continuous" and col not in folds and not col.endswith("gbm"):
-                    folds[col] = _RidgeFolds(inputs[col][0], members[~test], _n_splits(kind, members[~test]))
+                    folds[col] = _RidgeFolds(inputs[col][0], members[~test], _n_splits(kind, members[~test]), device)
                 pred = fit_predict(col, kind, data, y, test, seed, inputs[col], folds.get(col))
                 predictions[name][col] = (y[test], pred)
                 results.append({"target": name, "kind": kind, "column": col,

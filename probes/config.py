@@ -12,6 +12,7 @@ class ProbeConfig(Config):
     zoo: list[str] = ("data/zoos/digits_default.h5",)
     embeddings: list[str] = ()  # one per zoo, from one encoder; () = <zoo>.embeddings.h5 where every zoo has one
     targets: list[str] = ()  # () = every target that varies
+    columns: list[str] = ()  # probe columns to fit (probes.COLUMNS, e.g. "emb linear"); () = every one the inputs allow
     checkpoints: list[int] = ()  # checkpoint slots to use (negative counts from the end); () = all
     out: str = ""  # output directory; default data/probes/<first zoo name>
     seed: int = option(0, ge=0)
@@ -19,6 +20,7 @@ class ProbeConfig(Config):
     bootstrap: int = option(200, ge=0)  # resamples of test members for the 95 % intervals
     split: str = ""  # a split file (JSON {"test_members": [...]} or a benchmark's CSV): fixed test members
     members: str = option("all", choices=("all", "fit"))  # fit: only the members the encoder was fitted on
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))  # linear probes' decompositions; auto: CUDA if any
 
     def check(self):
         if not self.zoo:

@@ -22,7 +22,14 @@ import zoo
 from zoo.cli import UsageError, config_cli, run_cli, to_dict
 from zoo.io import atomic_path, output_lock
 
-from ._probe import _default_embeddings, evaluate_probes, markdown_table, plot_embedding_space, plot_predictions
+from ._probe import (
+    COLUMNS,
+    _default_embeddings,
+    evaluate_probes,
+    markdown_table,
+    plot_embedding_space,
+    plot_predictions,
+)
 from .config import ProbeConfig
 from .features import ALL_TARGETS, fit_members_only, load_probe_data, target_kind
 
@@ -34,6 +41,9 @@ def _check(cfg: ProbeConfig) -> None:
     unknown = [t for t in cfg.targets if t not in ALL_TARGETS]
     if unknown:
         raise UsageError(f"unknown target '{unknown[0]}'; choose from {', '.join(ALL_TARGETS)}")
+    bad = [c for c in cfg.columns if c not in COLUMNS]
+    if bad:
+        raise UsageError(f"unknown probe column '{bad[0]}'; choose from {', '.join(map(repr, COLUMNS))}")
     if "dataset" in cfg.targets and len(cfg.zoo) < 2:
         raise UsageError("target 'dataset' needs several zoos (--zoo A.h5 B.h5) of one architecture")
     if len(set(map(os.path.realpath, cfg.zoo))) != len(cfg.zoo):
@@ -58,7 +68,8 @@ def main(argv: list[str]) -> None:
     targets = list(cfg.targets) or [t for t in ALL_TARGETS if t in data.rows and target_kind(data.rows[t], t)]
     with output_lock(out):
         results, predictions, test = evaluate_probes(data, targets, cfg.seed, cfg.test_fraction, cfg.bootstrap,
-                                                     progress=not args.quiet)
+                                                     progress=not args.quiet, device=cfg.device,
+                                                     columns=list(cfg.columns))
         out.mkdir(parents=True, exist_ok=True)
         table = markdown_table(results)
         with atomic_path(out / "results.csv") as tmp:

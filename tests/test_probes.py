@@ -5,6 +5,7 @@ import h5py
 import nbclient
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 from test_models import SHAPES
 
@@ -66,6 +67,17 @@ def test_cli_table_files_and_plots(default_pipeline, tmp_path, capsys):
     assert len(json.loads((out / "results.json").read_text())["results"]) == 8
 
 
+def test_columns_pick_the_probes_to_fit(default_pipeline, tmp_path):
+    """columns=... fits only those probes (the baselines can run while the encoder trains, embeddings after)."""
+    zoo_path, emb = default_pipeline
+    out = tmp_path / "emb_only"
+    assert run_cli(main, ["--zoo", str(zoo_path), "--embeddings", str(emb), "--targets", "test_acc", "--out",
+                          str(out), "--bootstrap", "5", "--quiet", "columns=[emb linear]"]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["column"] for r in results] == ["emb linear"]
+    assert (out / "table.md").read_text().startswith("| target | metric | emb linear |")
+
+
 def test_quality_bars_on_the_default_zoo(default_pipeline):
     """s(W) ridge R^2 for test accuracy >= 0.8; the embedding probe not below the raw-weights probe."""
     zoo_path, emb = default_pipeline
@@ -116,7 +128,9 @@ def test_bad_inputs(tiny_zoo, tmp_path, capsys):
     cases = [(["--embeddings", str(tmp_path / "none.h5")], "does not exist; run python -m hyperrep.embed"),
              (["--targets", "accuracy"], "unknown target 'accuracy'"),
              (["--embeddings", str(other)], "embeddings of another zoo"),
-             (["--targets", "dataset"], "target 'dataset' needs several zoos")]
+             (["--targets", "dataset"], "target 'dataset' needs several zoos"),
+             (["columns=[W lin]"], "unknown probe column 'W lin'"),
+             (["columns=[emb seq linear]"], "none of the asked probe columns has inputs")]
     for argv, message in cases:
         assert run_cli(main, ["--zoo", str(tiny_zoo), "--out", str(tmp_path / "o")] + argv) == 2
         err = capsys.readouterr().err
@@ -139,3 +153,48 @@ def test_dataset_is_probed_across_zoos(tiny_zoo, tmp_path):
     assert set(data.rows["dataset"]) == {"digits", f"npz:{tmp_path / 'noise.npz'}"}
     results, _, _ = evaluate_probes(data, ["dataset"], seed=0, n_boot=20)
     assert results["accuracy"].max() > 0.8, results[["column", "accuracy"]]
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch"])
+def test_ridge_folds_solve_ridge_exactly(device):
+    from sklearn.linear_model import Ridge
+
+    from probes._probe import _RidgeCV, _RidgeFolds
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(120, 30)), rng.normal(size=120)
+    folds = _RidgeFolds(X, np.arange(120) // 4, 5, device)
+    for alpha in (1e-3, 1.0, 100.0):
+        coef, intercept = folds.path(y, -1, [alpha])
+        ref = Ridge(alpha=alpha).fit(X, y)
+        np.testing.assert_allclose(coef[:, 0], ref.coef_, atol=1e-8)
+        assert abs(intercept[0] - ref.intercept_) < 1e-8
+    tr, va = folds.splits[0]  # a fold's solution is ridge on that fold's training rows alone
+    coef, _ = folds.path(y, 0, [3.0])
+    np.testing.assert_allclose(coef[:, 0], Ridge(alpha=3.0).fit(X[tr], y[tr]).coef_, atol=1e-8)
+    model = _RidgeCV().fit(folds, y)
+    assert model.alpha_ in _RidgeCV.alphas
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch"])
+def test_row_space_inputs_give_the_same_ridge_predictions(device):
+    """More features than training rows: prepare() hands the probes row-space coordinates, which must leave
+    every L2-penalised linear prediction unchanged."""
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    from probes._probe import prepare
+    from probes.features import ProbeData
+    rng = np.random.default_rng(1)
+    n, p = 60, 200
+    W = rng.normal(size=(n, p)).astype(np.float32)
+    rows = pd.DataFrame({"member": np.arange(n), "model_id": np.arange(n)})
+    data = ProbeData(rows, W, W[:, :4], None, None, ["a", "b", "c", "d"])
+    test = np.arange(n) % 5 == 0
+    y = W[:, :3].astype(np.float64).sum(1) + rng.normal(size=n)
+    Xtr, Xte = prepare("W linear", data, test, device)
+    assert Xtr.shape[1] <= (~test).sum() < p
+    scaler = StandardScaler().fit(W[~test].astype(np.float64))
+    full = Ridge(alpha=1.0).fit(scaler.transform(W[~test].astype(np.float64)), y[~test])
+    proj = Ridge(alpha=1.0).fit(Xtr, y[~test])
+    np.testing.assert_allclose(proj.predict(Xte), full.predict(scaler.transform(W[test].astype(np.float64))),
+                               atol=1e-6)
