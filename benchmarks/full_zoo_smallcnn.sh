@@ -2,8 +2,9 @@
 # The full-size run of one device call: a 10,000-member Small-CNN-Zoo-style MNIST random zoo (smallcnn, the exact
 # network: valid padding, [-1, 1] pixels) built, a HR21-sized hyper-representation fitted, every checkpoint
 # embedded (mean and token sequence) and probed, each stage bounded so the whole fits in DEADLINE seconds and
-# what finished survives. The continuous targets run in one probe process (they share the ridge decompositions),
-# train_fraction (four values: a categorical probe) in a second one beside it.
+# what finished survives. The weight baselines (W, s(W)) are probed on the CPU while the encoder fits; the
+# embeddings after embed. Continuous targets share one process (and its ridge decompositions); train_fraction
+# (four values: a categorical, logistic probe, the slowest) has its own beside it.
 #   PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh                       # one H200, ~9.5 min
 #   N=24 EPOCHS=1 ZOO_OVER="train_eval_samples=500 precision=fp32 compile=false" FIT_MINUTES=0.2 \
 #     DEADLINE=1500 PROBE_OVER="bootstrap=10" bash benchmarks/full_zoo_smallcnn.sh      # CPU smoke (needs MNIST)
@@ -19,18 +20,25 @@ stage() { local name=$1; shift; local t0; t0=$(date +%s); "$@" > "$out/$name.log
   echo "$name rc $rc $(( $(date +%s) - t0 )) s" | tee -a "$out/times.txt"; return $rc; }
 
 # batch 64 (Unterthiner et al. use 32): 178 vs 116 model-epochs/s at 10,000 members on one H200
-[ -n "${REUSE_ZOO:-}" ] && [ -e "$zoo" ] || stage build timeout "$(left 240)" python3 -m zoo.build --config configs/zoo/mnist_smallcnn_random.yaml \
-  n_random="$n" epochs="$epochs" checkpoints="$ckpts" fixed.batch_size=64 precision=bf16 compile=true \
-  train_eval_samples=10000 ${ZOO_OVER:-} --out "$zoo" --overwrite || exit 1
+[ -n "${REUSE_ZOO:-}" ] && [ -e "$zoo" ] || stage build timeout "$(left 260)" python3 -m zoo.build \
+  --config configs/zoo/mnist_smallcnn_random.yaml n_random="$n" epochs="$epochs" checkpoints="$ckpts" \
+  fixed.batch_size=64 precision=bf16 compile=true train_eval_samples=10000 ${ZOO_OVER:-} --out "$zoo" --overwrite \
+  || exit 1
 cp "${zoo%.h5}.parquet" "$out/zoo_table.parquet"
-stage fit timeout "$(left 150)" python3 -m hyperrep.fit --config configs/hyperrep/mnist_smallcnn_random.yaml \
-  "zoo=$zoo" max_minutes="${FIT_MINUTES:-1.5}" ${FIT_OVER:-} --out "$run" --overwrite || exit 1
+fitcfg=(--config configs/hyperrep/mnist_smallcnn_random.yaml "zoo=$zoo" max_minutes="${FIT_MINUTES:-1.0}" ${FIT_OVER:-})
+python3 -m hyperrep.split "${fitcfg[@]}" --out "$out/split.json" --overwrite || exit 1
+probe() {  # probe NAME COLUMNS TARGETS...: one probes.evaluate process in the background, bounded by the deadline
+  local name=$1 cols=$2; shift 2
+  OMP_NUM_THREADS=${PROBE_THREADS:-6} stage "probes_$name" timeout "$(left 5)" python3 -m probes.evaluate \
+    --zoo "$zoo" --quiet bootstrap=100 "columns=[$cols]" "split=$out/split.json" ${PROBE_OVER:-} \
+    --out "$out/probes_$name" --targets "$@" &
+}
+# the weight baselines need no encoder: they run on the CPU while the GPU fits it, on the fit's test members
+base="W linear,s(W) linear,s(W) gbm"; emb="emb linear,emb seq linear"
+probe base "$base" test_acc epoch gen_gap lr dropout; probe base_train_fraction "$base" train_fraction
+stage fit timeout "$(left 160)" python3 -m hyperrep.fit "${fitcfg[@]}" --out "$run" --overwrite || { wait; exit 1; }
 cp "$run/loss.png" "$out/fit_loss.png" 2>/dev/null
-stage embed timeout "$(left 110)" python3 -m hyperrep.embed --zoo "$zoo" --model "$run" sequence=true --overwrite \
-  --quiet || exit 1
-probe=(python3 -m probes.evaluate --zoo "$zoo" --quiet bootstrap=100 ${PROBE_OVER:-})
-OMP_NUM_THREADS=10 stage probes_continuous timeout "$(left 5)" "${probe[@]}" --out "$out/probes_continuous" \
-  --targets test_acc epoch gen_gap lr dropout &
-OMP_NUM_THREADS=6 stage probes_train_fraction timeout "$(left 5)" "${probe[@]}" --out "$out/probes_train_fraction" \
-  --targets train_fraction &
+stage embed timeout "$(left 90)" python3 -m hyperrep.embed --zoo "$zoo" --model "$run" sequence=true --overwrite \
+  --quiet || { wait; exit 1; }
+probe emb "$emb" test_acc epoch gen_gap lr dropout; probe emb_train_fraction "$emb" train_fraction
 wait

@@ -183,15 +183,23 @@ def fit_run(cfg: FitConfig, overwrite: bool = False) -> Path | None:
         raise UsageError(f"{out / 'model.pt'} already exists; pass --overwrite to refit or choose another --out")
     _check_placement(cfg)
     _loggers_available(cfg)
+    slots, splits = fit_splits(cfg, zs)
+    rank0 = os.environ.get("LOCAL_RANK", "0") == "0"  # Lightning's DDP ranks re-run this command
+    with output_lock(out) if rank0 else contextlib.nullcontext():
+        return _fit_locked(cfg, zs, out, slots, splits, overwrite, rank0)
+
+
+def fit_splits(cfg: FitConfig, zs: list[zoo.Zoo] | None = None) -> tuple[list[int], list[np.ndarray]]:
+    """(checkpoint slots, int8 split per member of each zoo) that a fit with this config uses; known before it
+    trains, so probes that need no encoder can run on the same test members meanwhile (`hyperrep.split`)."""
+    zs = open_zoos(cfg) if zs is None else zs
     slots = [_slots(cfg, z) for z in zs][0]
     # one split seed for every zoo: twin zoos (the same member draws on other data) keep each member's twins on
     # one side of the split, so a probe never tests on the twin of a training member
     splits = [split_members(_first_usable(z.usable(slots), cfg.max_members), cfg.splits, cfg.split_seed) for z in zs]
     for z, split in zip(zs, splits):
         _check_splits(split, cfg, z)
-    rank0 = os.environ.get("LOCAL_RANK", "0") == "0"  # Lightning's DDP ranks re-run this command
-    with output_lock(out) if rank0 else contextlib.nullcontext():
-        return _fit_locked(cfg, zs, out, slots, splits, overwrite, rank0)
+    return slots, splits
 
 
 def _first_usable(usable: np.ndarray, n: int) -> np.ndarray:

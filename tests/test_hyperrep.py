@@ -105,6 +105,22 @@ def test_fit_loss_decreases_and_records_split(tiny_run, tiny_zoo):
         assert torch.allclose(module.to_weights(module.to_tokens(flat)), flat, atol=1e-5)
 
 
+def test_split_command_writes_the_fits_split_before_it_trains(tiny_run, tiny_zoo, tmp_path, capsys):
+    import json
+
+    from hyperrep.embeddings import TEST
+    from hyperrep.split import main as split_main
+    out = tmp_path / "split.json"
+    args = TINY_FIT + [f"zoo={tiny_zoo}", "--out", str(out)]
+    assert run_cli(split_main, args) == 0
+    record = json.loads(out.read_text())
+    _, meta = load_run(tiny_run)
+    assert record["test_members"] == np.flatnonzero(meta["split"] == TEST).tolist() and record["test_members"]
+    assert record["config"]["split_seed"] == 0 and record["version"] == zoo.__version__
+    capsys.readouterr()
+    assert run_cli(split_main, args) == 2 and "already exists" in capsys.readouterr().err  # never overwritten
+
+
 def test_embed_writes_every_member_and_checkpoint(tiny_run, tiny_zoo, tmp_path):
     out = embed_zoo(tiny_zoo, tiny_run, tmp_path / "e.h5", progress=False)
     with h5py.File(out) as f:
