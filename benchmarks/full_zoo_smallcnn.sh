@@ -2,9 +2,9 @@
 # The full-size run of one device call: a 10,000-member Small-CNN-Zoo-style MNIST random zoo (smallcnn, the exact
 # network: valid padding, [-1, 1] pixels) built, a HR21-sized hyper-representation fitted, every checkpoint
 # embedded (mean and token sequence) and probed, each stage bounded so the whole fits in DEADLINE seconds and
-# what finished survives. The weight baselines (W, s(W)) are probed on the CPU while the encoder fits; the
-# embeddings after embed. Continuous targets share one process (and its ridge decompositions); train_fraction
-# (four values: a categorical, logistic probe, the slowest) has its own beside it.
+# what finished survives. The weight baselines (W, s(W)) are probed on the CPU while the encoder fits, on its
+# test members (hyperrep.split); the embeddings after embed. Every target is regressed (train fraction too, as
+# HR21), so all of a column's targets share its ridge decompositions.
 #   PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh                       # one H200, ~9.5 min
 #   N=24 EPOCHS=1 ZOO_OVER="train_eval_samples=500 precision=fp32 compile=false" FIT_MINUTES=0.2 \
 #     DEADLINE=1500 PROBE_OVER="bootstrap=10" bash benchmarks/full_zoo_smallcnn.sh      # CPU smoke (needs MNIST)
@@ -29,16 +29,17 @@ fitcfg=(--config configs/hyperrep/mnist_smallcnn_random.yaml "zoo=$zoo" max_minu
 python3 -m hyperrep.split "${fitcfg[@]}" --out "$out/split.json" --overwrite || exit 1
 probe() {  # probe NAME COLUMNS TARGETS...: one probes.evaluate process in the background, bounded by the deadline
   local name=$1 cols=$2; shift 2
-  OMP_NUM_THREADS=${PROBE_THREADS:-6} stage "probes_$name" timeout "$(left 5)" python3 -m probes.evaluate \
-    --zoo "$zoo" --quiet bootstrap=100 "columns=[$cols]" "split=$out/split.json" ${PROBE_OVER:-} \
+  OMP_NUM_THREADS=${PROBE_THREADS:-12} stage "probes_$name" timeout "$(left 5)" python3 -m probes.evaluate \
+    --zoo "$zoo" --quiet bootstrap=100 "columns=[$cols]" "split=$out/split.json" regress=[train_fraction] \
+    ${PROBE_OVER:-} \
     --out "$out/probes_$name" --targets "$@" &
 }
 # the weight baselines need no encoder: they run on the CPU while the GPU fits it, on the fit's test members
 base="W linear,s(W) linear,s(W) gbm"; emb="emb linear,emb seq linear"
-probe base "$base" test_acc epoch gen_gap lr dropout; probe base_train_fraction "$base" train_fraction
+probe base "$base" test_acc epoch gen_gap lr dropout train_fraction
 stage fit timeout "$(left 160)" python3 -m hyperrep.fit "${fitcfg[@]}" --out "$run" --overwrite || { wait; exit 1; }
 cp "$run/loss.png" "$out/fit_loss.png" 2>/dev/null
 stage embed timeout "$(left 90)" python3 -m hyperrep.embed --zoo "$zoo" --model "$run" sequence=true --overwrite \
   --quiet || { wait; exit 1; }
-probe emb "$emb" test_acc epoch gen_gap lr dropout; probe emb_train_fraction "$emb" train_fraction
+probe emb "$emb" test_acc epoch gen_gap lr dropout train_fraction
 wait

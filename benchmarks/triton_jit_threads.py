@@ -24,12 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import _convpool as cp  # noqa: E402
+from zoo import _triton  # noqa: E402
 
 
 def launches(sizes, dev: str) -> list:
     """Recorded (not run) forward launches of cnn_s's first conv (1 -> 8 channels, 5x5, pool 2, 64 members,
     bf16) at these input sizes: one specialization each."""
-    with cp.recording() as out:
+    with _triton.recording() as out:
         for size in sizes:
             x = torch.randn(10, 64, 1, size, size, device=dev, dtype=torch.bfloat16)
             cp.conv_pool(x, torch.randn(64, 8, 1, 5, 5, device=dev), torch.randn(64, 8, device=dev), 1, 0, 2)
@@ -38,7 +39,7 @@ def launches(sizes, dev: str) -> list:
 
 def timed(recorded, threads: int) -> float:
     t0 = time.perf_counter()
-    cp.precompile(recorded, threads)
+    _triton.precompile(recorded, threads)
     return time.perf_counter() - t0
 
 
@@ -51,7 +52,7 @@ def main():
     sizes = [28 + 4 * i for i in range(2 * args.n + 1)]  # distinct kernels for each timing: none from a cache
     timed(launches(sizes[:1], args.device), 1)  # Triton's one-time set-up (driver, launcher build), not timed
     recorded = [launches(sizes[1: args.n + 1], args.device), launches(sizes[args.n + 1:], args.device)]
-    assert all(len(cp.distinct(r)) == args.n for r in recorded), "expected one specialization per size"
+    assert all(len(_triton.distinct(r)) == args.n for r in recorded), "expected one specialization per size"
     serial, threaded = timed(recorded[0], 1), timed(recorded[1], args.n)
     print(f"{args.n} band-kernel compiles: serial {serial:.2f} s, {args.n} threads {threaded:.2f} s, "
           f"speed-up {serial / max(threaded, 1e-9):.2f}x")

@@ -204,15 +204,18 @@ def score(kind: str, y, pred, members, n_boot: int, seed: int) -> dict[str, floa
                  (np.concatenate([rows_of[i] for i in rng.integers(0, len(uniq), len(uniq))]) for _ in range(n_boot))]
     for k in list(out):
         vals = np.array([b[k] for b in boots], float)
-        out[f"{k}_lo"], out[f"{k}_hi"] = (np.nanpercentile(vals, [2.5, 97.5]) if n_boot else (np.nan, np.nan))
+        ok = np.isfinite(vals)  # no resample defined (e.g. a constant test target): no interval
+        out[f"{k}_lo"], out[f"{k}_hi"] = np.percentile(vals[ok], [2.5, 97.5]) if ok.any() else (np.nan, np.nan)
     return out
 
 
 def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fraction: float = 0.2, n_boot: int = 200,
-                    progress: bool = False, device: str = "auto", columns: list[str] | None = None):
+                    progress: bool = False, device: str = "auto", columns: list[str] | None = None,
+                    regress: tuple[str, ...] = ()):
     """-> (long results table, predictions {target: {column: (y_test, pred)}}, test mask). `device`: where the
     linear probes' decompositions run (auto: CUDA when available; the fits and scores stay on the CPU).
-    `columns`: a subset of COLUMNS (default: every column the inputs allow)."""
+    `columns`: a subset of COLUMNS (default: every column the inputs allow); `regress`: targets probed as
+    continuous even with few values (`target_kind`)."""
     device = probe_device(device)
     test = member_split(data, seed, test_fraction)
     members = data.rows["member"].to_numpy()
@@ -225,7 +228,7 @@ def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fra
     if not columns:
         raise UsageError("none of the asked probe columns has inputs (emb columns need embeddings, emb seq "
                          "embeddings written with sequence=true)")
-    jobs = [(t, target_kind(data.rows[t], t)) for t in targets]
+    jobs = [(t, target_kind(data.rows[t], t, tuple(regress))) for t in targets]
     jobs = [(t, k) for t, k in jobs if k is not None]
     results, predictions, inputs, folds = [], {}, {}, {}
     bar = tqdm(total=len(jobs) * len(columns), unit="probe", desc="probes", disable=not progress)

@@ -12,6 +12,7 @@ class ProbeConfig(Config):
     zoo: list[str] = ("data/zoos/digits_default.h5",)
     embeddings: list[str] = ()  # one per zoo, from one encoder; () = <zoo>.embeddings.h5 where every zoo has one
     targets: list[str] = ()  # () = every target that varies
+    regress: list[str] = ()  # targets regressed (R²) even with few values, e.g. [train_fraction, dropout] as HR21
     columns: list[str] = ()  # probe columns to fit (probes.COLUMNS, e.g. "emb linear"); () = every one the inputs allow
     checkpoints: list[int] = ()  # checkpoint slots to use (negative counts from the end); () = all
     out: str = ""  # output directory; default data/probes/<first zoo name>

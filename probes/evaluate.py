@@ -41,6 +41,9 @@ def _check(cfg: ProbeConfig) -> None:
     unknown = [t for t in cfg.targets if t not in ALL_TARGETS]
     if unknown:
         raise UsageError(f"unknown target '{unknown[0]}'; choose from {', '.join(ALL_TARGETS)}")
+    unknown = [t for t in cfg.regress if t not in ALL_TARGETS]
+    if unknown:
+        raise UsageError(f"unknown target '{unknown[0]}' in regress; choose from {', '.join(ALL_TARGETS)}")
     bad = [c for c in cfg.columns if c not in COLUMNS]
     if bad:
         raise UsageError(f"unknown probe column '{bad[0]}'; choose from {', '.join(map(repr, COLUMNS))}")
@@ -65,11 +68,12 @@ def main(argv: list[str]) -> None:
     embeddings = list(cfg.embeddings) or _default_embeddings(list(cfg.zoo))
     data = load_probe_data(list(cfg.zoo), embeddings, list(cfg.checkpoints) or None, cfg.split or None)
     data = fit_members_only(data) if cfg.members == "fit" else data
-    targets = list(cfg.targets) or [t for t in ALL_TARGETS if t in data.rows and target_kind(data.rows[t], t)]
+    regress = tuple(cfg.regress)
+    targets = list(cfg.targets) or [t for t in ALL_TARGETS if t in data.rows and target_kind(data.rows[t], t, regress)]
     with output_lock(out):
         results, predictions, test = evaluate_probes(data, targets, cfg.seed, cfg.test_fraction, cfg.bootstrap,
                                                      progress=not args.quiet, device=cfg.device,
-                                                     columns=list(cfg.columns))
+                                                     columns=list(cfg.columns), regress=regress)
         out.mkdir(parents=True, exist_ok=True)
         table = markdown_table(results)
         with atomic_path(out / "results.csv") as tmp:

@@ -196,13 +196,17 @@ def trained_classes(rows: pd.DataFrame, num_classes: int = 10) -> np.ndarray:
     return out
 
 
-def target_kind(values: pd.Series, name: str) -> str | None:
-    """'continuous', 'categorical', 'multilabel', or None when the target does not vary."""
+def target_kind(values: pd.Series, name: str, regress: tuple[str, ...] = ()) -> str | None:
+    """'continuous', 'categorical', 'multilabel', or None when the target does not vary. A numeric target named
+    in `regress` is continuous even with few values (HR21 regresses train fraction, dropout and lr)."""
     if name == "trained_classes":
         return "multilabel" if values.nunique(dropna=True) >= 2 else None
     if values.nunique(dropna=True) < 2:
         return None
-    if name in METRIC_TARGETS:
+    if name in regress and values.dtype.kind not in "fiu":
+        raise UsageError(f"target '{name}' holds {values.dtype} values and cannot be regressed; "
+                         f"remove it from regress")
+    if name in METRIC_TARGETS or name in regress:
         return "continuous"
     if values.dtype.kind in "OSUb" or values.nunique() <= 10:
         return "categorical"

@@ -47,6 +47,24 @@ def test_pure_noise_target_cannot_be_predicted(tiny_zoo):
         assert r["r2"] < 0.1 and r["r2_lo"] < 0, r["column"]
 
 
+def test_regress_probes_few_valued_targets_as_continuous(tiny_zoo):
+    from probes import target_kind
+    from zoo import UsageError
+    data = load_probe_data([tiny_zoo])
+    test = member_split(data, 0, 0.2)
+    members = data.rows["member"].to_numpy()
+    rank = {m: i for i, m in enumerate(np.unique(members[test]))}  # the test members hold several values
+    fraction = np.array([0.1, 0.25, 0.5, 1.0])[[rank.get(m, m) % 4 for m in members]]
+    data.rows["train_fraction"] = fraction
+    assert target_kind(data.rows["train_fraction"], "train_fraction") == "categorical"
+    results, predictions, _ = evaluate_probes(data, ["train_fraction"], n_boot=5, regress=("train_fraction",))
+    assert set(results["kind"]) == {"continuous"} and results["r2"].notna().all()
+    y, pred = predictions["train_fraction"]["W linear"]
+    assert pred.dtype.kind == "f" and set(np.unique(y)) <= set(fraction)
+    with pytest.raises(UsageError, match="cannot be regressed"):
+        target_kind(pd.Series(["relu", "tanh"]), "activation", ("activation",))
+
+
 def test_bootstrap_interval_brackets_the_estimate():
     rng = np.random.default_rng(0)
     y = rng.normal(size=200)
@@ -130,6 +148,7 @@ def test_bad_inputs(tiny_zoo, tmp_path, capsys):
              (["--embeddings", str(other)], "embeddings of another zoo"),
              (["--targets", "dataset"], "target 'dataset' needs several zoos"),
              (["columns=[W lin]"], "unknown probe column 'W lin'"),
+             (["regress=[fraction]"], "unknown target 'fraction' in regress"),
              (["columns=[emb seq linear]"], "none of the asked probe columns has inputs")]
     for argv, message in cases:
         assert run_cli(main, ["--zoo", str(tiny_zoo), "--out", str(tmp_path / "o")] + argv) == 2
