@@ -79,7 +79,7 @@ def test_cli_table_files_and_plots(default_pipeline, tmp_path, capsys):
                           "--out", str(out), "--bootstrap", "50"]) == 0
     printed = capsys.readouterr().out
     assert "| target | metric | W linear | s(W) linear | s(W) gbm | emb linear |" in printed
-    assert "| test_acc | R² |" in printed and "| init | acc |" in printed
+    assert "| test_acc | R² |" in printed and "| test_acc | Kendall τ |" in printed and "| init | acc |" in printed
     assert {p.name for p in out.iterdir()} >= {"results.csv", "results.json", "table.md", "split.json", "plots"}
     assert (out / "plots" / "test_acc.png").stat().st_size > 5000
     assert len(json.loads((out / "results.json").read_text())["results"]) == 8
