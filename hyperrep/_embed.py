@@ -37,7 +37,7 @@ def embed_zoo(zoo_path: str | Path, run: str | Path, out: str | Path | None = No
         with bar:
             for a in range(0, len(rows), batch_size):
                 chunk = rows[a:a + batch_size]
-                flats = torch.from_numpy(np.stack([z.weights(m, s) for m, s in chunk])).to(dev)
+                flats = torch.from_numpy(z.weight_items(*np.array(chunk).T)).to(dev)  # (B, P)
                 ok = torch.isfinite(flats).all(1)
                 lat = torch.full((len(chunk), len(module.positions), d), float("nan"), device=dev)  # (B, T, d_latent)
                 if ok.any():

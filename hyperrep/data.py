@@ -32,10 +32,11 @@ def layer_stats(zoos: Zoo | list[Zoo], members, slots: list[int], chunk: int = 2
     total, total_sq, n = np.zeros(layout.n_params), np.zeros(layout.n_params), 0
     for z, ids in zip(zoos, members):
         for a in range(0, len(ids), chunk):
-            w = z.file["weights"][np.sort(ids[a:a + chunk])][:, slots].astype(np.float64)  # (m, s, P)
-            total += w.sum((0, 1))
-            total_sq += (w ** 2).sum((0, 1))
-            n += w.shape[0] * w.shape[1]
+            m = np.sort(ids[a:a + chunk])
+            w = z.weight_items(np.repeat(m, len(slots)), np.tile(slots, len(m))).astype(np.float64)  # (m * s, P)
+            total += w.sum(0)
+            total_sq += (w ** 2).sum(0)
+            n += w.shape[0]
     mean, std = np.zeros(layout.n_params), np.ones(layout.n_params)
     groups = [slice(0, layout.n_params)] if not per_layer else [e.slice for e in layout]
     for sl in groups:
@@ -51,15 +52,9 @@ N_PERMS = 512  # permutations drawn once per dataset; a view pair picks two of t
 
 
 def read_rows(path: str, items: np.ndarray) -> torch.Tensor:
-    """(n, P) float32 weights of (member, slot) items, read slot by slot in member order."""
-    with h5py.File(path, "r") as f:
-        w = f["weights"]
-        rows = np.empty((len(items), w.shape[2]), np.float32)
-        for s in np.unique(items[:, 1]):
-            at = np.flatnonzero(items[:, 1] == s)
-            order = np.argsort(items[at, 0], kind="stable")
-            rows[at[order]] = w[items[at[order], 0], s]
-    return torch.from_numpy(rows)
+    """(n, P) float32 weights of (member, slot) items (`Zoo.weight_items`)."""
+    with Zoo(path) as z:
+        return torch.from_numpy(z.weight_items(items[:, 0], items[:, 1]))
 
 
 class WeightViews(Dataset):

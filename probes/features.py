@@ -136,8 +136,7 @@ def load_probe_data(zoo_paths: list[str | Path], embedding_paths: list[str | Pat
             if checkpoints:
                 slots = [c % z.n_checkpoints for c in checkpoints]
                 rows = rows[rows["checkpoint"].isin(slots)].reset_index(drop=True)
-            Ws.append(np.stack([z.weights(m, c) for m, c in zip(rows["model_id"], rows["checkpoint"])]) if len(rows)
-                      else np.zeros((0, z.n_params), np.float32))
+            Ws.append(z.weight_items(rows["model_id"].to_numpy(), rows["checkpoint"].to_numpy()))
             if encoders:
                 e, s = _embeddings(encoders[i], z, rows)
                 embs.append(e)

@@ -193,3 +193,28 @@ def test_output_lock_is_exclusive_and_names_the_owner(tmp_path):
 def test_init_weights_in_the_new_layout_equals_flatten_state():
     net = init_weights(_spec("cnn_s").create(), "orthogonal", 1.0, torch.Generator().manual_seed(0))
     assert json.loads(Layout.of(net).to_json())[0] == {"name": "0.weight", "shape": [8, 1, 5, 5], "offset": 0}
+
+
+def test_weight_items_read_pairs_in_order_dense_or_sparse(tmp_path):
+    spec = ModelSpec("mlp", {"widths": [4]}, (1, 8, 8), 10)
+    n, slots = 12, [0, 1, 2]
+    w = ZooWriter.create(tmp_path / "w.h5", spec, [zoo.MemberSpec(seed=i) for i in range(n)], slots,
+                         ["test_loss", "test_acc"], dataset="digits", config="name: t\n")
+    P = spec.layout().n_params
+    with w:
+        for s in slots:  # entry j of member m at slot s: m * 100 + s * 10 + j % 7, unique per (m, s)
+            w.write(np.arange(n), s, (np.arange(n)[:, None] * 100 + s * 10 + np.arange(P)[None] % 7).astype(np.float32),
+                    {"test_acc": np.full(n, 0.5), "test_loss": np.ones(n)})
+        w.done(np.arange(n))
+    w.commit()
+    rng = np.random.default_rng(0)
+    with zoo.open(tmp_path / "w.h5") as z:
+        cases = [(np.repeat(np.arange(n), 3), np.tile(slots, n)),  # every pair: dense boxes
+                 (rng.integers(0, n, 40), rng.integers(-3, 3, 40)),  # repeats, negative slots
+                 (np.array([11, 0, 5]), np.array([2, 0, -1]))]  # sparse: one read per pair
+        for members, ss in cases:
+            for block in (4, 256):
+                got = z.weight_items(members, ss, block=block)
+                want = np.stack([z.weights(m, s) for m, s in zip(members, ss)])
+                assert np.array_equal(got, want), (members, ss, block)
+        assert z.weight_items([], []).shape == (0, P)
