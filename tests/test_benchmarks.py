@@ -53,3 +53,12 @@ def test_triton_jit_threads_compiles_one_specialization_per_size():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = _run("benchmarks/triton_jit_threads.py", "--n", "2", "--device", device)
     assert "2 band-kernel compiles: serial" in out and "speed-up" in out
+
+
+def test_probe_scale_times_the_probe_stage_on_a_synthetic_zoo():
+    """The planted linear read-out of the weights is found by the W probe, and the epoch by every column."""
+    out = _run("benchmarks/probe_scale.py", "--members", "400", "--targets", "test_acc", "epoch", "--device", "cpu")
+    assert "400 members x 4 checkpoints (1600 rows, 4970 weights): write" in out and "probes" in out
+    table = {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in out.splitlines()
+             if ln.split() and ln.split()[0] in ("epoch", "test_acc")}
+    assert min(table["epoch"]) > 0.5 and table["test_acc"][0] > 0.1, out  # columns: W linear, s(W) gbm, s(W) linear
