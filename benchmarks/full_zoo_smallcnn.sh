@@ -8,12 +8,13 @@
 #   PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh                       # one H200, ~9.5 min
 #   N=24 EPOCHS=1 ZOO_OVER="train_eval_samples=500 precision=fp32 compile=false" FIT_MINUTES=0.2 \
 #     DEADLINE=1500 PROBE_OVER="bootstrap=10" bash benchmarks/full_zoo_smallcnn.sh      # CPU smoke (needs MNIST)
+# (tests/test_benchmarks.py runs it on digits resized to 16x16, WORK= a temporary folder for zoo and run)
 # Output: ${OUT:-data/pipeline_logs/full_zoo}/ (stage logs, times.txt, the zoo table, probe tables and plots).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WEIGHTZOO_QUIET=1
 out=${OUT:-data/pipeline_logs/full_zoo}; mkdir -p "$out"
 n=${N:-10000}; epochs=${EPOCHS:-3}; deadline=$(( $(date +%s) + ${DEADLINE:-570} ))
-zoo=data/zoos/mnist_smallcnn_random_n$n.h5; run=data/hyperrep/mnist_smallcnn_random_n$n
+work=${WORK:-data}; zoo=$work/zoos/mnist_smallcnn_random_n$n.h5; run=$work/hyperrep/mnist_smallcnn_random_n$n
 ckpts=$(python3 -c "print('[' + ','.join(map(str, range($epochs + 1))) + ']')")
 left() { echo $(( deadline - $(date +%s) - ${1:-0} )); }  # seconds to the deadline, keeping $1 in reserve
 stage() { local name=$1; shift; local t0; t0=$(date +%s); "$@" > "$out/$name.log" 2>&1; local rc=$?

@@ -62,3 +62,24 @@ def test_probe_scale_times_the_probe_stage_on_a_synthetic_zoo():
     table = {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in out.splitlines()
              if ln.split() and ln.split()[0] in ("epoch", "test_acc")}
     assert min(table["epoch"]) > 0.5 and table["test_acc"][0] > 0.1, out  # columns: W linear, s(W) gbm, s(W) linear
+
+
+def test_full_zoo_script_runs_every_stage_on_one_split(tmp_path):
+    """build -> split -> baseline probes beside the fit -> embed -> embedding probes, on digits at 16x16."""
+    import os
+    env = {**os.environ, "N": "24", "EPOCHS": "1", "WORK": str(tmp_path), "OUT": str(tmp_path / "out"),
+           "ZOO_OVER": "dataset=digits resize=16 precision=fp32 compile=false train_eval_samples=200",
+           "FIT_MINUTES": "0.05", "FIT_OVER": "d_model=32 n_layers=1 n_heads=2 d_latent=8 d_proj=8 num_workers=0",
+           "PROBE_OVER": "bootstrap=5", "DEADLINE": "900", "PROBE_THREADS": "1"}
+    done = subprocess.run(["bash", "benchmarks/full_zoo_smallcnn.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    out = tmp_path / "out"
+    times = (out / "times.txt").read_text()
+    assert done.returncode == 0, done.stderr[-2000:] + times
+    stages = [ln.split() for ln in times.splitlines()]  # "<stage> rc <code> <seconds> s"
+    assert all(st[2] == "0" for st in stages), times
+    assert sorted(st[0] for st in stages) == ["build", "embed", "fit", "probes_base", "probes_emb"], times
+    split = json.loads((out / "split.json").read_text())["test_members"]
+    for name in ("base", "emb"):
+        assert json.loads((out / f"probes_{name}" / "split.json").read_text())["test_members"] == split
+        assert "| train_fraction | R² |" in (out / f"probes_{name}" / "table.md").read_text()
