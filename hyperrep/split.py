@@ -10,7 +10,6 @@ will have. JSON: test_members (union over the zoos), and per zoo its train / val
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -28,8 +27,6 @@ from .embeddings import TEST, TRAIN, VAL
 def main(argv: list[str]) -> None:
     cfg, args = config_cli(FitConfig, argv, "python -m hyperrep.split", __doc__, {"zoo": "zoo+", "out": "out"},
                            extra=lambda ap: ap.add_argument("--overwrite", action="store_true"))
-    if isinstance(cfg.zoo, tuple) and len(cfg.zoo) == 1:
-        cfg = dataclasses.replace(cfg, zoo=cfg.zoo[0])
     out = Path(cfg.out or f"data/hyperrep/{cfg.name}.split.json")
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} already exists; pass --overwrite to replace it")

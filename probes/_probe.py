@@ -76,8 +76,10 @@ class _RidgeFolds:
         """(rows, mean, eigenvalues, eigenvectors) of a training fold (-1: all rows)."""
         if fold not in self._dec:
             rows = np.arange(len(self.X)) if fold < 0 else self.splits[fold][0]
-            mx = self.X[rows].mean(0)
-            s2, v = _eigh_gram(self.X[rows] - mx, self.device)
+            xc = self.X[rows]  # one copy, centred in place
+            mx = xc.mean(0)
+            xc -= mx
+            s2, v = _eigh_gram(xc, self.device)
             self._dec[fold] = rows, mx, s2, v
         return self._dec[fold]
 
@@ -85,7 +87,9 @@ class _RidgeFolds:
         """Coefficients (p, n_alphas) and intercepts of ridge on the fold's centred rows, for every alpha."""
         rows, mx, s2, v = self.decomposition(fold)
         my = y[rows].mean()
-        proj = v.T @ (self.X[rows].T @ (y[rows] - my))  # (p,): V^T Xc^T (y - my), Xc^T 1 = 0
+        r = np.zeros(len(self.X))
+        r[rows] = y[rows] - my  # Xc^T (y - my) = X^T r (Xc^T 1 = 0): no copy of the fold's rows per target
+        proj = v.T @ (self.X.T @ r)  # (p,)
         coefs = v @ (proj[:, None] / (s2[:, None] + np.asarray(alphas)[None, :]))
         return coefs, my - mx @ coefs
 

@@ -191,11 +191,7 @@ class Zoo:
 
     def weight_rows(self, members, checkpoint: int = -1) -> np.ndarray:
         """(len(members), n_params) float32 at one checkpoint slot."""
-        members = np.asarray(members, np.int64)
-        if not len(members):
-            return np.zeros((0, self.n_params), np.float32)
-        unique, inverse = np.unique(members, return_inverse=True)  # h5py reads increasing, distinct indices
-        return self.file["weights"][unique, checkpoint % self.n_checkpoints][inverse]
+        return self.weight_items(members, checkpoint)
 
     def weight_items(self, members, slots, block: int = 256) -> np.ndarray:
         """(n, n_params) float32 rows of (member, checkpoint slot) pairs, in the order given (repeats allowed).
