@@ -141,7 +141,10 @@ def prepare(column: str, data: ProbeData, test: np.ndarray, device: str = "cpu")
     if column.endswith("gbm"):
         return X[~test], X[test]
     if column.startswith("s(W)"):
-        q = QuantileTransformer(n_quantiles=min(1000, int((~test).sum())), output_distribution="normal")
+        # every training row sets the quantiles (sklearn's default subsamples 10,000 rows unseeded: the
+        # probe would differ run to run on large zoos)
+        q = QuantileTransformer(n_quantiles=min(1000, int((~test).sum())), output_distribution="normal",
+                                subsample=None)
         q.fit(X[~test])
         X = np.empty_like(X)
         X[~test], X[test] = q.transform(data.sW[~test]), q.transform(data.sW[test])

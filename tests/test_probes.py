@@ -217,3 +217,19 @@ def test_row_space_inputs_give_the_same_ridge_predictions(device):
     proj = Ridge(alpha=1.0).fit(Xtr, y[~test])
     np.testing.assert_allclose(proj.predict(Xte), full.predict(scaler.transform(W[test].astype(np.float64))),
                                atol=1e-6)
+
+
+def test_statistics_probe_inputs_are_reproducible_on_large_zoos():
+    """s(W)'s rank-Gaussianisation uses every training row: sklearn's default fits its quantiles on an
+    unseeded 10,000-row subsample, which made `s(W) linear` differ between two runs of a 40,000-row zoo."""
+    from probes._probe import prepare
+    from probes.features import ProbeData
+    rng = np.random.default_rng(2)
+    n = 15_000  # 12,000 training rows
+    sW = rng.standard_cauchy(size=(n, 3)).astype(np.float32)
+    rows = pd.DataFrame({"member": np.arange(n), "model_id": np.arange(n)})
+    data = ProbeData(rows, sW, sW, None, None, ["a", "b", "c"])
+    test = np.arange(n) % 5 == 0
+    first, second = prepare("s(W) linear", data, test), prepare("s(W) linear", data, test)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
