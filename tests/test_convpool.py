@@ -15,10 +15,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (B, M, C, H, O, k, stride, padding, pool): cnn_s's two stages, a 2x2 kernel, and an odd conv output whose
 # last row and column the pool drops (band kernels); cnn_gap's stride-2 padded conv, smallcnn's valid one on
 # an even size (the last input column feeds no output), a patch embedding, and 16 -> 16 channels (K = 144 in
-# several chunks) on the direct kernels
+# several chunks) on the direct kernels; 5x5 stride 2 (phases of 3 x 3, 3 x 2 and 2 x 2 taps) and 3x3 stride 3
+# (one tap per phase) for the input gradient's polyphase split
 GEOMETRIES = [(3, 2, 1, 12, 8, 5, 1, 0, 2), (2, 3, 8, 12, 6, 5, 1, 0, 2), (2, 2, 2, 7, 3, 2, 1, 0, 1),
               (2, 2, 2, 9, 4, 3, 1, 0, 2), (2, 2, 3, 9, 5, 3, 2, 1, 1), (2, 2, 3, 8, 5, 3, 2, 0, 1),
-              (2, 2, 1, 8, 6, 4, 4, 0, 1), (1, 2, 16, 7, 16, 3, 2, 0, 1)]
+              (2, 2, 1, 8, 6, 4, 4, 0, 1), (1, 2, 16, 7, 16, 3, 2, 0, 1), (2, 2, 3, 11, 4, 5, 2, 2, 1),
+              (2, 2, 2, 10, 3, 3, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
