@@ -9,7 +9,8 @@
 #   N=24 EPOCHS=1 ZOO_OVER="train_eval_samples=500 precision=fp32 compile=false" FIT_MINUTES=0.2 \
 #     DEADLINE=1500 PROBE_OVER="bootstrap=10" bash benchmarks/full_zoo_smallcnn.sh      # CPU smoke (needs MNIST)
 # (tests/test_benchmarks.py runs it on digits resized to 16x16, WORK= a temporary folder for zoo and run)
-# Output: ${OUT:-data/pipeline_logs/full_zoo}/ (stage logs, times.txt, the zoo table, probe tables and plots).
+# Output: ${OUT:-data/pipeline_logs/full_zoo}/ (stage logs, times.txt, the zoo table, probe tables and plots,
+# targets.md: the embeddings against HR21 and s(W), `hr21_targets.py`).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WEIGHTZOO_QUIET=1
 out=${OUT:-data/pipeline_logs/full_zoo}; mkdir -p "$out"
@@ -44,3 +45,5 @@ stage embed timeout "$(left 90)" python3 -m hyperrep.embed --zoo "$zoo" --model 
   --quiet || { wait; exit 1; }
 probe emb "$emb" test_acc epoch gen_gap lr dropout train_fraction
 wait
+[ -e "$out/probes_base/results.csv" ] && [ -e "$out/probes_emb/results.csv" ] && python3 benchmarks/hr21_targets.py \
+  base="$out/probes_base" emb="$out/probes_emb" --out "$out/targets.md"

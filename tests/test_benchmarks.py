@@ -83,3 +83,31 @@ def test_full_zoo_script_runs_every_stage_on_one_split(tmp_path):
     for name in ("base", "emb"):
         assert json.loads((out / f"probes_{name}" / "split.json").read_text())["test_members"] == split
         assert "| train_fraction | R² |" in (out / f"probes_{name}" / "table.md").read_text()
+    assert "| test_acc | 0.949 |" in (out / "targets.md").read_text()
+
+
+def test_hr21_targets_table_picks_the_best_embedding_and_compares_intervals(tmp_path):
+    """The target table takes each target's best embedding cell over every run, baselines from the run that
+    has them; "met" is against HR21's number, ">= s(W) linear" flags overlapping intervals."""
+    import pandas as pd
+
+    def write(name, rows):
+        (tmp_path / name).mkdir()
+        pd.DataFrame(rows, columns=["target", "kind", "column", "r2", "r2_lo", "r2_hi", "kendall_tau",
+                                    "kendall_tau_lo", "kendall_tau_hi"]).to_csv(tmp_path / name / "results.csv")
+    write("base", [("test_acc", "continuous", "s(W) linear", 0.80, 0.78, 0.82, 0.6, 0.58, 0.62),
+                   ("test_acc", "continuous", "s(W) gbm", 0.97, 0.96, 0.98, 0.8, 0.79, 0.81),
+                   ("lr", "continuous", "s(W) linear", 0.40, 0.35, 0.45, None, None, None)])
+    write("a", [("test_acc", "continuous", "emb linear", 0.90, 0.89, 0.91, 0.70, 0.69, 0.71),
+                ("lr", "continuous", "emb seq linear", 0.38, 0.33, 0.43, None, None, None)])
+    write("b", [("test_acc", "continuous", "emb seq linear", 0.95, 0.94, 0.96, 0.61, 0.60, 0.63),
+                ("optimizer", "categorical", "emb linear", None, None, None, None, None, None)])
+    out = _run("benchmarks/hr21_targets.py", *(f"{n}={tmp_path / n}" for n in ("base", "a", "b")),
+               "--out", str(tmp_path / "targets.md"))
+    assert (tmp_path / "targets.md").read_text() == out
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in out.splitlines()[2:]}
+    assert rows.keys() == {"test_acc", "lr", "test_acc (Kendall τ; StatNN on CIFAR10-GS)"}
+    assert "(emb seq, b)" in rows["test_acc"] and rows["test_acc"].endswith("| 0.800 | 0.970 | yes | yes |")
+    assert "(emb seq, a)" in rows["lr"] and rows["lr"].endswith("| yes | no (intervals overlap) |")
+    kendall = rows["test_acc (Kendall τ; StatNN on CIFAR10-GS)"]
+    assert "(emb, a)" in kendall and kendall.endswith("| no | yes |")
