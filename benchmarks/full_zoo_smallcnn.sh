@@ -5,7 +5,10 @@
 # what finished survives. The weight baselines (W, s(W)) are probed on the CPU while the encoder fits, on its
 # test members (hyperrep.split); the embeddings after embed. Every target is regressed (train fraction too, as
 # HR21), so all of a column's targets share its ridge decompositions.
-#   PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh                       # one H200, ~9.5 min
+#   PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh                       # one H200, 446 s (FULL_ZOO.md)
+#   EPOCHS=12 CHECKPOINTS=[0,1,2,3,4,6,8,12] ZOO_OVER=population_size=5000 MAX_POPULATIONS=1 \
+#     PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh   # twice (one population each), then REUSE_ZOO=1 with
+#                                                         # the same EPOCHS: three back-to-back calls
 #   N=24 EPOCHS=1 ZOO_OVER="train_eval_samples=500 precision=fp32 compile=false" FIT_MINUTES=0.2 \
 #     DEADLINE=1500 PROBE_OVER="bootstrap=10" bash benchmarks/full_zoo_smallcnn.sh      # CPU smoke (needs MNIST)
 # (tests/test_benchmarks.py runs it on digits resized to 16x16, WORK= a temporary folder for zoo and run)
@@ -15,17 +18,28 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 WEIGHTZOO_QUIET=1
 out=${OUT:-data/pipeline_logs/full_zoo}; mkdir -p "$out"
 n=${N:-10000}; epochs=${EPOCHS:-3}; deadline=$(( $(date +%s) + ${DEADLINE:-570} ))
-work=${WORK:-data}; zoo=$work/zoos/mnist_smallcnn_random_n$n.h5; run=$work/hyperrep/mnist_smallcnn_random_n$n
-ckpts=$(python3 -c "print('[' + ','.join(map(str, range($epochs + 1))) + ']')")
+name=mnist_smallcnn_random_n$n; [ "$epochs" = 3 ] || name+=_e$epochs  # REUSE_ZOO never takes another length
+work=${WORK:-data}; zoo=$work/zoos/$name.h5; run=$work/hyperrep/$name
+ckpts=${CHECKPOINTS:-$(python3 -c "print('[' + ','.join(map(str, range($epochs + 1))) + ']')")}
 left() { echo $(( deadline - $(date +%s) - ${1:-0} )); }  # seconds to the deadline, keeping $1 in reserve
 stage() { local name=$1; shift; local t0; t0=$(date +%s); "$@" > "$out/$name.log" 2>&1; local rc=$?
   echo "$name rc $rc $(( $(date +%s) - t0 )) s" | tee -a "$out/times.txt"; return $rc; }
 
-# batch 64 (Unterthiner et al. use 32): 178 vs 116 model-epochs/s at 10,000 members on one H200
-[ -n "${REUSE_ZOO:-}" ] && [ -e "$zoo" ] || stage build timeout "$(left 260)" python3 -m zoo.build \
-  --config configs/zoo/mnist_smallcnn_random.yaml n_random="$n" epochs="$epochs" checkpoints="$ckpts" \
-  fixed.batch_size=64 precision=bf16 compile=true train_eval_samples=10000 ${ZOO_OVER:-} --out "$zoo" --overwrite \
-  || exit 1
+# batch 64 (Unterthiner et al. use 32): 178 vs 116 model-epochs/s at 10,000 members on one H200.
+# MAX_POPULATIONS=K builds K populations and stops (a zoo longer than one call: population_size=P in ZOO_OVER,
+# then the same command again resumes from the .partial file; each call's files must survive to the next). That
+# mode only builds: the pipeline then runs with REUSE_ZOO=1.
+build=(python3 -m zoo.build --config configs/zoo/mnist_smallcnn_random.yaml n_random="$n" epochs="$epochs"
+  checkpoints="$ckpts" fixed.batch_size=64 precision=bf16 compile=true train_eval_samples=10000 ${ZOO_OVER:-}
+  --out "$zoo")
+[ -e "$zoo.partial" ] || build+=(--overwrite)  # a partial build resumes; anything else is rebuilt
+if [ -n "${MAX_POPULATIONS:-}" ]; then
+  stage build timeout "$(left 5)" "${build[@]}" --max-populations "$MAX_POPULATIONS" || exit 1
+  [ -e "$zoo.partial" ] && state=paused || state=finished
+  echo "build $state after $MAX_POPULATIONS population(s)" | tee -a "$out/times.txt"; exit 0
+elif [ -z "${REUSE_ZOO:-}" ] || [ ! -e "$zoo" ]; then
+  stage build timeout "$(left 260)" "${build[@]}" || exit 1
+fi
 cp "${zoo%.h5}.parquet" "$out/zoo_table.parquet"
 fitcfg=(--config configs/hyperrep/mnist_smallcnn_random.yaml "zoo=$zoo" max_minutes="${FIT_MINUTES:-1.0}" ${FIT_OVER:-})
 python3 -m hyperrep.split "${fitcfg[@]}" --out "$out/split.json" --overwrite || exit 1

@@ -86,6 +86,27 @@ def test_full_zoo_script_runs_every_stage_on_one_split(tmp_path):
     assert "| test_acc | 0.949 |" in (out / "targets.md").read_text()
 
 
+def test_full_zoo_script_builds_a_zoo_over_several_calls(tmp_path):
+    """MAX_POPULATIONS=1 with two populations: the first call stops after one (a .partial file), the second
+    resumes and finishes the zoo, and neither runs the pipeline; the finished zoo holds every member."""
+    import os
+
+    import h5py
+    env = {**os.environ, "N": "8", "EPOCHS": "2", "CHECKPOINTS": "[0,2]", "WORK": str(tmp_path),
+           "OUT": str(tmp_path / "out"), "MAX_POPULATIONS": "1", "DEADLINE": "600",
+           "ZOO_OVER": "dataset=digits resize=16 precision=fp32 compile=false train_eval_samples=100 "
+                       "population_size=4"}
+    zoo = tmp_path / "zoos" / "mnist_smallcnn_random_n8_e2.h5"
+    for state in ("paused", "finished"):
+        done = subprocess.run(["bash", "benchmarks/full_zoo_smallcnn.sh"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (tmp_path / "out" / "times.txt").read_text().splitlines()[-1] == f"build {state} after 1 population(s)"
+    assert zoo.exists() and not Path(f"{zoo}.partial").exists() and not (tmp_path / "out" / "split.json").exists()
+    with h5py.File(zoo, "r") as f:
+        assert f["models/done"][:].all() and len(f["models/done"]) == 8
+
+
 def test_hr21_targets_table_picks_the_best_embedding_and_compares_intervals(tmp_path):
     """The target table takes each target's best embedding cell over every run, baselines from the run that
     has them; "met" is against HR21's number, ">= s(W) linear" flags overlapping intervals."""
