@@ -19,6 +19,7 @@ from hyperrep.embeddings import TEST
 from zoo import UsageError
 from zoo.io import save_figure
 
+from ._logistic import C_GRID, TorchLogistic, grouped_cv_logistic
 from .features import ProbeData, target_kind, target_values
 
 COLUMNS = ("W linear", "s(W) linear", "s(W) gbm", "emb linear", "emb seq linear")  # emb seq: every token's latent
@@ -116,15 +117,20 @@ def _n_splits(kind: str, groups) -> int:
     return min(5 if kind == "continuous" else 3, len(np.unique(groups)))
 
 
-def _linear(kind: str, X, y, groups, seed: int, folds: _RidgeFolds | None = None):
+def _linear(kind: str, X, y, groups, seed: int, folds: _RidgeFolds | None = None, device: str = "cpu"):
+    """Ridge (continuous) or logistic regression: sklearn's on 'cpu', the same objective in torch
+    (`_logistic.py`) on 'cuda' / 'torch'."""
     n_splits = _n_splits(kind, groups)
     if kind == "continuous":
         return _RidgeCV().fit(folds or _RidgeFolds(X, groups, n_splits), y)
     # C by grouped CV, when every class spans enough members that each training fold holds them all
     members_per_class = min(len(np.unique(groups[y == c])) for c in np.unique(y))
+    if device != "cpu":
+        return (TorchLogistic(0.1, device).fit(X, y) if members_per_class < 2 * n_splits
+                else grouped_cv_logistic(X, y, groups, n_splits, seed, device))
     if members_per_class < 2 * n_splits:
         return LogisticRegression(max_iter=300, tol=1e-3, C=0.1).fit(X, y)
-    search = GridSearchCV(LogisticRegression(max_iter=300, tol=1e-3), {"C": [0.01, 0.1, 1.0]},
+    search = GridSearchCV(LogisticRegression(max_iter=300, tol=1e-3), {"C": list(C_GRID)},
                           cv=StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed))
     return search.fit(X, y, groups=groups).best_estimator_
 
@@ -159,28 +165,30 @@ def prepare(column: str, data: ProbeData, test: np.ndarray, device: str = "cpu")
 
 
 def fit_predict(column: str, kind: str, data: ProbeData, y, test, seed: int, inputs=None,
-                folds: _RidgeFolds | None = None) -> np.ndarray:
+                folds: _RidgeFolds | None = None, device: str = "cpu") -> np.ndarray:
     """Fit one probe on the training rows, predict the test rows. Regression predictions are clipped
     to the range of the training targets (a linear map must not extrapolate an accuracy above 1).
-    `inputs` (train, test) and ridge `folds` on those training inputs may come from earlier targets."""
+    `inputs` (train, test) and ridge `folds` on those training inputs may come from earlier targets; `device`
+    is where logistic probes fit (`_linear`)."""
     Xtr, Xte = inputs if inputs is not None else prepare(column, data, test)
     if kind == "multilabel":  # one binary probe per label column; a label constant in training is predicted so
-        return np.stack([_binary(column, data, y[:, k], test, seed, (Xtr, Xte)) for k in range(y.shape[1])], 1)
+        return np.stack([_binary(column, data, y[:, k], test, seed, (Xtr, Xte), device) for k in range(y.shape[1])],
+                        1)
     if column.endswith("gbm"):
         cls = HistGradientBoostingRegressor if kind == "continuous" else HistGradientBoostingClassifier
         return cls(max_iter=200, random_state=seed).fit(Xtr, y[~test]).predict(Xte)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # a probe that did not converge is still a probe
         warnings.simplefilter("ignore", LinAlgWarning)  # ill-conditioned at the smallest alphas; CV avoids them
-        model = _linear(kind, Xtr, y[~test], data.rows["member"].to_numpy()[~test], seed, folds)
+        model = _linear(kind, Xtr, y[~test], data.rows["member"].to_numpy()[~test], seed, folds, device)
     pred = model.predict(Xte)
     return np.clip(pred, y[~test].min(), y[~test].max()) if kind == "continuous" else pred
 
 
-def _binary(column: str, data: ProbeData, y, test, seed: int, inputs) -> np.ndarray:
+def _binary(column: str, data: ProbeData, y, test, seed: int, inputs, device: str = "cpu") -> np.ndarray:
     if len(np.unique(y[~test])) < 2:
         return np.full(int(test.sum()), y[~test][0])
-    return fit_predict(column, "categorical", data, y, test, seed, inputs).astype(y.dtype)
+    return fit_predict(column, "categorical", data, y, test, seed, inputs, device=device).astype(y.dtype)
 
 
 def _metrics(kind: str, y, pred) -> dict[str, float]:
@@ -220,7 +228,8 @@ def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fra
                     progress: bool = False, device: str = "auto", columns: list[str] | None = None,
                     regress: tuple[str, ...] = ()):
     """-> (long results table, predictions {target: {column: (y_test, pred)}}, test mask). `device`: where the
-    linear probes' decompositions run (auto: CUDA when available; the fits and scores stay on the CPU).
+    linear probes' decompositions and logistic fits run (auto: CUDA when available; trees and scores stay on
+    the CPU).
     `columns`: a subset of COLUMNS (default: every column the inputs allow); `regress`: targets probed as
     continuous even with few values (`target_kind`)."""
     device = probe_device(device)
@@ -249,7 +258,7 @@ def evaluate_probes(data: ProbeData, targets: list[str], seed: int = 0, test_fra
                     inputs[col] = prepare(col, data, test, device)
                 if kind == "continuous" and col not in folds and not col.endswith("gbm"):
                     folds[col] = _RidgeFolds(inputs[col][0], members[~test], _n_splits(kind, members[~test]), device)
-                pred = fit_predict(col, kind, data, y, test, seed, inputs[col], folds.get(col))
+                pred = fit_predict(col, kind, data, y, test, seed, inputs[col], folds.get(col), device)
                 predictions[name][col] = (y[test], pred)
                 results.append({"target": name, "kind": kind, "column": col,
                                 **score(kind, y[test], pred, members[test], n_boot, seed)})

@@ -21,7 +21,7 @@ class ProbeConfig(Config):
     bootstrap: int = option(200, ge=0)  # resamples of test members for the 95 % intervals
     split: str = ""  # a split file (JSON {"test_members": [...]} or a benchmark's CSV): fixed test members
     members: str = option("all", choices=("all", "fit"))  # fit: only the members the encoder was fitted on
-    device: str = option("auto", choices=("auto", "cpu", "cuda"))  # linear probes' decompositions; auto: CUDA if any
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))  # linear probes' decompositions, logistic fits
 
     def check(self):
         if not self.zoo:

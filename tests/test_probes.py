@@ -233,3 +233,38 @@ def test_statistics_probe_inputs_are_reproducible_on_large_zoos():
     first, second = prepare("s(W) linear", data, test), prepare("s(W) linear", data, test)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_torch_logistic_matches_sklearn(n_classes):
+    """The torch categorical probe minimises sklearn's LogisticRegression objective: the same coefficients
+    (binary: one vector, class 1's) and the same predictions."""
+    from sklearn.linear_model import LogisticRegression
+
+    from probes._logistic import TorchLogistic
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 6))
+    scores = X[:, :n_classes] + rng.normal(size=(300, n_classes))  # (n, classes)
+    y = np.array(["adam", "sgd", "rmsprop"][:n_classes])[scores.argmax(1)]
+    for C in (0.01, 1.0):
+        ref = LogisticRegression(C=C, tol=1e-10, max_iter=5000).fit(X, y)
+        ours = TorchLogistic(C, "torch").fit(X, y)
+        assert list(ours.classes_) == list(ref.classes_)
+        np.testing.assert_allclose(ours.coef_, ref.coef_, atol=1e-5)
+        np.testing.assert_allclose(ours.intercept_, ref.intercept_, atol=1e-4)
+        assert (ours.predict(X) == ref.predict(X)).all()
+
+
+def test_categorical_probes_on_torch_agree_with_sklearn(tmp_path):
+    """evaluate_probes with the torch device (what CUDA runs) gives the sklearn path's categorical accuracies."""
+    from probes.features import ProbeData
+    rng = np.random.default_rng(4)
+    n = 400
+    W = rng.normal(size=(n, 12)).astype(np.float32)
+    rows = pd.DataFrame({"member": np.arange(n) // 2, "model_id": np.arange(n) // 2,
+                         "optimizer": np.where(W[:, 0] + 0.5 * rng.normal(size=n) > 0, "adam", "sgd")})
+    data = ProbeData(rows, W, W[:, :4], None, None, ["a", "b", "c", "d"])
+    cpu, _, _ = evaluate_probes(data, ["optimizer"], n_boot=0, device="cpu", columns=["W linear", "s(W) linear"])
+    torch_, _, _ = evaluate_probes(data, ["optimizer"], n_boot=0, device="torch", columns=["W linear", "s(W) linear"])
+    assert (cpu["accuracy"] > 0.7).all()
+    np.testing.assert_allclose(torch_["accuracy"], cpu["accuracy"], atol=0.01)
