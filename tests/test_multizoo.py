@@ -146,7 +146,12 @@ def test_zoo_size_curve_fits_and_probes_the_first_members_only(two_zoos, tmp_pat
         runs.append(f"{12 if members == 'fit' else 24}={probe_out}")
     test_fit = json.loads((tmp_path / "probes_fit" / "split.json").read_text())["test_members"]
     assert test_fit and all(m < 12 for m in test_fit)
-    done = subprocess.run([sys.executable, "benchmarks/size_curve_plot.py", *runs, "--out", str(tmp_path / "c.png")],
-                          capture_output=True, text=True)
+    plot = [sys.executable, "benchmarks/size_curve_plot.py", *runs, "--out", str(tmp_path / "c.png")]
+    done = subprocess.run([*plot, "--reference", "test_acc=0.9", "--reference-label", "HR21"], capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "c.png").stat().st_size > 1000 and "| test_acc | emb linear |" in (tmp_path / "c.md").read_text()
+    table = (tmp_path / "c.md").read_text()
+    assert (tmp_path / "c.png").stat().st_size > 1000 and "| test_acc | emb linear |" in table
+    assert table.endswith("HR21: test_acc 0.9\n")
+    bad = subprocess.run([*plot, "--reference", "test_acc"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "TARGET=NUMBER" in bad.stderr
