@@ -6,6 +6,7 @@
 # test members (hyperrep.split); the embeddings after embed. Every target is regressed (train fraction too, as
 # HR21), so all of a column's targets share its ridge decompositions.
 #   PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh                       # one H200, 446 s (FULL_ZOO.md)
+#   CAT_TARGETS="optimizer activation init" ...  # also HR21's categorical targets (a third probe process)
 #   EPOCHS=12 CHECKPOINTS=[0,1,2,3,4,6,8,12] ZOO_OVER=population_size=5000 MAX_POPULATIONS=1 \
 #     PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh   # twice (one population each), then REUSE_ZOO=1 with
 #                                                         # the same EPOCHS: three back-to-back calls
@@ -58,6 +59,8 @@ cp "$run/loss.png" "$out/fit_loss.png" 2>/dev/null
 stage embed timeout "$(left 90)" python3 -m hyperrep.embed --zoo "$zoo" --model "$run" sequence=true --overwrite \
   --quiet || { wait; exit 1; }
 probe emb "$emb" test_acc epoch gen_gap lr dropout train_fraction
+# CAT_TARGETS="optimizer activation init": HR21's categorical targets, logistic probes (on CUDA in torch)
+[ -n "${CAT_TARGETS:-}" ] && probe cat "$base,$emb" $CAT_TARGETS
 wait
 [ -e "$out/probes_base/results.csv" ] && [ -e "$out/probes_emb/results.csv" ] && python3 benchmarks/hr21_targets.py \
   base="$out/probes_base" emb="$out/probes_emb" --out "$out/targets.md"

@@ -65,12 +65,13 @@ def test_probe_scale_times_the_probe_stage_on_a_synthetic_zoo():
 
 
 def test_full_zoo_script_runs_every_stage_on_one_split(tmp_path):
-    """build -> split -> baseline probes beside the fit -> embed -> embedding probes, on digits at 16x16."""
+    """build -> split -> baseline probes beside the fit -> embed -> embedding probes (and the categorical
+    targets' probes), on digits at 16x16."""
     import os
     env = {**os.environ, "N": "24", "EPOCHS": "1", "WORK": str(tmp_path), "OUT": str(tmp_path / "out"),
            "ZOO_OVER": "dataset=digits resize=16 precision=fp32 compile=false train_eval_samples=200",
            "FIT_MINUTES": "0.05", "FIT_OVER": "d_model=32 n_layers=1 n_heads=2 d_latent=8 d_proj=8 num_workers=0",
-           "PROBE_OVER": "bootstrap=5", "DEADLINE": "900", "PROBE_THREADS": "1"}
+           "PROBE_OVER": "bootstrap=5", "DEADLINE": "900", "PROBE_THREADS": "1", "CAT_TARGETS": "optimizer"}
     done = subprocess.run(["bash", "benchmarks/full_zoo_smallcnn.sh"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     out = tmp_path / "out"
@@ -78,7 +79,8 @@ def test_full_zoo_script_runs_every_stage_on_one_split(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:] + times
     stages = [ln.split() for ln in times.splitlines()]  # "<stage> rc <code> <seconds> s"
     assert all(st[2] == "0" for st in stages), times
-    assert sorted(st[0] for st in stages) == ["build", "embed", "fit", "probes_base", "probes_emb"], times
+    assert sorted(st[0] for st in stages) == ["build", "embed", "fit", "probes_base", "probes_cat", "probes_emb"], times
+    assert "| optimizer | acc |" in (out / "probes_cat" / "table.md").read_text()
     split = json.loads((out / "split.json").read_text())["test_members"]
     for name in ("base", "emb"):
         assert json.loads((out / f"probes_{name}" / "split.json").read_text())["test_members"] == split
