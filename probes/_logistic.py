@@ -26,12 +26,12 @@ class TorchLogistic:
         import torch.nn.functional as F
 
         self.classes_, yi = np.unique(y, return_inverse=True)
-        x = torch.as_tensor(np.ascontiguousarray(X), dtype=torch.float64, device=self.device)  # (n, p)
+        x = _as_tensor(X, self.device)  # (n, p)
         t = torch.as_tensor(yi, device=self.device)
         k = 1 if len(self.classes_) == 2 else len(self.classes_)  # binary: one vector for class 1, as sklearn
         W = torch.zeros(x.shape[1], k, dtype=torch.float64, device=self.device, requires_grad=True)
         b = torch.zeros(k, dtype=torch.float64, device=self.device, requires_grad=True)
-        zero = torch.zeros(len(t), 2 - k if k == 1 else 0, dtype=torch.float64, device=self.device)
+        zero = torch.zeros(len(t), int(k == 1), dtype=torch.float64, device=self.device)
         opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=self.max_iter, tolerance_grad=1e-9,
                                 tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
 
@@ -56,12 +56,21 @@ class TorchLogistic:
         return self.classes_[(z > 0).astype(int) if z.ndim == 1 else z.argmax(1)]
 
 
+def _as_tensor(X, device: str):
+    import torch
+    if torch.is_tensor(X):
+        return X
+    return torch.as_tensor(np.ascontiguousarray(X), dtype=torch.float64, device="cpu" if device == "torch" else device)
+
+
 def grouped_cv_logistic(X, y, groups, n_splits: int, seed: int, device: str) -> TorchLogistic:
     """C from C_GRID by mean accuracy over stratified grouped folds (ties: the smaller C, as GridSearchCV),
     then refitted on every row."""
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     acc = np.zeros(len(C_GRID))
+    xt = _as_tensor(X, device)  # moved to the device once, not per fold and C
     for tr, va in cv.split(X, y, groups):
+        xtr = xt[tr]
         for i, C in enumerate(C_GRID):
-            acc[i] += (TorchLogistic(C, device).fit(X[tr], y[tr]).predict(X[va]) == y[va]).mean()
-    return TorchLogistic(C_GRID[int(np.argmax(acc))], device).fit(X, y)
+            acc[i] += (TorchLogistic(C, device).fit(xtr, y[tr]).predict(X[va]) == y[va]).mean()
+    return TorchLogistic(C_GRID[int(np.argmax(acc))], device).fit(xt, y)
