@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo import MemberSpec, Population, ZooConfig, _convpool, load_dataset  # noqa: E402  # noqa: E402
+from zoo import MemberSpec, Population, ZooConfig, _convpool, _directconv, load_dataset  # noqa: E402
 from zoo.build import eval_bytes, run_order  # noqa: E402
 from zoo.population import member_order  # noqa: E402
 from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
@@ -224,6 +224,8 @@ def main():
                     help="the hyp recipe's activations (fewer: fewer activation/optimizer slices per population)")
     ap.add_argument("--eval", type=int, default=0, metavar="N",
                     help="also time one evaluation (train metrics on N samples, test and val on all)")
+    ap.add_argument("--dx", default=_directconv.dx_form,
+                    help="the direct convs' input-gradient forms to time, comma-separated (checks: the last)")
     ap.add_argument("--block-r", type=int, default=0, help="rows per Triton conv program (default: the module's)")
     args = ap.parse_args()
     if args.block_r:
@@ -232,6 +234,10 @@ def main():
     RECIPE, EVAL_SAMPLES, HYP_ACTS = args.recipe, args.eval, args.acts.split(",")
     if RECIPE == "hyp" and args.check:
         ap.error("--recipe hyp trains hashed-dropout members the plain loop cannot reproduce; pass --check 0")
+    dx_forms = args.dx.split(",")
+    for form in dx_forms:
+        if form not in _directconv.DX_FORMS:
+            ap.error(f"--dx: unknown form {form!r}; choose from {', '.join(_directconv.DX_FORMS)}")
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -244,18 +250,20 @@ def main():
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for variant in args.variants.split(","):
+        for form, variant in ((f, v) for f in dx_forms for v in args.variants.split(",")):
+            _directconv.set_dx_form(form)
+            path = variant if len(dx_forms) == 1 else f"{variant} dx={form}"
             for m in (int(v) for v in args.members.split(",")):
                 try:
                     t, t_order, peak, t_eval = time_engine(arch, data, m, args.batch, args.steps, *VARIANTS[variant])
                 except torch.OutOfMemoryError:
-                    print(f"{arch} {variant} {m}: out of memory", flush=True)
+                    print(f"{arch} {path} {m}: out of memory", flush=True)
                     torch.cuda.empty_cache()
                     continue
                 rate = m / (t * spe + t_order)  # the per-epoch shuffle counted once per epoch
-                rows.append({"arch": arch, "path": variant, "members": m, "rate": rate, "ms_step": t * 1e3,
+                rows.append({"arch": arch, "path": path, "members": m, "rate": rate, "ms_step": t * 1e3,
                              "order_s": t_order, "peak_gib": peak, "ratio": rate / solo_rate, "eval_s": t_eval})
-                print(f"{arch} {variant} M={m}: {t * 1e3:.1f} ms/step, order {t_order:.2f} s/epoch, "
+                print(f"{arch} {path} M={m}: {t * 1e3:.1f} ms/step, order {t_order:.2f} s/epoch, "
                       f"{rate:.1f} model-epochs/s ({rate / solo_rate:.0f}x), peak {peak:.1f} GiB"
                       + (f", one evaluation {t_eval:.2f} s" if EVAL_SAMPLES else ""), flush=True)
                 torch.cuda.empty_cache() if dev.type == "cuda" else None

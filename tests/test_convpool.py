@@ -23,8 +23,21 @@ GEOMETRIES = [(3, 2, 1, 12, 8, 5, 1, 0, 2), (2, 3, 8, 12, 6, 5, 1, 0, 2), (2, 2,
               (2, 2, 2, 10, 3, 3, 3, 1, 1)]
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_conv_pool_matches_torch(geometry):
+DIRECT = [g for g in GEOMETRIES if g[-1] == 1 and g[-3] > 1]  # the direct kernels' geometries
+CASES = [(g, "masked") for g in GEOMETRIES] + [(g, "polyphase") for g in DIRECT]
+
+
+@pytest.fixture
+def dx_form(request, monkeypatch):
+    """The direct convs' input-gradient form for one test (the module default is restored after)."""
+    import zoo._directconv as dc
+    monkeypatch.setattr(dc, "dx_form", dc.dx_form)
+    dc.set_dx_form(request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("geometry,dx_form", CASES, indirect=["dx_form"])
+def test_conv_pool_matches_torch(geometry, dx_form):
     B, M, C, H, O, k, stride, padding, pool = geometry
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in
@@ -72,6 +85,22 @@ def test_strided_convs_without_pool_run_the_direct_kernels():
         conv_pool(x, w, b, 1, 0, 2)
     kernels = [k for k, _, _ in launches]
     assert kernels == [dc._fwd_kernel, dc._dw_kernel, dc._dx_kernel, cp._band_fwd_kernel]
+
+
+@pytest.mark.parametrize("dx_form", ["polyphase"], indirect=True)
+def test_polyphase_input_gradient_launches_one_grid_over_phases(dx_form):
+    """The polyphase form runs its own kernel, one launch with the S x S phases on grid axis 1; an unknown
+    form is refused by name."""
+    import zoo._directconv as dc
+    from zoo._triton import recording
+
+    x = torch.randn(2, 2, 3, 9, 9, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 4, 3, 3, 3, device=DEVICE, requires_grad=True)
+    with recording() as launches:
+        conv_pool(x, w, torch.zeros(2, 4, device=DEVICE), 2, 1, 1).sum().backward()
+    assert [k for k, _, _ in launches] == [dc._fwd_kernel, dc._dw_kernel, dc._dx_phase_kernel]
+    with pytest.raises(ValueError, match="unknown direct-conv dx form 'phases'.*masked, polyphase"):
+        dc.set_dx_form("phases")
 
 
 def test_large_batches_launch_in_pieces(monkeypatch):

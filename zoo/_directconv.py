@@ -9,8 +9,11 @@ input (zero padding by masks, so no padded copy exists) and multiplies it by the
 matrix on tensor cores. Backward:
 - dw[m] (O, K) = sum over rows of gz (rows, O)^T @ patch (rows, K), partial sums over row splits added
   in a fixed order (deterministic);
-- dx: a row is one input pixel, K is (o, ky, kx): the output gradient at (iy + pad - ky) / S where that is
-  a whole output pixel (masked elsewhere: with stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx].
+- dx, two forms (`DX_FORMS`, chosen by `set_dx_form`): "masked": a row is one input pixel, K is (o, ky, kx):
+  the output gradient at (iy + pad - ky) / S where that is a whole output pixel (masked elsewhere: with
+  stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx]. "polyphase": pixels are grouped by
+  phase (iy % S, ix % S), and K is only the ceil(k / S)^2 taps per output channel that reach that phase
+  (3x3 stride 2: 4 of 9), so the MACs and the gathers of the masked taps are not spent.
 Without Triton the caller uses grouped conv (`_convpool._reference`); TRITON_INTERPRET=1 runs these on CPU.
 """
 from __future__ import annotations
@@ -20,6 +23,16 @@ import torch
 from ._triton import MAX_GRID_Y, NUM_WARPS, dot_dtype, launch, on_device, pow2, stages, tl, triton
 
 BLOCK_R, BLOCK_R_DW = 128, 128  # GEMM rows per program (forward / input gradient, weight gradient)
+DX_FORMS = ("masked", "polyphase")
+dx_form = "masked"  # the input gradient's form (module docstring); `set_dx_form` changes it
+
+
+def set_dx_form(name: str) -> None:
+    """Choose the input-gradient kernel for the direct convs run from now on (populations built after)."""
+    global dx_form
+    if name not in DX_FORMS:
+        raise ValueError(f"unknown direct-conv dx form {name!r}; choose one of {', '.join(DX_FORMS)}")
+    dx_form = name
 
 
 def out_size(size: int, k: int, stride: int, padding: int) -> int:
@@ -123,6 +136,45 @@ if triton is not None:
         out = (image * M + m)[:, None] * (C * H * W) + c[None, :] * (H * W) + pix[:, None]
         tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=rok[:, None] & (c < C)[None, :])
 
+    @triton.jit
+    def _dx_phase_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, n_blocks, C: tl.constexpr, H: tl.constexpr,
+                         W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr,
+                         S: tl.constexpr, PAD: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr,
+                         BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """dx for a tile of input pixels of one phase (py, px) = (iy % S, ix % S) of member m. Only the taps
+        ky = (py + PAD) % S + S * jy (and likewise kx) reach a pixel of that phase, so K = (o, jy, jx) holds
+        O * ceil(KS / S)^2 taps, not O * KS^2 (3x3 stride 2: 4 of 9). The tap (jy, jx) reads the output
+        gradient at (qy + (py + PAD) // S - jy, qx + (px + PAD) // S - jx), (iy, ix) = (py + S qy, px + S qx),
+        times w[m, o, c, ky, kx]. Grid axis 1 is (phase, row block); rows past the image are masked."""
+        TJ: tl.constexpr = (KS + S - 1) // S
+        KO: tl.constexpr = O * TJ * TJ
+        HQ: tl.constexpr = (H + S - 1) // S
+        WQ: tl.constexpr = (W + S - 1) // S
+        m, phase, blk = tl.program_id(0), tl.program_id(1) // n_blocks, tl.program_id(1) % n_blocks
+        py, px = phase // S, phase % S
+        r = blk * BLOCK + tl.arange(0, BLOCK)
+        image, q = (r // (HQ * WQ)).to(tl.int64), r % (HQ * WQ)
+        qy, qx = q // WQ, q % WQ
+        iy, ix = py + S * qy, px + S * qx
+        rok = (r < n_rows) & (iy < H) & (ix < W)
+        gbase = (image * M + m) * (O * Ho * Wo)
+        c = tl.arange(0, BC)
+        acc = tl.zeros((BLOCK, BC), tl.float32)
+        for k0 in tl.static_range(0, KO, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            o, jy, jx = k // (TJ * TJ), (k // TJ) % TJ, k % TJ
+            ky, kx = (py + PAD) % S + S * jy, (px + PAD) % S + S * jx
+            kok = (k < KO) & (ky < KS) & (kx < KS)  # (BLOCK_K,): phases with fewer taps mask the rest
+            oy = qy[:, None] + (py + PAD) // S - jy[None, :]  # (R, BLOCK_K)
+            ox = qx[:, None] + (px + PAD) // S - jx[None, :]
+            ok = rok[:, None] & kok[None, :] & (oy >= 0) & (oy < Ho) & (ox >= 0) & (ox < Wo)
+            g = tl.load(gz_ptr + gbase[:, None] + o[None, :] * (Ho * Wo) + oy * Wo + ox, mask=ok, other=0.0)
+            wt = tl.load(w_ptr + m * (O * C * KS * KS) + (o * (C * KS * KS) + ky * KS + kx)[:, None]
+                         + c[None, :] * (KS * KS), mask=kok[:, None] & (c < C)[None, :], other=0.0)
+            acc += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
+        out = (image * M + m)[:, None] * (C * H * W) + c[None, :] * (H * W) + (iy * W + ix)[:, None]
+        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=rok[:, None] & (c < C)[None, :])
+
 
 def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, ...]:
     """(C, H, W, O, Ho, Wo, KS, S, PAD): the kernels' shape arguments."""
@@ -165,19 +217,28 @@ def _dw(gz, x, w_shape, stride: int, padding: int) -> torch.Tensor:
 
 
 def _dx(gz, w, x_shape, stride: int, padding: int) -> torch.Tensor:
-    """Input gradient (B, M, C, H, W) in gz's dtype."""
+    """Input gradient (B, M, C, H, W) in gz's dtype, in the form `dx_form` names."""
     g = _geometry(x_shape, w.shape, stride, padding)
-    C, H, W, O, KS = g[0], g[1], g[2], g[3], g[6]
+    C, H, W, O, KS, S = g[0], g[1], g[2], g[3], g[6], g[7]
     B, M = gz.shape[:2]
     dx = torch.empty(B, M, C, H, W, device=gz.device, dtype=gz.dtype)
-    per_launch = max(1, MAX_GRID_Y * BLOCK_R // (H * W))
+    phases = dx_form == "polyphase"
+    # rows per image and phase, K: polyphase has ceil(H/S) x ceil(W/S) rows and O ceil(k/S)^2 taps per phase
+    per_image = -(-H // S) * -(-W // S) if phases else H * W
+    taps = O * (-(-KS // S)) ** 2 if phases else O * KS * KS
+    per_launch = max(1, MAX_GRID_Y // (S * S if phases else 1) * BLOCK_R // per_image)
+    tail = (max(16, pow2(C)), BLOCK_R, block_k(taps), *dot_dtype(gz.dtype))
     with on_device(gz.device):
         for a in range(0, B, per_launch):
             gs, dxs = gz[a: a + per_launch], dx[a: a + per_launch]
-            n_rows = len(gs) * H * W
-            launch(_dx_kernel, (M, triton.cdiv(n_rows, BLOCK_R)), gs, w, dxs, M, n_rows, *g, max(16, pow2(C)),
-                    BLOCK_R, block_k(O * KS * KS), *dot_dtype(gz.dtype), num_warps=NUM_WARPS,
-                    num_stages=stages(gz.dtype))
+            n_rows = len(gs) * per_image
+            n_blocks = triton.cdiv(n_rows, BLOCK_R)
+            if phases:  # grid axis 1: (phase, row block)
+                launch(_dx_phase_kernel, (M, S * S * n_blocks), gs, w, dxs, M, n_rows, n_blocks, *g, *tail,
+                       num_warps=NUM_WARPS, num_stages=stages(gz.dtype))
+            else:
+                launch(_dx_kernel, (M, n_blocks), gs, w, dxs, M, n_rows, *g, *tail, num_warps=NUM_WARPS,
+                       num_stages=stages(gz.dtype))
     return dx
 
 
