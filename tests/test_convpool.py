@@ -70,7 +70,8 @@ def test_shared_input_matches_per_member_input(geometry):
     assert torch.allclose(gx, rx, atol=1e-4, rtol=1e-4)
 
 
-def test_strided_convs_without_pool_run_the_direct_kernels():
+@pytest.mark.parametrize("dx_form", ["masked"], indirect=True)
+def test_strided_convs_without_pool_run_the_direct_kernels(dx_form):
     """A stride-2 conv without pool goes to the implicit-GEMM kernels (forward; dw and dx in the backward),
     a pooled one to the band kernels."""
     import zoo._convpool as cp

@@ -9,7 +9,9 @@ input (zero padding by masks, so no padded copy exists) and multiplies it by the
 matrix on tensor cores. Backward:
 - dw[m] (O, K) = sum over rows of gz (rows, O)^T @ patch (rows, K), partial sums over row splits added
   in a fixed order (deterministic);
-- dx, two forms (`DX_FORMS`, chosen by `set_dx_form`): "masked": a row is one input pixel, K is (o, ky, kx):
+- dx, two forms (`DX_FORMS`, chosen by `set_dx_form`; default "polyphase": on one H200 it takes 1.0x / 0.27x
+  the masked form's time on smallcnn conv2 / conv3 and 0.23x / 1.25x on cnn_gap conv2 / conv3,
+  benchmarks/NOTES.md). "masked": a row is one input pixel, K is (o, ky, kx):
   the output gradient at (iy + pad - ky) / S where that is a whole output pixel (masked elsewhere: with
   stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx]. "polyphase": pixels are grouped by
   phase (iy % S, ix % S), and K is only the ceil(k / S)^2 taps per output channel that reach that phase
@@ -24,7 +26,7 @@ from ._triton import MAX_GRID_Y, NUM_WARPS, dot_dtype, launch, on_device, pow2, 
 
 BLOCK_R, BLOCK_R_DW = 128, 128  # GEMM rows per program (forward / input gradient, weight gradient)
 DX_FORMS = ("masked", "polyphase")
-dx_form = "masked"  # the input gradient's form (module docstring); `set_dx_form` changes it
+dx_form = "polyphase"  # the input gradient's form (module docstring); `set_dx_form` changes it
 
 
 def set_dx_form(name: str) -> None:
