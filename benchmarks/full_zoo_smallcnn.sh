@@ -10,6 +10,8 @@
 #   EPOCHS=12 CHECKPOINTS=[0,1,2,3,4,6,8,12] ZOO_OVER=population_size=5000 MAX_POPULATIONS=1 \
 #     PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh   # twice (one population each), then REUSE_ZOO=1 with
 #                                                         # the same EPOCHS: three back-to-back calls
+#                                                         # (RESUME_ONLY=1 on the later ones: no .partial file,
+#                                                         # as on a fresh machine, exits at once with rc 3)
 #   N=24 EPOCHS=1 ZOO_OVER="train_eval_samples=500 precision=fp32 compile=false" FIT_MINUTES=0.2 \
 #     DEADLINE=1500 PROBE_OVER="bootstrap=10" bash benchmarks/full_zoo_smallcnn.sh      # CPU smoke (needs MNIST)
 # (tests/test_benchmarks.py runs it on digits resized to 16x16, WORK= a temporary folder for zoo and run)
@@ -33,6 +35,10 @@ stage() { local name=$1; shift; local t0; t0=$(date +%s); "$@" > "$out/$name.log
 build=(python3 -m zoo.build --config configs/zoo/mnist_smallcnn_random.yaml n_random="$n" epochs="$epochs"
   checkpoints="$ckpts" fixed.batch_size=64 precision=bf16 compile=true train_eval_samples=10000 ${ZOO_OVER:-}
   --out "$zoo")
+if [ -n "${RESUME_ONLY:-}" ] && [ ! -e "$zoo.partial" ]; then
+  echo "RESUME_ONLY: no partial build $zoo.partial to resume (a fresh machine?): run without RESUME_ONLY" >&2
+  exit 3
+fi
 [ -e "$zoo.partial" ] || build+=(--overwrite)  # a partial build resumes; anything else is rebuilt
 if [ -n "${MAX_POPULATIONS:-}" ]; then
   stage build timeout "$(left 5)" "${build[@]}" --max-populations "$MAX_POPULATIONS" || exit 1

@@ -90,7 +90,8 @@ def test_full_zoo_script_runs_every_stage_on_one_split(tmp_path):
 
 def test_full_zoo_script_builds_a_zoo_over_several_calls(tmp_path):
     """MAX_POPULATIONS=1 with two populations: the first call stops after one (a .partial file), the second
-    resumes and finishes the zoo, and neither runs the pipeline; the finished zoo holds every member."""
+    resumes and finishes the zoo, and neither runs the pipeline; the finished zoo holds every member.
+    RESUME_ONLY=1 with nothing to resume exits at once (rc 3) and builds nothing."""
     import os
 
     import h5py
@@ -99,9 +100,12 @@ def test_full_zoo_script_builds_a_zoo_over_several_calls(tmp_path):
            "ZOO_OVER": "dataset=digits resize=16 precision=fp32 compile=false train_eval_samples=100 "
                        "population_size=4"}
     zoo = tmp_path / "zoos" / "mnist_smallcnn_random_n8_e2.h5"
-    for state in ("paused", "finished"):
-        done = subprocess.run(["bash", "benchmarks/full_zoo_smallcnn.sh"], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+    fresh = subprocess.run(["bash", "benchmarks/full_zoo_smallcnn.sh"], cwd=ROOT, env={**env, "RESUME_ONLY": "1"},
+                           capture_output=True, text=True, timeout=60)
+    assert fresh.returncode == 3 and "no partial build" in fresh.stderr and not zoo.parent.exists()
+    for state, resume in (("paused", ""), ("finished", "1")):
+        done = subprocess.run(["bash", "benchmarks/full_zoo_smallcnn.sh"], cwd=ROOT, env={**env, "RESUME_ONLY": resume},
+                              capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         assert (tmp_path / "out" / "times.txt").read_text().splitlines()[-1] == f"build {state} after 1 population(s)"
     assert zoo.exists() and not Path(f"{zoo}.partial").exists() and not (tmp_path / "out" / "split.json").exists()
