@@ -138,3 +138,36 @@ def test_hr21_targets_table_picks_the_best_embedding_and_compares_intervals(tmp_
     assert "(emb seq, a)" in rows["lr"] and rows["lr"].endswith("| yes | no (intervals overlap) |")
     kendall = rows["test_acc (Kendall τ; StatNN on CIFAR10-GS)"]
     assert "(emb, a)" in kendall and kendall.endswith("| no | yes |")
+
+
+def test_gap_noise_recovers_the_share_of_sampling_noise(tmp_path):
+    """A synthetic zoo whose gap is binomial noise alone has a noise share near 1 and R² ceiling near 0; one with
+    a true gap of variance 0.03^2 on top has the ceiling that variance leaves; bad input exits 2 naming it."""
+    import numpy as np
+    import pandas as pd
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gap_noise import noise_table
+
+    rng = np.random.default_rng(0)
+    n, pool, test = 4000, 2000, 5000
+    frac = rng.uniform(0.1, 1.0, n)
+    p = rng.uniform(0.5, 0.95, n)
+    true_gap = rng.uniform(0, 0.03 * np.sqrt(12), n)  # variance 0.03^2
+    for gap, expect in ((0.0, 0.0), (true_gap, None)):
+        p_train = np.clip(p + gap, 0, 1)
+        t = pd.DataFrame({"epoch": rng.integers(0, 2, n), "train_fraction": frac, "diverged": False,
+                          "train_acc": rng.binomial(np.floor(frac * pool).astype(int), p_train) / np.floor(frac * pool),
+                          "test_acc": rng.binomial(test, p) / test})
+        row = noise_table(t, pool, test).set_index("epoch").loc["all"]
+        if expect is not None:
+            assert abs(row["noise share"] - 1) < 0.08 and row["R² ceiling"] < 0.08, row
+        else:
+            truth = 0.03 ** 2 / (0.03 ** 2 + row["noise std"] ** 2)
+            assert abs(row["R² ceiling"] - truth) < 0.05 and row["R² ceiling"] > 0.3, (row, truth)
+    t.to_parquet(tmp_path / "zoo.parquet")
+    assert "| all | 4000 |" in _run("benchmarks/gap_noise.py", str(tmp_path / "zoo.parquet"), "--train-pool",
+                                    str(pool), "--test", str(test))
+    t.drop(columns="train_acc").to_parquet(tmp_path / "bad.parquet")
+    done = subprocess.run([sys.executable, "benchmarks/gap_noise.py", str(tmp_path / "bad.parquet"), "--train-pool",
+                           "10", "--test", "10"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "lacks column(s) train_acc" in done.stderr
