@@ -7,11 +7,12 @@
 # HR21), so all of a column's targets share its ridge decompositions.
 #   PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh                       # one H200, 446 s (FULL_ZOO.md)
 #   CAT_TARGETS="optimizer activation init" ...  # also HR21's categorical targets (a third probe process)
-#   EPOCHS=12 CHECKPOINTS=[0,1,2,3,4,6,8,12] ZOO_OVER=population_size=5000 MAX_POPULATIONS=1 \
-#     PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh   # twice (one population each), then REUSE_ZOO=1 with
-#                                                         # the same EPOCHS: three back-to-back calls
-#                                                         # (RESUME_ONLY=1 on the later ones: no .partial file,
-#                                                         # as on a fresh machine, exits at once with rc 3)
+#   N=3000 EPOCHS=12 CHECKPOINTS=[0,1,2,3,4,6,8,12] DEADLINE=545 ...    # one call, 541 s (FULL_ZOO.md)
+#   EPOCHS=16 CHECKPOINTS=[0,1,2,3,4,6,8,12,16] ZOO_OVER="population_size=5000 train_eval_samples=0" \
+#     MAX_POPULATIONS=1 PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh   # twice (one population each; the
+#                                                         # second with RESUME_ONLY=1: no .partial file, as on a
+#                                                         # fresh machine, exits at once with rc 3), then
+#                                                         # REUSE_ZOO=1 with the same EPOCHS: three calls back to back
 #   N=24 EPOCHS=1 ZOO_OVER="train_eval_samples=500 precision=fp32 compile=false" FIT_MINUTES=0.2 \
 #     DEADLINE=1500 PROBE_OVER="bootstrap=10" bash benchmarks/full_zoo_smallcnn.sh      # CPU smoke (needs MNIST)
 # (tests/test_benchmarks.py runs it on digits resized to 16x16, WORK= a temporary folder for zoo and run)
