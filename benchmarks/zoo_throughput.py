@@ -9,6 +9,8 @@ Device run (MNIST copied to data/datasets/mnist, carried):
                                                                            # un-graphed so kernels show)
     python benchmarks/zoo_throughput.py --archs cnn_s --members 2560 --batch 10 --check 0 --recipe hyp \
         --eval 10000 --variants bf16+compile+fused+graphs --profile        # one HYP checkpoint's evaluation
+    python benchmarks/zoo_throughput.py --archs vit_t --members 4096 --check 2 \
+        --variants bf16+compile+fused+graphs --attention bmm,reduce        # attention's two forms
 CPU smoke run (seconds):
     python benchmarks/zoo_throughput.py --dataset digits --archs cnn_gap --members 16 --steps 3 --variants fp32
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 import time
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo import MemberSpec, Population, ZooConfig, _convpool, _directconv, load_dataset  # noqa: E402
+from zoo import MemberSpec, Population, ZooConfig, _convpool, _directconv, engine, load_dataset  # noqa: E402
 from zoo.build import eval_bytes, run_order  # noqa: E402
 from zoo.population import member_order  # noqa: E402
 from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
@@ -226,6 +229,9 @@ def main():
                     help="also time one evaluation (train metrics on N samples, test and val on all)")
     ap.add_argument("--dx", default=_directconv.dx_form,
                     help="the direct convs' input-gradient forms to time, comma-separated (checks: the last)")
+    ap.add_argument("--resize", type=int, default=None, help="resize images to this side (digits: 28 for vit_t)")
+    ap.add_argument("--attention", default=engine.attention_form,
+                    help="attention forms to time (zoo.engine.ATTENTION_FORMS), comma-separated; reduce needs compile")
     ap.add_argument("--block-r", type=int, default=0, help="rows per Triton conv program (default: the module's)")
     args = ap.parse_args()
     if args.block_r:
@@ -238,21 +244,27 @@ def main():
     for form in dx_forms:
         if form not in _directconv.DX_FORMS:
             ap.error(f"--dx: unknown form {form!r}; choose from {', '.join(_directconv.DX_FORMS)}")
+    att_forms = args.attention.split(",")
+    for form in att_forms:
+        if form not in engine.ATTENTION_FORMS:
+            ap.error(f"--attention: unknown form {form!r}; choose from {', '.join(engine.ATTENTION_FORMS)}")
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         print(torch.cuda.get_device_name(), "torch", torch.__version__)
     rows = []
     for arch in args.archs.split(","):
-        data = load_dataset(args.dataset, args.data_root, device=dev)
+        data = load_dataset(args.dataset, args.data_root, resize=args.resize, device=dev)
         spe = len(data.y_train) // args.batch
         solo = time_solo(arch, data, args.batch, args.solo_steps)
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for form, variant in ((f, v) for f in dx_forms for v in args.variants.split(",")):
+        for form, att, variant in itertools.product(dx_forms, att_forms, args.variants.split(",")):
             _directconv.set_dx_form(form)
-            path = variant if len(dx_forms) == 1 else f"{variant} dx={form}"
+            engine.set_attention_form(att)
+            path = (variant + (f" dx={form}" if len(dx_forms) > 1 else "")
+                    + (f" attn={att}" if len(att_forms) > 1 else ""))
             for m in (int(v) for v in args.members.split(",")):
                 try:
                     t, t_order, peak, t_eval = time_engine(arch, data, m, args.batch, args.steps, *VARIANTS[variant])

@@ -27,6 +27,16 @@ def test_zoo_throughput_reports_rates_and_agreement(tmp_path):
     assert "| cnn_gap | fp32 | 8 |" in out
 
 
+def test_zoo_throughput_times_both_attention_forms(tmp_path):
+    """--attention bmm,reduce times vit_t once per form, each row named by its form."""
+    _run("benchmarks/zoo_throughput.py", "--dataset", "digits", "--resize", "28", "--archs", "vit_t", "--members",
+         "4", "--steps", "2", "--solo-steps", "3", "--variants", "fp32", "--check", "0", "--attention", "bmm,reduce",
+         "--json", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["path"] for r in rows] == ["plain loop", "fp32 attn=bmm", "fp32 attn=reduce"]
+    assert all(r["rate"] > 0 for r in rows)
+
+
 def test_population_size_drift_is_zero_on_cpu():
     """On CPU the sums a member sees do not depend on how many members share its population."""
     out = _run("benchmarks/population_size_drift.py", "--steps", "1,2")

@@ -87,6 +87,21 @@ def test_causal_attention_does_not_see_the_future():
     assert torch.allclose(net(x)[:, :5], net(x2)[:, :5]) and not torch.allclose(net(x)[:, 5:], net(x2)[:, 5:])
 
 
+def test_causal_attention_forms_agree(monkeypatch):
+    """gpt_t members' logits are the same with attention as batched matmuls and as summed broadcast products
+    (zoo.engine.ATTENTION_FORMS), causal mask included."""
+    import zoo.engine as engine
+
+    monkeypatch.setattr(engine, "attention_form", engine.attention_form)
+    data = make_sequences(MEM)
+    pop = Population("gpt_t", KW, _members(), data)
+    logits = {}
+    for form in engine.ATTENTION_FORMS:
+        engine.set_attention_form(form)
+        logits[form] = pop.forward(data.x_test[:16, None], train=False)  # (B, M, T, V)
+    assert float((logits["reduce"] - logits["bmm"]).norm() / logits["bmm"].norm()) < 1e-5
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_population_matches_plain_loop(tied):
     """Same seeds, same batches: gpt_t members (memory neurons at their own lr) equal the plain loop."""

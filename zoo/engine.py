@@ -38,6 +38,13 @@ from .models.tether import TETHERED, TetheredConv2d, TetheredLinear
 from .spec import Layout, ModelSpec
 
 CONV_PATHS = ("auto", "grouped", "unfold", "fused")
+# Attention's two products per (image, member, head) sequence, two forms (`set_attention_form`): "bmm", batched
+# matmuls (cuBLAS splits batches past 65,535 into chunks and runs tiny 17 x 17 x 16 tiles in old-arch kernels:
+# 18 of vit_t's 50 ms a step on one H200, benchmarks/NOTES.md); "reduce", broadcast products summed over the
+# shared axis, which inductor compiles into single reduction kernels that never hold the (T, T, d) product.
+# Without compile "reduce" materialises that product (T times the scores): it is for compiled populations.
+ATTENTION_FORMS = ("bmm", "reduce")
+attention_form = "bmm"
 RULES: dict[type, Callable] = {}
 
 
@@ -63,6 +70,14 @@ def runs(values: Sequence[str]) -> list[tuple[str, int, int]]:
         out.append((value, start, start + n))
         start += n
     return out
+
+
+def set_attention_form(name: str) -> None:
+    """Choose how attention's products run from now on (module comment on `ATTENTION_FORMS`)."""
+    global attention_form
+    if name not in ATTENTION_FORMS:
+        raise ValueError(f"unknown attention form {name!r}; choose one of {', '.join(ATTENTION_FORMS)}")
+    attention_form = name
 
 
 @dataclass
@@ -179,11 +194,14 @@ def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
     B, M, T, D = x.shape
     q, k, v = _linear(m.qkv, p + "qkv.", x, ctx).reshape(B * M, T, 3, m.heads, D // m.heads).permute(2, 0, 3, 1, 4)
     # explicit softmax attention: T is tiny, and fused kernels reject batch B*M in the 10^5 range
-    scores = (q @ k.transpose(-1, -2)) * (D // m.heads) ** -0.5  # (B*M, heads, T, T)
+    reduce = attention_form == "reduce"
+    qk = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) if reduce else q @ k.transpose(-1, -2)
+    scores = qk * (D // m.heads) ** -0.5  # (B*M, heads, T, T)
     if m.causal:
         scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
     att = torch.softmax(scores, dim=-1)
-    y = att @ v  # (B*M, heads, T, D/heads)
+    # att is fp32 under autocast (softmax); the matmul would cast it to v's dtype, so "reduce" does too
+    y = (att.to(v.dtype).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if reduce else att @ v  # (B*M, heads, T, D/h)
     return _linear(m.out, p + "out.", y.transpose(1, 2).reshape(B, M, T, D), ctx)
 
 
