@@ -17,7 +17,8 @@
 #     DEADLINE=1500 PROBE_OVER="bootstrap=10" bash benchmarks/full_zoo_smallcnn.sh      # CPU smoke (needs MNIST)
 # (tests/test_benchmarks.py runs it on digits resized to 16x16, WORK= a temporary folder for zoo and run)
 # Output: ${OUT:-data/pipeline_logs/full_zoo}/ (stage logs, times.txt, the zoo table, probe tables and plots,
-# targets.md: the embeddings against HR21 and s(W), `hr21_targets.py`).
+# targets.md: the embeddings against HR21 and s(W), `hr21_targets.py`; gap_noise.md: how much of the
+# generalisation gap is sampling noise, the ceiling on its R², `gap_noise.py`).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 WEIGHTZOO_QUIET=1
 out=${OUT:-data/pipeline_logs/full_zoo}; mkdir -p "$out"
@@ -49,6 +50,7 @@ elif [ -z "${REUSE_ZOO:-}" ] || [ ! -e "$zoo" ]; then
   stage build timeout "$(left 260)" "${build[@]}" || exit 1
 fi
 cp "${zoo%.h5}.parquet" "$out/zoo_table.parquet"
+stage gap_noise python3 benchmarks/gap_noise.py --zoo "$zoo" --out "$out/gap_noise.md"  # the gap's R² ceiling
 fitcfg=(--config configs/hyperrep/mnist_smallcnn_random.yaml "zoo=$zoo" max_minutes="${FIT_MINUTES:-1.0}" ${FIT_OVER:-})
 python3 -m hyperrep.split "${fitcfg[@]}" --out "$out/split.json" --overwrite || exit 1
 probe() {  # probe NAME COLUMNS TARGETS...: one probes.evaluate process in the background, bounded by the deadline

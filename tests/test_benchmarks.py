@@ -89,7 +89,13 @@ def test_full_zoo_script_runs_every_stage_on_one_split(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:] + times
     stages = [ln.split() for ln in times.splitlines()]  # "<stage> rc <code> <seconds> s"
     assert all(st[2] == "0" for st in stages), times
-    assert sorted(st[0] for st in stages) == ["build", "embed", "fit", "probes_base", "probes_cat", "probes_emb"], times
+    assert sorted(st[0] for st in stages) == ["build", "embed", "fit", "gap_noise", "probes_base", "probes_cat",
+                                               "probes_emb"], times
+    assert "| all | 48 |" in (out / "gap_noise.md").read_text()  # 24 members x 2 checkpoints
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gap_noise import sizes_from_zoo
+    _, pool, test = sizes_from_zoo(str(tmp_path / "zoos" / "mnist_smallcnn_random_n24_e1.h5"))
+    assert (pool, test) == (200, 1797 // 5)  # train_eval_samples=200; digits' test split
     assert "| optimizer | acc |" in (out / "probes_cat" / "table.md").read_text()
     split = json.loads((out / "split.json").read_text())["test_members"]
     for name in ("base", "emb"):
