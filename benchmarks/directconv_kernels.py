@@ -63,7 +63,7 @@ def run_layer(name: str, B: int, M: int, dtype, iters: int, device, torch_too: b
     e = dtype.itemsize
     x_b, z_b = x.numel() * e, gz.numel() * e
     calls = {"fwd": (lambda: dc._fwd(x, w, b, s, p), x_b + z_b),
-             "dw": (lambda: dc._dw(gz, x, w.shape, s, p), x_b + z_b)}
+             "dw": (lambda: dc._dw(gz, x, w.shape, s, p), x_b + z_b)}  # dw and db
     for form in dc.DX_FORMS if C > 1 else ():  # a first layer gets no input gradient in training
         calls[f"dx {form}"] = (lambda form=form: (dc.set_dx_form(form), dc._dx(gz, w, x.shape, s, p)), x_b + z_b)
     if torch_too:

@@ -52,6 +52,24 @@ def test_conv_pool_matches_torch(geometry, dx_form):
         assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, float((a - r).abs().max()))
 
 
+def test_weight_and_bias_gradients_sum_row_splits():
+    """Enough rows that the direct weight-gradient kernel splits them over grid axis 2 (here 5 splits of 128
+    rows): dw and db, summed over splits in the kernel's fixed order, match torch's."""
+    import triton
+
+    import zoo._directconv as dc
+    B, M, C, H, O = 16, 2, 3, 13, 4
+    assert triton.cdiv(B * 6 * 6, dc.BLOCK_R_DW) == 5  # 3x3 stride 2, no padding: 6 x 6 outputs per image
+    g = torch.Generator().manual_seed(2)
+    x, w, b = (torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in
+               [(B, M, C, H, H), (M, O, C, 3, 3), (M, O)])
+    gz = torch.randn(B, M, O, 6, 6, generator=g).to(DEVICE)
+    grads = torch.autograd.grad((conv_pool(x, w, b, 2, 0, 1) * gz).sum(), [w, b])
+    refs = torch.autograd.grad((_reference(x, w, b, 2, 0, 1) * gz).sum(), [w, b])
+    for name, a, r in zip(["dw", "db"], grads, refs):
+        assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, float((a - r).abs().max()))
+
+
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_shared_input_matches_per_member_input(geometry):
     """x (B, 1, ...) is every member's input (evaluation): the forward kernel reads it with member stride 0;

@@ -7,8 +7,8 @@ the zeros between strided windows.
 (image, oy, ox) of member m and K is the patch under it, (c, ky, kx): the kernel gathers the patch from the
 input (zero padding by masks, so no padded copy exists) and multiplies it by the member's (K, O) kernel
 matrix on tensor cores. Backward:
-- dw[m] (O, K) = sum over rows of gz (rows, O)^T @ patch (rows, K), partial sums over row splits added
-  in a fixed order (deterministic);
+- dw[m] (O, K) = sum over rows of gz (rows, O)^T @ patch (rows, K), and db[m] (O,) = the sum of those gz rows
+  in the same kernel, partial sums over row splits added in a fixed order (deterministic);
 - dx, two forms (`DX_FORMS`, chosen by `set_dx_form`; default "polyphase": on one H200 it takes 1.0x / 0.27x
   the masked form's time on smallcnn conv2 / conv3 and 0.23x / 1.25x on cnn_gap conv2 / conv3,
   benchmarks/NOTES.md). "masked": a row is one input pixel, K is (o, ky, kx):
@@ -84,17 +84,19 @@ if triton is not None:
         tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=rok[:, None] & (o < O)[None, :])
 
     @triton.jit
-    def _dw_kernel(x_ptr, gz_ptr, dw_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+    def _dw_kernel(x_ptr, gz_ptr, dw_ptr, db_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                    O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
                    PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
         """Partial weight gradient of member m over every n_split-th row block, K chunk kc:
         dw[split, m, o, k] = sum over rows of gz[row, o] * patch[row, k]. K chunks on grid axis 0, so a
-        member's chunks run together and re-read its output gradient from L2."""
+        member's chunks run together and re-read its output gradient from L2. Chunk 0 also sums the rows of
+        gz it reads: the bias gradient's partial db[split, m, o] (so no separate reduction over gz runs)."""
         kc, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_split = tl.num_programs(2)
         o = tl.arange(0, BO)
         acc = tl.zeros((BLOCK_K, BO), tl.float32)
+        bacc = tl.zeros((BO,), tl.float32)
         for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
             r = r0 + tl.arange(0, BLOCK)
             rok = r < n_rows
@@ -104,9 +106,12 @@ if triton is not None:
             a = _patch(x_ptr, (image * M + m) * (C * H * W), pix // Wo, pix % Wo, rok, kc * BLOCK_K,
                        C, H, W, KS, S, PAD, K, BLOCK_K)
             acc += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)
+            bacc += tl.sum(g.to(tl.float32), axis=0)
         k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
         part = (split * M + m).to(tl.int64) * O
         tl.store(dw_ptr + (part + o[None, :]) * K + k[:, None], acc, mask=(k < K)[:, None] & (o < O)[None, :])
+        if kc == 0:
+            tl.store(db_ptr + part + o, bacc, mask=o < O)
 
     @triton.jit
     def _dx_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
@@ -203,8 +208,9 @@ def _fwd(x, w, b, stride: int, padding: int) -> torch.Tensor:
     return z
 
 
-def _dw(gz, x, w_shape, stride: int, padding: int) -> torch.Tensor:
-    """Weight gradient (M, O, C, k, k) float32 from gz (B, M, O, Ho, Wo) and x (B, M, C, H, W)."""
+def _dw(gz, x, w_shape, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias gradients, (M, O, C, k, k) and (M, O) float32, from gz (B, M, O, Ho, Wo) and x
+    (B, M, C, H, W); row-split partial sums are added in a fixed order (deterministic)."""
     g = _geometry(x.shape, w_shape, stride, padding)
     C, KS, O = g[0], g[6], g[3]
     B, M = x.shape[:2]
@@ -212,10 +218,13 @@ def _dw(gz, x, w_shape, stride: int, padding: int) -> torch.Tensor:
     n_rows, n_kc = B * g[4] * g[5], triton.cdiv(C * KS * KS, bk)
     n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R_DW), triton.cdiv(2048, M * n_kc)))  # fill the GPU
     dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
+    db = torch.empty(n_split, M, O, device=x.device, dtype=torch.float32)
     with on_device(x.device):
-        launch(_dw_kernel, (n_kc, M, n_split), x, gz, dw, M, n_rows, *g, K, max(16, pow2(O)), BLOCK_R_DW, bk,
+        launch(_dw_kernel, (n_kc, M, n_split), x, gz, dw, db, M, n_rows, *g, K, max(16, pow2(O)), BLOCK_R_DW, bk,
                 *dot_dtype(x.dtype), num_warps=NUM_WARPS, num_stages=stages(x.dtype))
-    return (dw[0] if n_split == 1 else dw.sum(0)).view(w_shape)
+    if n_split > 1:
+        dw, db = dw.sum(0), db.sum(0)
+    return dw.reshape(w_shape), db.reshape(M, O)
 
 
 def _dx(gz, w, x_shape, stride: int, padding: int) -> torch.Tensor:
@@ -257,13 +266,15 @@ def _(x, w, b, stride, padding):
 
 
 @torch.library.custom_op("weightzoo::direct_conv_dw", mutates_args=())
-def _dw_op(gz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+def _dw_op(gz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int,
+           padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dw (M, O, C, k, k), db (M, O)), float32."""
     return _dw(gz.contiguous(), x.contiguous(), w.shape, stride, padding)
 
 
 @_dw_op.register_fake
 def _(gz, x, w, stride, padding):
-    return w.new_empty(w.shape, dtype=torch.float32)
+    return w.new_empty(w.shape, dtype=torch.float32), w.new_empty(w.shape[:2], dtype=torch.float32)
 
 
 @torch.library.custom_op("weightzoo::direct_conv_dx", mutates_args=())
@@ -286,8 +297,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, gz):
     x, w = ctx.saved_tensors
     stride, padding = ctx.geometry
-    dw = _dw_op(gz, x, w, stride, padding).to(w.dtype)
-    db = gz.float().sum((0, 3, 4)).to(w.dtype)
+    dw, db = _dw_op(gz, x, w, stride, padding)
+    dw, db = dw.to(w.dtype), db.to(w.dtype)
     dx = _dx_op(gz, w, x, stride, padding) if ctx.needs_input_grad[0] else None
     return dx, dw, db, None, None
 
