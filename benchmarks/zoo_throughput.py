@@ -11,6 +11,8 @@ Device run (MNIST copied to data/datasets/mnist, carried):
         --eval 10000 --variants bf16+compile+fused+graphs --profile        # one HYP checkpoint's evaluation
     python benchmarks/zoo_throughput.py --archs vit_t --members 4096 --check 2 \
         --variants bf16+compile+fused+graphs --attention bmm,reduce        # attention's two forms
+    python benchmarks/zoo_throughput.py --archs smallcnn,cnn_gap --members 4096 --check 2 \
+        --variants bf16+compile+fused+graphs --layout nchw,channels_last   # the direct convs' two layouts
 CPU smoke run (seconds):
     python benchmarks/zoo_throughput.py --dataset digits --archs cnn_gap --members 16 --steps 3 --variants fp32
 
@@ -229,6 +231,9 @@ def main():
                     help="also time one evaluation (train metrics on N samples, test and val on all)")
     ap.add_argument("--dx", default=_directconv.dx_form,
                     help="the direct convs' input-gradient forms to time, comma-separated (checks: the last)")
+    ap.add_argument("--layout", default=_directconv.layout,
+                    help="the direct convs' output layouts to time (zoo._directconv.LAYOUTS), comma-separated "
+                         "(checks: the last)")
     ap.add_argument("--resize", type=int, default=None, help="resize images to this side (digits: 28 for vit_t)")
     ap.add_argument("--attention", default=engine.attention_form,
                     help="attention forms to time (zoo.engine.ATTENTION_FORMS), comma-separated; reduce needs compile")
@@ -244,6 +249,10 @@ def main():
     for form in dx_forms:
         if form not in _directconv.DX_FORMS:
             ap.error(f"--dx: unknown form {form!r}; choose from {', '.join(_directconv.DX_FORMS)}")
+    layouts = args.layout.split(",")
+    for name in layouts:
+        if name not in _directconv.LAYOUTS:
+            ap.error(f"--layout: unknown layout {name!r}; choose from {', '.join(_directconv.LAYOUTS)}")
     att_forms = args.attention.split(",")
     for form in att_forms:
         if form not in engine.ATTENTION_FORMS:
@@ -260,10 +269,12 @@ def main():
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for form, att, variant in itertools.product(dx_forms, att_forms, args.variants.split(",")):
+        for form, lay, att, variant in itertools.product(dx_forms, layouts, att_forms, args.variants.split(",")):
             _directconv.set_dx_form(form)
+            _directconv.set_layout(lay)
             engine.set_attention_form(att)
             path = (variant + (f" dx={form}" if len(dx_forms) > 1 else "")
+                    + (f" layout={lay}" if len(layouts) > 1 else "")
                     + (f" attn={att}" if len(att_forms) > 1 else ""))
             for m in (int(v) for v in args.members.split(",")):
                 try:

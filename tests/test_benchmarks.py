@@ -37,6 +37,26 @@ def test_zoo_throughput_times_both_attention_forms(tmp_path):
     assert all(r["rate"] > 0 for r in rows)
 
 
+def test_zoo_throughput_times_both_layouts(tmp_path):
+    """--layout nchw,channels_last times each layout, each row named by it; an unknown layout exits 2."""
+    _run("benchmarks/zoo_throughput.py", "--dataset", "digits", "--archs", "cnn_gap", "--members", "4", "--steps",
+         "2", "--solo-steps", "3", "--variants", "fp32", "--check", "0", "--layout", "nchw,channels_last",
+         "--json", str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["path"] for r in rows] == ["plain loop", "fp32 layout=nchw", "fp32 layout=channels_last"]
+    bad = subprocess.run([sys.executable, "benchmarks/zoo_throughput.py", "--layout", "nhwc"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--layout: unknown layout 'nhwc'" in bad.stderr
+
+
+def test_directconv_kernels_times_both_layouts():
+    """The per-layer kernel timings (interpreter smoke run) list every call, channels-last ones included."""
+    out = _run("benchmarks/directconv_kernels.py", "--members", "2", "--batch", "2", "--iters", "1", "--dtype",
+               "fp32", "--no-torch", "--layers", "cnn_gap.conv3")
+    calls = [ln.split(" | ")[1] for ln in out.splitlines() if ln.startswith("| cnn_gap.conv3")]
+    assert calls == ["fwd", "dw", "dx masked", "dx polyphase", "fwd cl", "dw cl", "dx polyphase cl"]
+
+
 def test_population_size_drift_is_zero_on_cpu():
     """On CPU the sums a member sees do not depend on how many members share its population."""
     out = _run("benchmarks/population_size_drift.py", "--steps", "1,2")

@@ -8,6 +8,7 @@ import torch
 
 from zoo import MemberSpec, Population
 from zoo._convpool import _reference, available, conv_pool
+from zoo._directconv import LAYOUTS
 
 pytestmark = pytest.mark.skipif(not available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
                                 reason="needs Triton (GPU, or its CPU interpreter)")
@@ -120,6 +121,101 @@ def test_polyphase_input_gradient_launches_one_grid_over_phases(dx_form):
     assert [k for k, _, _ in launches] == [dc._fwd_kernel, dc._dw_kernel, dc._dx_phase_kernel]
     with pytest.raises(ValueError, match="unknown direct-conv dx form 'phases'.*masked, polyphase"):
         dc.set_dx_form("phases")
+
+
+@pytest.fixture
+def layout(request, monkeypatch):
+    """The direct convs' output layout for one test (the module default is restored after)."""
+    import zoo._directconv as dc
+    monkeypatch.setattr(dc, "layout", dc.layout)
+    dc.set_layout(request.param)
+    return request.param
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """The same (B, M, C, H, W) values stored with each pixel's channels side by side."""
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+# cnn_gap's 16 -> 16 stride-2 padded conv (K = 9 taps of 16 channels), and 32 -> 16 channels with a 5x5 kernel
+# (polyphase phases of 3 x 3, 3 x 2 and 2 x 2 taps)
+CL_GEOMETRIES = [(2, 2, 16, 9, 16, 3, 2, 1, 1), (1, 2, 32, 7, 16, 5, 2, 2, 1)]
+
+
+@pytest.mark.parametrize("layout", ["channels_last"], indirect=True)
+@pytest.mark.parametrize("dx_form", ["masked", "polyphase"], indirect=True)
+@pytest.mark.parametrize("geometry", CL_GEOMETRIES)
+def test_channels_last_matches_torch(geometry, dx_form, layout):
+    """Under the channels-last layout z and dx come out channels-last, and the kernels read x and gz stored
+    either way (channels-last: one tap's C channels a row at a time); values and gradients match torch's."""
+    import zoo._directconv as dc
+    B, M, C, H, O, k, stride, padding, pool = geometry
+    g = torch.Generator().manual_seed(3)
+    x0, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in [(B, M, C, H, H), (M, O, C, k, k), (M, O)])
+    xr = x0.clone().requires_grad_()
+    ref = _reference(xr, w, b, stride, padding, pool)
+    gz0 = torch.randn(ref.shape, generator=g).to(DEVICE)
+    ref_grads = torch.autograd.grad(ref, [xr], gz0)
+    for store in (lambda t: t, _channels_last):
+        x = store(x0).requires_grad_()
+        z = conv_pool(x, w, b, stride, padding, pool)
+        (dx,) = torch.autograd.grad(z, [x], store(gz0))
+        assert dc._readable(x)[1] == (store is _channels_last)
+        assert z.permute(0, 1, 3, 4, 2).is_contiguous() and dx.permute(0, 1, 3, 4, 2).is_contiguous()
+        for name, a, r in [("z", z, ref), ("dx", dx, ref_grads[0])]:
+            assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, float((a - r).abs().max()))
+    with pytest.raises(ValueError, match="unknown direct-conv layout 'nhwc'.*nchw, channels_last"):
+        dc.set_layout("nhwc")
+
+
+@pytest.mark.parametrize("layout", ["channels_last"], indirect=True)
+def test_channels_last_passes_through_the_layers_between_convs(layout, digits28):
+    """smallcnn with two activations and dropout: every conv after the first reads its input channels-last
+    (the activation join keeps the layout), and the backward kernels read channels-last gradients."""
+    from zoo._triton import recording
+
+    members = [MemberSpec(seed=i, batch_size=8, dropout=0.5, activation=a) for i, a in enumerate(["tanh", "relu"])]
+    pop = Population("smallcnn", {}, members, digits28.to(DEVICE), conv="fused")
+    xb, y, _, key = pop._batch(pop.epoch_order(1), 1, 0)
+    with recording() as launches:
+        pop._loss(pop.flat.detach().requires_grad_(True), xb, y, key)[0].backward()
+    flags = [(k.__name__, args[-2], args[-1]) for k, args, _ in launches]
+    # forward (x, z) channels-last flags; dw (x, gz); dx (gz, dx); conv1's input has one channel
+    assert flags == [("_fwd_kernel", False, True), ("_fwd_kernel", True, True), ("_fwd_kernel", True, True),
+                     ("_dw_kernel", True, True), ("_dx_phase_kernel", True, True),
+                     ("_dw_kernel", True, True), ("_dx_phase_kernel", True, True), ("_dw_kernel", False, True)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_fake_functions_give_the_kernels_strides(layout):
+    """The custom ops' fake functions (what compile plans with) return the shapes and strides the kernels
+    write, for inputs stored either way (torch.library.opcheck runs both and compares)."""
+    g = torch.Generator().manual_seed(5)
+    x0, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in [(2, 2, 16, 9, 9), (2, 16, 16, 3, 3), (2, 16)])
+    gz = torch.randn(2, 2, 16, 5, 5, generator=g).to(DEVICE)
+    ops = torch.ops.weightzoo
+    for store in (lambda t: t, _channels_last):
+        x = store(x0)
+        for op, args in [(ops.direct_conv, (x, w, b, 2, 1)), (ops.direct_conv_dx, (store(gz), w, x, 2, 1)),
+                         (ops.direct_conv_dw, (store(gz), x, w, 2, 1))]:
+            assert torch.library.opcheck(op, args, test_utils="test_faketensor") == {"test_faketensor": "SUCCESS"}
+
+
+@pytest.mark.parametrize("layout", ["channels_last"], indirect=True)
+def test_compiled_channels_last_convs_match_eager(layout):
+    """Two direct convs with an activation between them, compiled: the fake functions give compile the strides
+    the kernels write, so inductor's kernels around them read the channels-last tensors right."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 2, 1, 9, 9, generator=g).to(DEVICE)
+    params = [torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in
+              [(2, 16, 1, 3, 3), (2, 16), (2, 16, 16, 3, 3), (2, 16)]]
+
+    def loss(x, w1, b1, w2, b2):
+        return conv_pool(torch.tanh(conv_pool(x, w1, b1, 2, 1, 1)), w2, b2, 2, 1, 1).square().sum()
+    eager = torch.autograd.grad(loss(x, *params), params)
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x, *params), params)
+    for a, r in zip(compiled, eager):
+        assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), float((a - r).abs().max())
 
 
 def test_large_batches_launch_in_pieces(monkeypatch):

@@ -393,6 +393,7 @@ def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1
         return _reference(x, w, b, stride, padding, pool)
     if pool == 1 and stride > 1:  # strided windows: the band would be mostly zeros (_directconv.py)
         return direct_conv(x, w, b, stride, padding)
+    x = x.contiguous()  # the band kernels read (B, M, C, H, W) rows (a direct conv may have written channels-last)
     xp = F.pad(x, (padding,) * 4) if padding else x  # the kernels see a pre-padded input
     O, C, KS = w.shape[1], w.shape[2], w.shape[-1]
     band = _band_of(xp, O, KS, stride, pool)

@@ -16,6 +16,11 @@ matrix on tensor cores. Backward:
   stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx]. "polyphase": pixels are grouped by
   phase (iy % S, ix % S), and K is only the ceil(k / S)^2 taps per output channel that reach that phase
   (3x3 stride 2: 4 of 9), so the MACs and the gathers of the masked taps are not spent.
+Layouts (`LAYOUTS`, chosen by `set_layout`): the outputs (z, dx) are stored (B, M, C, H, W) contiguous ("nchw") or
+channels-last ("channels_last": a pixel's C channels side by side, for C in `CL_CHANNELS`). Every kernel reads
+either layout; a channels-last input is read one tap at a time, (rows, C) with one contiguous C-vector per row
+(vector loads), where the contiguous layout gathers each element with its own address. The tensors keep their
+logical shape, so the layers between the convs (activations, dropout, pooling, flatten) see no difference.
 Without Triton the caller uses grouped conv (`_convpool._reference`); TRITON_INTERPRET=1 runs these on CPU.
 """
 from __future__ import annotations
@@ -27,6 +32,9 @@ from ._triton import MAX_GRID_Y, NUM_WARPS, dot_dtype, launch, on_device, pow2, 
 BLOCK_R, BLOCK_R_DW = 128, 128  # GEMM rows per program (forward / input gradient, weight gradient)
 DX_FORMS = ("masked", "polyphase")
 dx_form = "polyphase"  # the input gradient's form (module docstring); `set_dx_form` changes it
+LAYOUTS = ("nchw", "channels_last")
+layout = "nchw"  # how the kernels store the activations they write (module docstring); `set_layout` changes it
+CL_CHANNELS = (16, 32, 64)  # channel counts a channels-last tensor may have: one tile width of the tap GEMMs
 
 
 def set_dx_form(name: str) -> None:
@@ -35,6 +43,37 @@ def set_dx_form(name: str) -> None:
     if name not in DX_FORMS:
         raise ValueError(f"unknown direct-conv dx form {name!r}; choose one of {', '.join(DX_FORMS)}")
     dx_form = name
+
+
+def set_layout(name: str) -> None:
+    """Choose how the direct convs store their outputs (forward z, input gradient dx) from now on."""
+    global layout
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown direct-conv layout {name!r}; choose one of {', '.join(LAYOUTS)}")
+    layout = name
+
+
+def writes_channels_last(channels: int) -> bool:
+    """Whether an output with this many channels is stored channels-last under the current `layout`."""
+    return layout == "channels_last" and channels in CL_CHANNELS
+
+
+def _alloc(like: torch.Tensor, B: int, M: int, C: int, H: int, W: int, dtype=None) -> torch.Tensor:
+    """An uninitialised (B, M, C, H, W) output, channels-last (strides (M H W C, H W C, 1, W C, C)) where
+    `writes_channels_last(C)`: the fake (meta) functions call this too, so compile sees the real strides."""
+    if writes_channels_last(C):
+        return like.new_empty(B, M, H, W, C, dtype=dtype).permute(0, 1, 4, 2, 3)
+    return like.new_empty(B, M, C, H, W, dtype=dtype)
+
+
+def _readable(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(t, channels_last) as the kernels read it: as stored where it is contiguous or channels-last with a
+    tile-width channel count, else a contiguous copy."""
+    if t.is_contiguous():
+        return t, False
+    if t.shape[2] in CL_CHANNELS and t.permute(0, 1, 3, 4, 2).is_contiguous():
+        return t, True
+    return t.contiguous(), False
 
 
 def out_size(size: int, k: int, stride: int, padding: int) -> int:
@@ -59,12 +98,39 @@ if triton is not None:
         return tl.load(x_ptr + xbase[:, None] + c[None, :] * (H * W) + iy * W + ix, mask=ok, other=0.0)
 
     @triton.jit
+    def _tap(x_ptr, xbase, oy, ox, rok, t, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
+             KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr):
+        """(R, C) channels-last input under tap t = (ky, kx) of output pixels (oy, ox): one contiguous
+        C-vector per row (vector loads), zero outside the image."""
+        iy, ix = oy * S + t // KS - PAD, ox * S + t % KS - PAD
+        ok = rok & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        c = tl.arange(0, C)
+        return tl.load(x_ptr + (xbase + (iy * W + ix) * C)[:, None] + c[None, :], mask=ok[:, None], other=0.0)
+
+    @triton.jit
+    def _offsets(unit, pix, ch, CH: tl.constexpr, HW: tl.constexpr, CL: tl.constexpr):
+        """Element offsets of (row, channel) in (B, M, CH, H, W): unit = image * M + member, pix = y * W + x;
+        channels-last puts a pixel's CH channels side by side."""
+        if CL:
+            return (unit * HW + pix)[:, None] * CH + ch[None, :]
+        return unit[:, None] * (CH * HW) + ch[None, :] * HW + pix[:, None]
+
+    @triton.jit
+    def _row_mask(rok, ch, CH: tl.constexpr, BCH: tl.constexpr):
+        """(R, 1) when the tile is exactly CH wide (a constant mask along the vector axis), else (R, BCH)."""
+        if BCH == CH:
+            return rok[:, None]
+        return rok[:, None] & (ch < CH)[None, :]
+
+    @triton.jit
     def _fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, M, XM, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                     O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
                     PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr,
-                    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+                    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, XCL: tl.constexpr,
+                    ZCL: tl.constexpr):
         """z = conv_S(x, w[m]) + b[m] for a tile of output pixels of member m: patch (R, K) @ w[m]^T (K, O).
-        The input has XM = M members, or XM = 1 when every member reads the same images (evaluation)."""
+        The input has XM = M members, or XM = 1 when every member reads the same images (evaluation).
+        XCL / ZCL: x / z channels-last; a channels-last x is read one tap (R, C) at a time."""
         m = tl.program_id(0)
         r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         rok = r < n_rows
@@ -73,25 +139,34 @@ if triton is not None:
         xbase = (image * XM + m % XM) * (C * H * W)
         o = tl.arange(0, BO)
         acc = tl.zeros((BLOCK, BO), tl.float32)
-        for k0 in tl.static_range(0, K, BLOCK_K):
-            a = _patch(x_ptr, xbase, oy, ox, rok, k0, C, H, W, KS, S, PAD, K, BLOCK_K)
-            k = k0 + tl.arange(0, BLOCK_K)
-            wt = tl.load(w_ptr + m * (O * K) + o[None, :] * K + k[:, None], mask=(k < K)[:, None] & (o < O)[None, :],
-                         other=0.0)  # (BLOCK_K, BO)
-            acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
+        if XCL:  # K = (ky, kx, c): C-wide steps, w[m, o, c, ky, kx] at o K + c k^2 + t
+            c = tl.arange(0, C)
+            for t in tl.static_range(KS * KS):
+                a = _tap(x_ptr, xbase, oy, ox, rok, t, C, H, W, KS, S, PAD)
+                wt = tl.load(w_ptr + m * (O * K) + o[None, :] * K + c[:, None] * (KS * KS) + t,
+                             mask=(o < O)[None, :], other=0.0)  # (C, BO)
+                acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
+        else:  # K = (c, ky, kx) in BLOCK_K chunks
+            for k0 in tl.static_range(0, K, BLOCK_K):
+                a = _patch(x_ptr, xbase, oy, ox, rok, k0, C, H, W, KS, S, PAD, K, BLOCK_K)
+                k = k0 + tl.arange(0, BLOCK_K)
+                wt = tl.load(w_ptr + m * (O * K) + o[None, :] * K + k[:, None],
+                             mask=(k < K)[:, None] & (o < O)[None, :], other=0.0)  # (BLOCK_K, BO)
+                acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
         acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[None, :]
-        out = (image * M + m)[:, None] * (O * Ho * Wo) + o[None, :] * (Ho * Wo) + pix[:, None]  # (B, M, O, Ho, Wo)
-        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=rok[:, None] & (o < O)[None, :])
+        out = _offsets(image * M + m, pix, o, O, Ho * Wo, ZCL)  # (B, M, O, Ho, Wo)
+        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=_row_mask(rok, o, O, BO))
 
     @triton.jit
     def _dw_kernel(x_ptr, gz_ptr, dw_ptr, db_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                    O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
                    PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+                   DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, XCL: tl.constexpr, GCL: tl.constexpr):
         """Partial weight gradient of member m over every n_split-th row block, K chunk kc:
         dw[split, m, o, k] = sum over rows of gz[row, o] * patch[row, k]. K chunks on grid axis 0, so a
         member's chunks run together and re-read its output gradient from L2. Chunk 0 also sums the rows of
-        gz it reads: the bias gradient's partial db[split, m, o] (so no separate reduction over gz runs)."""
+        gz it reads: the bias gradient's partial db[split, m, o] (so no separate reduction over gz runs).
+        XCL / GCL: x / gz channels-last; with XCL a chunk is one tap's C channels (BLOCK_K = C)."""
         kc, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_split = tl.num_programs(2)
         o = tl.arange(0, BO)
@@ -101,15 +176,23 @@ if triton is not None:
             r = r0 + tl.arange(0, BLOCK)
             rok = r < n_rows
             image, pix = (r // (Ho * Wo)).to(tl.int64), r % (Ho * Wo)
-            g = tl.load(gz_ptr + (image * M + m)[:, None] * (O * Ho * Wo) + o[None, :] * (Ho * Wo) + pix[:, None],
-                        mask=rok[:, None] & (o < O)[None, :], other=0.0)  # (R, BO)
-            a = _patch(x_ptr, (image * M + m) * (C * H * W), pix // Wo, pix % Wo, rok, kc * BLOCK_K,
-                       C, H, W, KS, S, PAD, K, BLOCK_K)
+            unit = image * M + m
+            g = tl.load(gz_ptr + _offsets(unit, pix, o, O, Ho * Wo, GCL), mask=_row_mask(rok, o, O, BO),
+                        other=0.0)  # (R, BO)
+            if XCL:
+                a = _tap(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, kc, C, H, W, KS, S, PAD)
+            else:
+                a = _patch(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, kc * BLOCK_K,
+                           C, H, W, KS, S, PAD, K, BLOCK_K)
             acc += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)
             bacc += tl.sum(g.to(tl.float32), axis=0)
-        k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
         part = (split * M + m).to(tl.int64) * O
-        tl.store(dw_ptr + (part + o[None, :]) * K + k[:, None], acc, mask=(k < K)[:, None] & (o < O)[None, :])
+        j = tl.arange(0, BLOCK_K)
+        if XCL:  # row j of acc is channel j of tap kc
+            tl.store(dw_ptr + (part + o[None, :]) * K + j[:, None] * (KS * KS) + kc, acc, mask=(o < O)[None, :])
+        else:
+            k = kc * BLOCK_K + j
+            tl.store(dw_ptr + (part + o[None, :]) * K + k[:, None], acc, mask=(k < K)[:, None] & (o < O)[None, :])
         if kc == 0:
             tl.store(db_ptr + part + o, bacc, mask=o < O)
 
@@ -147,12 +230,14 @@ if triton is not None:
     def _dx_phase_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, n_blocks, C: tl.constexpr, H: tl.constexpr,
                          W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr,
                          S: tl.constexpr, PAD: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr,
-                         BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+                         BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, GCL: tl.constexpr,
+                         XCL: tl.constexpr):
         """dx for a tile of input pixels of one phase (py, px) = (iy % S, ix % S) of member m. Only the taps
         ky = (py + PAD) % S + S * jy (and likewise kx) reach a pixel of that phase, so K = (o, jy, jx) holds
         O * ceil(KS / S)^2 taps, not O * KS^2 (3x3 stride 2: 4 of 9). The tap (jy, jx) reads the output
         gradient at (qy + (py + PAD) // S - jy, qx + (px + PAD) // S - jx), (iy, ix) = (py + S qy, px + S qx),
-        times w[m, o, c, ky, kx]. Grid axis 1 is (phase, row block); rows past the image are masked."""
+        times w[m, o, c, ky, kx]. Grid axis 1 is (phase, row block); rows past the image are masked.
+        GCL / XCL: gz / dx channels-last; a channels-last gz is read one tap (R, O) at a time."""
         TJ: tl.constexpr = (KS + S - 1) // S
         KO: tl.constexpr = O * TJ * TJ
         HQ: tl.constexpr = (H + S - 1) // S
@@ -164,23 +249,41 @@ if triton is not None:
         qy, qx = q // WQ, q % WQ
         iy, ix = py + S * qy, px + S * qx
         rok = (r < n_rows) & (iy < H) & (ix < W)
-        gbase = (image * M + m) * (O * Ho * Wo)
+        unit = image * M + m
         c = tl.arange(0, BC)
+        wbase = w_ptr + m * (O * C * KS * KS)
         acc = tl.zeros((BLOCK, BC), tl.float32)
-        for k0 in tl.static_range(0, KO, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            o, jy, jx = k // (TJ * TJ), (k // TJ) % TJ, k % TJ
-            ky, kx = (py + PAD) % S + S * jy, (px + PAD) % S + S * jx
-            kok = (k < KO) & (ky < KS) & (kx < KS)  # (BLOCK_K,): phases with fewer taps mask the rest
-            oy = qy[:, None] + (py + PAD) // S - jy[None, :]  # (R, BLOCK_K)
-            ox = qx[:, None] + (px + PAD) // S - jx[None, :]
-            ok = rok[:, None] & kok[None, :] & (oy >= 0) & (oy < Ho) & (ox >= 0) & (ox < Wo)
-            g = tl.load(gz_ptr + gbase[:, None] + o[None, :] * (Ho * Wo) + oy * Wo + ox, mask=ok, other=0.0)
-            wt = tl.load(w_ptr + m * (O * C * KS * KS) + (o * (C * KS * KS) + ky * KS + kx)[:, None]
-                         + c[None, :] * (KS * KS), mask=kok[:, None] & (c < C)[None, :], other=0.0)
-            acc += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
-        out = (image * M + m)[:, None] * (C * H * W) + c[None, :] * (H * W) + (iy * W + ix)[:, None]
-        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=rok[:, None] & (c < C)[None, :])
+        if GCL:  # one tap (jy, jx) per step, its O channels contiguous
+            o = tl.arange(0, O)
+            for t in tl.static_range(TJ * TJ):
+                ky, kx = (py + PAD) % S + S * (t // TJ), (px + PAD) % S + S * (t % TJ)
+                oy, ox = qy + (py + PAD) // S - t // TJ, qx + (px + PAD) // S - t % TJ  # (R,)
+                # phases with fewer taps mask the rest: their rows of gz load as zeros, and the tap index is
+                # clamped so the weight load stays inside w (the tap test is on (R,) vectors: the interpreter
+                # turns a scalar int1 broadcast into int32)
+                ok = rok & (qy * 0 + ky < KS) & (qx * 0 + kx < KS) & (oy >= 0) & (oy < Ho) & (ox >= 0) & (ox < Wo)
+                g = tl.load(gz_ptr + ((unit * (Ho * Wo) + oy * Wo + ox) * O)[:, None] + o[None, :],
+                            mask=ok[:, None], other=0.0)  # (R, O)
+                tap = tl.minimum(ky, KS - 1) * KS + tl.minimum(kx, KS - 1)
+                wt = tl.load(wbase + o[:, None] * (C * KS * KS) + c[None, :] * (KS * KS) + tap,
+                             mask=(c < C)[None, :], other=0.0)  # (O, BC)
+                acc += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
+        else:
+            gbase = unit * (O * Ho * Wo)
+            for k0 in tl.static_range(0, KO, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                o, jy, jx = k // (TJ * TJ), (k // TJ) % TJ, k % TJ
+                ky, kx = (py + PAD) % S + S * jy, (px + PAD) % S + S * jx
+                kok = (k < KO) & (ky < KS) & (kx < KS)  # (BLOCK_K,): phases with fewer taps mask the rest
+                oy = qy[:, None] + (py + PAD) // S - jy[None, :]  # (R, BLOCK_K)
+                ox = qx[:, None] + (px + PAD) // S - jx[None, :]
+                ok = rok[:, None] & kok[None, :] & (oy >= 0) & (oy < Ho) & (ox >= 0) & (ox < Wo)
+                g = tl.load(gz_ptr + gbase[:, None] + o[None, :] * (Ho * Wo) + oy * Wo + ox, mask=ok, other=0.0)
+                wt = tl.load(wbase + (o * (C * KS * KS) + ky * KS + kx)[:, None] + c[None, :] * (KS * KS),
+                             mask=kok[:, None] & (c < C)[None, :], other=0.0)
+                acc += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
+        out = _offsets(unit, iy * W + ix, c, C, H * W, XCL)
+        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=_row_mask(rok, c, C, BC))
 
 
 def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, ...]:
@@ -191,49 +294,59 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, ...]:
 
 
 def _fwd(x, w, b, stride: int, padding: int) -> torch.Tensor:
-    """x (B, M or 1, C, H, W), w (M, O, C, k, k), b (M, O) -> z (B, M, O, Ho, Wo) in x's dtype. Grid axis 1
-    holds at most MAX_GRID_Y row blocks, so large evaluation chunks go in several launches of whole images."""
+    """x (B, M or 1, C, H, W), w (M, O, C, k, k), b (M, O) -> z (B, M, O, Ho, Wo) in x's dtype, stored as
+    `_alloc` says. Grid axis 1 holds at most MAX_GRID_Y row blocks, so large evaluation chunks go in several
+    launches of whole images."""
+    x, xcl = _readable(x)
     g = _geometry(x.shape, w.shape, stride, padding)
     C, O, Ho, Wo, KS = g[0], g[3], g[4], g[5], g[6]
     B, M, K = x.shape[0], w.shape[0], C * KS * KS
-    z = torch.empty(B, M, O, Ho, Wo, device=x.device, dtype=x.dtype)
+    z = _alloc(x, B, M, O, Ho, Wo)
+    zcl = not z.is_contiguous()
     per_launch = max(1, MAX_GRID_Y * BLOCK_R // (Ho * Wo))
     with on_device(x.device):
         for a in range(0, B, per_launch):
             xs, zs = x[a: a + per_launch], z[a: a + per_launch]
             n_rows = len(xs) * Ho * Wo
             launch(_fwd_kernel, (M, triton.cdiv(n_rows, BLOCK_R)), xs, w, b, zs, M, x.shape[1], n_rows, *g, K,
-                    max(16, pow2(O)), BLOCK_R, block_k(K), *dot_dtype(x.dtype), num_warps=NUM_WARPS,
-                    num_stages=stages(x.dtype))
+                   max(16, pow2(O)), BLOCK_R, block_k(K), *dot_dtype(x.dtype), xcl, zcl, num_warps=NUM_WARPS,
+                   num_stages=stages(x.dtype))
     return z
 
 
 def _dw(gz, x, w_shape, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias gradients, (M, O, C, k, k) and (M, O) float32, from gz (B, M, O, Ho, Wo) and x
-    (B, M, C, H, W); row-split partial sums are added in a fixed order (deterministic)."""
+    (B, M, C, H, W), either stored contiguous or channels-last; row-split partial sums are added in a fixed
+    order (deterministic)."""
+    (x, xcl), (gz, gcl) = _readable(x), _readable(gz)
     g = _geometry(x.shape, w_shape, stride, padding)
     C, KS, O = g[0], g[6], g[3]
     B, M = x.shape[:2]
-    K, bk = C * KS * KS, block_k(C * KS * KS)
-    n_rows, n_kc = B * g[4] * g[5], triton.cdiv(C * KS * KS, bk)
+    K = C * KS * KS
+    bk = C if xcl else block_k(K)  # channels-last: one tap's channels per K chunk
+    n_rows, n_kc = B * g[4] * g[5], triton.cdiv(K, bk)
     n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R_DW), triton.cdiv(2048, M * n_kc)))  # fill the GPU
     dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
     db = torch.empty(n_split, M, O, device=x.device, dtype=torch.float32)
     with on_device(x.device):
         launch(_dw_kernel, (n_kc, M, n_split), x, gz, dw, db, M, n_rows, *g, K, max(16, pow2(O)), BLOCK_R_DW, bk,
-                *dot_dtype(x.dtype), num_warps=NUM_WARPS, num_stages=stages(x.dtype))
+               *dot_dtype(x.dtype), xcl, gcl, num_warps=NUM_WARPS, num_stages=stages(x.dtype))
     if n_split > 1:
         dw, db = dw.sum(0), db.sum(0)
     return dw.reshape(w_shape), db.reshape(M, O)
 
 
 def _dx(gz, w, x_shape, stride: int, padding: int) -> torch.Tensor:
-    """Input gradient (B, M, C, H, W) in gz's dtype, in the form `dx_form` names."""
+    """Input gradient (B, M, C, H, W) in gz's dtype, stored as `_alloc` says, in the form `dx_form` names.
+    The masked form reads and writes contiguous tensors only (copies around it where the layout differs)."""
     g = _geometry(x_shape, w.shape, stride, padding)
     C, H, W, O, KS, S = g[0], g[1], g[2], g[3], g[6], g[7]
     B, M = gz.shape[:2]
-    dx = torch.empty(B, M, C, H, W, device=gz.device, dtype=gz.dtype)
     phases = dx_form == "polyphase"
+    gz, gcl = _readable(gz) if phases else (gz.contiguous(), False)
+    out = _alloc(gz, B, M, C, H, W)
+    dx = out if phases or out.is_contiguous() else torch.empty(B, M, C, H, W, device=gz.device, dtype=gz.dtype)
+    xcl = not dx.is_contiguous()
     # rows per image and phase, K: polyphase has ceil(H/S) x ceil(W/S) rows and O ceil(k/S)^2 taps per phase
     per_image = -(-H // S) * -(-W // S) if phases else H * W
     taps = O * (-(-KS // S)) ** 2 if phases else O * KS * KS
@@ -245,31 +358,34 @@ def _dx(gz, w, x_shape, stride: int, padding: int) -> torch.Tensor:
             n_rows = len(gs) * per_image
             n_blocks = triton.cdiv(n_rows, BLOCK_R)
             if phases:  # grid axis 1: (phase, row block)
-                launch(_dx_phase_kernel, (M, S * S * n_blocks), gs, w, dxs, M, n_rows, n_blocks, *g, *tail,
-                       num_warps=NUM_WARPS, num_stages=stages(gz.dtype))
+                launch(_dx_phase_kernel, (M, S * S * n_blocks), gs, w, dxs, M, n_rows, n_blocks, *g, *tail, gcl,
+                       xcl, num_warps=NUM_WARPS, num_stages=stages(gz.dtype))
             else:
                 launch(_dx_kernel, (M, n_blocks), gs, w, dxs, M, n_rows, *g, *tail, num_warps=NUM_WARPS,
                        num_stages=stages(gz.dtype))
-    return dx
+    if dx is not out:
+        out.copy_(dx)
+    return out
 
 
-# Custom ops: opaque to torch.compile, differentiable through autograd (as the band ops of _convpool.py)
+# Custom ops: opaque to torch.compile, differentiable through autograd (as the band ops of _convpool.py). The
+# fake functions allocate with `_alloc`, so the strides compile plans with are the ones the kernels write.
 @torch.library.custom_op("weightzoo::direct_conv", mutates_args=())
 def _conv_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    return _fwd(x.contiguous(), w.contiguous(), b.contiguous(), stride, padding)
+    return _fwd(x, w.contiguous(), b.contiguous(), stride, padding)
 
 
 @_conv_op.register_fake
 def _(x, w, b, stride, padding):
     O, Ho, Wo = _geometry(x.shape, w.shape, stride, padding)[3:6]
-    return x.new_empty(x.shape[0], w.shape[0], O, Ho, Wo)
+    return _alloc(x, x.shape[0], w.shape[0], O, Ho, Wo)
 
 
 @torch.library.custom_op("weightzoo::direct_conv_dw", mutates_args=())
 def _dw_op(gz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int,
            padding: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dw (M, O, C, k, k), db (M, O)), float32."""
-    return _dw(gz.contiguous(), x.contiguous(), w.shape, stride, padding)
+    return _dw(gz, x, w.shape, stride, padding)
 
 
 @_dw_op.register_fake
@@ -280,12 +396,12 @@ def _(gz, x, w, stride, padding):
 @torch.library.custom_op("weightzoo::direct_conv_dx", mutates_args=())
 def _dx_op(gz: torch.Tensor, w: torch.Tensor, x: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
     """x is here for its shape and dtype only."""
-    return _dx(gz.to(x.dtype).contiguous(), w.contiguous(), x.shape, stride, padding)
+    return _dx(gz.to(x.dtype), w.contiguous(), x.shape, stride, padding)
 
 
 @_dx_op.register_fake
 def _(gz, w, x, stride, padding):
-    return torch.empty_like(x)
+    return _alloc(x, *x.shape)
 
 
 def _setup(ctx, inputs, output):

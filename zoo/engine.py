@@ -116,7 +116,7 @@ def _conv_pool(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx, pool: int = 1) 
     w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]
     if ctx.bf16:
         x = x.to(torch.bfloat16)
-    return conv_pool(x.contiguous(), w, b, m.stride[0], m.padding[0], pool)
+    return conv_pool(x, w, b, m.stride[0], m.padding[0], pool)  # it makes x contiguous where it must
 
 
 @rule(nn.Conv2d)
@@ -247,8 +247,12 @@ def _join(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
 
 @rule(Activation)
 def _activation(m: Activation, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
-    """Each member's own activation on its slice of (B, M, ...)."""
-    return _join([ACTIVATIONS[name](x[:, a:b]) for name, a, b in ctx.act_runs], dim=1)
+    """Each member's own activation on its slice of (B, M, ...). A channels-last conv output (_directconv.py)
+    is sliced and joined as its (B, M, H, W, C) view, so the join keeps that layout for the next conv."""
+    cl = x.dim() == 5 and not x.is_contiguous() and x.permute(0, 1, 3, 4, 2).is_contiguous()
+    xs = x.permute(0, 1, 3, 4, 2) if cl else x
+    y = _join([ACTIVATIONS[name](xs[:, a:b]) for name, a, b in ctx.act_runs], dim=1)
+    return y.permute(0, 1, 4, 2, 3) if cl else y
 
 
 @rule(nn.Sequential)
