@@ -1,6 +1,6 @@
 """Per-layer timing of the direct (implicit-GEMM) conv kernels (zoo/_directconv.py) on smallcnn's and cnn_gap's
 strided 3x3 convs: forward, weight gradient and both input-gradient forms ("masked", "polyphase"), each on
-contiguous tensors and (suffix "cl") on channels-last ones (`zoo._directconv.set_layout`), against
+contiguous tensors and (suffix "cl") on channels-last ones (`zoo._directconv.LAYOUTS`), against
 PyTorch's grouped conv (cuDNN) for the same call, with each call's useful TFLOP/s and the bandwidth of the
 bytes it must move (its input, output and gradient tensors once each).
 
@@ -69,25 +69,23 @@ def run_layer(name: str, B: int, M: int, dtype, iters: int, device, torch_too: b
         calls[f"dx {form}"] = (lambda form=form: (dc.set_dx_form(form), dc._dx(gz, w, x.shape, s, p)), x_b + z_b)
     # channels-last: x and gz stored so (where their channel counts allow), z and dx written so
     xc, gc = (t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) for t in (x, gz))
-    in_cl = lambda fn: (lambda: (dc.set_layout("channels_last"), dc.set_dx_form("polyphase"), fn()))
-    calls["fwd cl"] = (in_cl(lambda: dc._fwd(xc, w, b, s, p)), x_b + z_b)
+    in_cl = lambda fn: (lambda: (dc.set_dx_form("polyphase"), fn()))
+    calls["fwd cl"] = (in_cl(lambda: dc._fwd(xc, w, b, s, p, True)), x_b + z_b)
     calls["dw cl"] = (in_cl(lambda: dc._dw(gc, xc, w.shape, s, p)), x_b + z_b)
     if C > 1:
-        calls["dx polyphase cl"] = (in_cl(lambda: dc._dx(gc, w, x.shape, s, p)), x_b + z_b)
+        calls["dx polyphase cl"] = (in_cl(lambda: dc._dx(gc, w, x.shape, s, p, True)), x_b + z_b)
     if torch_too:
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
         z = grouped(xg, wg, b, s, p)
         calls["cudnn fwd"] = (lambda: grouped(x, w, b, s, p), x_b + z_b)
         calls["cudnn dx+dw"] = (lambda: torch.autograd.grad(z, [xg, wg], gz, retain_graph=True), 2 * (x_b + z_b))
-    rows, saved = [], (dc.dx_form, dc.layout)
+    rows, saved = [], dc.dx_form
     for call, (fn, nbytes) in calls.items():
-        dc.set_dx_form(saved[0])
-        dc.set_layout("nchw")
+        dc.set_dx_form(saved)
         ms = timed(fn, iters, device)
         f = flop * (2 if call == "cudnn dx+dw" else 1)
         rows.append({"layer": name, "call": call, "ms": ms, "tflops": f / ms / 1e9, "gbs": nbytes / ms / 1e6})
-    dc.set_dx_form(saved[0])
-    dc.set_layout(saved[1])
+    dc.set_dx_form(saved)
     return rows
 
 

@@ -196,7 +196,8 @@ def test_fake_functions_give_the_kernels_strides(layout):
     ops = torch.ops.weightzoo
     for store in (lambda t: t, _channels_last):
         x = store(x0)
-        for op, args in [(ops.direct_conv, (x, w, b, 2, 1)), (ops.direct_conv_dx, (store(gz), w, x, 2, 1)),
+        cl = layout == "channels_last"
+        for op, args in [(ops.direct_conv, (x, w, b, 2, 1, cl)), (ops.direct_conv_dx, (store(gz), w, x, 2, 1, cl)),
                          (ops.direct_conv_dw, (store(gz), x, w, 2, 1))]:
             assert torch.library.opcheck(op, args, test_utils="test_faketensor") == {"test_faketensor": "SUCCESS"}
 
@@ -216,6 +217,22 @@ def test_compiled_channels_last_convs_match_eager(layout):
     compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x, *params), params)
     for a, r in zip(compiled, eager):
         assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), float((a - r).abs().max())
+
+
+def test_compiled_convs_follow_a_layout_change(monkeypatch):
+    """The layout reaches the ops as an argument: a function compiled under one layout and called under the other
+    retraces (its cached graph planned other strides; an H200 run failed on that before) and writes the new one."""
+    import zoo._directconv as dc
+    monkeypatch.setattr(dc, "layout", dc.layout)
+    g = torch.Generator().manual_seed(6)
+    x, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in [(2, 2, 16, 9, 9), (2, 16, 16, 3, 3), (2, 16)])
+    f = torch.compile(lambda x, w, b: torch.tanh(conv_pool(x, w, b, 2, 1, 1)), fullgraph=True)
+    ref = torch.tanh(_reference(x, w, b, 2, 1, 1))
+    for name in ("nchw", "channels_last", "nchw"):
+        dc.set_layout(name)
+        y = f(x, w, b)
+        assert torch.allclose(y, ref, atol=1e-4), name
+        assert y.is_contiguous() == (name == "nchw"), (name, y.stride())
 
 
 def test_large_batches_launch_in_pieces(monkeypatch):

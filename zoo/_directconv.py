@@ -53,17 +53,13 @@ def set_layout(name: str) -> None:
     layout = name
 
 
-def writes_channels_last(channels: int) -> bool:
-    """Whether an output with this many channels is stored channels-last under the current `layout`."""
-    return layout == "channels_last" and channels in CL_CHANNELS
-
-
-def _alloc(like: torch.Tensor, B: int, M: int, C: int, H: int, W: int, dtype=None) -> torch.Tensor:
-    """An uninitialised (B, M, C, H, W) output, channels-last (strides (M H W C, H W C, 1, W C, C)) where
-    `writes_channels_last(C)`: the fake (meta) functions call this too, so compile sees the real strides."""
-    if writes_channels_last(C):
-        return like.new_empty(B, M, H, W, C, dtype=dtype).permute(0, 1, 4, 2, 3)
-    return like.new_empty(B, M, C, H, W, dtype=dtype)
+def _alloc(like: torch.Tensor, B: int, M: int, C: int, H: int, W: int, cl: bool) -> torch.Tensor:
+    """An uninitialised (B, M, C, H, W) output, channels-last (strides (M H W C, H W C, 1, W C, C)) where `cl`
+    and C is in CL_CHANNELS. The fake (meta) functions call this too, so compile sees the real strides; `cl` is
+    an argument of the ops (not the module's `layout`), so graphs traced under each layout differ."""
+    if cl and C in CL_CHANNELS:
+        return like.new_empty(B, M, H, W, C).permute(0, 1, 4, 2, 3)
+    return like.new_empty(B, M, C, H, W)
 
 
 def _readable(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -117,9 +113,8 @@ if triton is not None:
 
     @triton.jit
     def _row_mask(rok, ch, CH: tl.constexpr, BCH: tl.constexpr):
-        """(R, 1) when the tile is exactly CH wide (a constant mask along the vector axis), else (R, BCH)."""
-        if BCH == CH:
-            return rok[:, None]
+        """(R, BCH): rows in range and channels < CH (ch < CH is constant over CH-aligned runs, which the
+        compiler sees, so it does not break vector stores)."""
         return rok[:, None] & (ch < CH)[None, :]
 
     @triton.jit
@@ -171,7 +166,9 @@ if triton is not None:
         n_split = tl.num_programs(2)
         o = tl.arange(0, BO)
         acc = tl.zeros((BLOCK_K, BO), tl.float32)
-        bacc = tl.zeros((BO,), tl.float32)
+        # gz summed elementwise over row blocks and reduced across threads once at the end (a reduction per
+        # row block made the kernel ~1.5x slower on an H200, benchmarks/NOTES.md)
+        gsum = tl.zeros((BLOCK, BO), tl.float32)
         for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
             r = r0 + tl.arange(0, BLOCK)
             rok = r < n_rows
@@ -185,7 +182,7 @@ if triton is not None:
                 a = _patch(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, kc * BLOCK_K,
                            C, H, W, KS, S, PAD, K, BLOCK_K)
             acc += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)
-            bacc += tl.sum(g.to(tl.float32), axis=0)
+            gsum += g.to(tl.float32)
         part = (split * M + m).to(tl.int64) * O
         j = tl.arange(0, BLOCK_K)
         if XCL:  # row j of acc is channel j of tap kc
@@ -194,7 +191,7 @@ if triton is not None:
             k = kc * BLOCK_K + j
             tl.store(dw_ptr + (part + o[None, :]) * K + k[:, None], acc, mask=(k < K)[:, None] & (o < O)[None, :])
         if kc == 0:
-            tl.store(db_ptr + part + o, bacc, mask=o < O)
+            tl.store(db_ptr + part + o, tl.sum(gsum, axis=0), mask=o < O)
 
     @triton.jit
     def _dx_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
@@ -293,7 +290,7 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, ...]:
     return C, H, W, O, out_size(H, KS, stride, padding), out_size(W, KS, stride, padding), KS, stride, padding
 
 
-def _fwd(x, w, b, stride: int, padding: int) -> torch.Tensor:
+def _fwd(x, w, b, stride: int, padding: int, cl: bool = False) -> torch.Tensor:
     """x (B, M or 1, C, H, W), w (M, O, C, k, k), b (M, O) -> z (B, M, O, Ho, Wo) in x's dtype, stored as
     `_alloc` says. Grid axis 1 holds at most MAX_GRID_Y row blocks, so large evaluation chunks go in several
     launches of whole images."""
@@ -301,7 +298,7 @@ def _fwd(x, w, b, stride: int, padding: int) -> torch.Tensor:
     g = _geometry(x.shape, w.shape, stride, padding)
     C, O, Ho, Wo, KS = g[0], g[3], g[4], g[5], g[6]
     B, M, K = x.shape[0], w.shape[0], C * KS * KS
-    z = _alloc(x, B, M, O, Ho, Wo)
+    z = _alloc(x, B, M, O, Ho, Wo, cl)
     zcl = not z.is_contiguous()
     per_launch = max(1, MAX_GRID_Y * BLOCK_R // (Ho * Wo))
     with on_device(x.device):
@@ -336,7 +333,7 @@ def _dw(gz, x, w_shape, stride: int, padding: int) -> tuple[torch.Tensor, torch.
     return dw.reshape(w_shape), db.reshape(M, O)
 
 
-def _dx(gz, w, x_shape, stride: int, padding: int) -> torch.Tensor:
+def _dx(gz, w, x_shape, stride: int, padding: int, cl: bool = False) -> torch.Tensor:
     """Input gradient (B, M, C, H, W) in gz's dtype, stored as `_alloc` says, in the form `dx_form` names.
     The masked form reads and writes contiguous tensors only (copies around it where the layout differs)."""
     g = _geometry(x_shape, w.shape, stride, padding)
@@ -344,7 +341,7 @@ def _dx(gz, w, x_shape, stride: int, padding: int) -> torch.Tensor:
     B, M = gz.shape[:2]
     phases = dx_form == "polyphase"
     gz, gcl = _readable(gz) if phases else (gz.contiguous(), False)
-    out = _alloc(gz, B, M, C, H, W)
+    out = _alloc(gz, B, M, C, H, W, cl)
     dx = out if phases or out.is_contiguous() else torch.empty(B, M, C, H, W, device=gz.device, dtype=gz.dtype)
     xcl = not dx.is_contiguous()
     # rows per image and phase, K: polyphase has ceil(H/S) x ceil(W/S) rows and O ceil(k/S)^2 taps per phase
@@ -371,14 +368,15 @@ def _dx(gz, w, x_shape, stride: int, padding: int) -> torch.Tensor:
 # Custom ops: opaque to torch.compile, differentiable through autograd (as the band ops of _convpool.py). The
 # fake functions allocate with `_alloc`, so the strides compile plans with are the ones the kernels write.
 @torch.library.custom_op("weightzoo::direct_conv", mutates_args=())
-def _conv_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    return _fwd(x, w.contiguous(), b.contiguous(), stride, padding)
+def _conv_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, padding: int,
+             cl: bool) -> torch.Tensor:
+    return _fwd(x, w.contiguous(), b.contiguous(), stride, padding, cl)
 
 
 @_conv_op.register_fake
-def _(x, w, b, stride, padding):
+def _(x, w, b, stride, padding, cl):
     O, Ho, Wo = _geometry(x.shape, w.shape, stride, padding)[3:6]
-    return _alloc(x, x.shape[0], w.shape[0], O, Ho, Wo)
+    return _alloc(x, x.shape[0], w.shape[0], O, Ho, Wo, cl)
 
 
 @torch.library.custom_op("weightzoo::direct_conv_dw", mutates_args=())
@@ -394,29 +392,30 @@ def _(gz, x, w, stride, padding):
 
 
 @torch.library.custom_op("weightzoo::direct_conv_dx", mutates_args=())
-def _dx_op(gz: torch.Tensor, w: torch.Tensor, x: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+def _dx_op(gz: torch.Tensor, w: torch.Tensor, x: torch.Tensor, stride: int, padding: int,
+           cl: bool) -> torch.Tensor:
     """x is here for its shape and dtype only."""
-    return _dx(gz.to(x.dtype), w.contiguous(), x.shape, stride, padding)
+    return _dx(gz.to(x.dtype), w.contiguous(), x.shape, stride, padding, cl)
 
 
 @_dx_op.register_fake
-def _(gz, w, x, stride, padding):
-    return _alloc(x, *x.shape)
+def _(gz, w, x, stride, padding, cl):
+    return _alloc(x, *x.shape, cl)
 
 
 def _setup(ctx, inputs, output):
-    x, w, _, stride, padding = inputs
+    x, w, _, stride, padding, cl = inputs
     ctx.save_for_backward(x, w)
-    ctx.geometry = (stride, padding)
+    ctx.geometry = (stride, padding, cl)
 
 
 def _backward(ctx, gz):
     x, w = ctx.saved_tensors
-    stride, padding = ctx.geometry
+    stride, padding, cl = ctx.geometry
     dw, db = _dw_op(gz, x, w, stride, padding)
     dw, db = dw.to(w.dtype), db.to(w.dtype)
-    dx = _dx_op(gz, w, x, stride, padding) if ctx.needs_input_grad[0] else None
-    return dx, dw, db, None, None
+    dx = _dx_op(gz, w, x, stride, padding, cl) if ctx.needs_input_grad[0] else None
+    return dx, dw, db, None, None, None
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup)
@@ -424,6 +423,7 @@ _conv_op.register_autograd(_backward, setup_context=_setup)
 
 def direct_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
     """x (B, M or 1, C, H, W), w (M, O, C, k, k), b (M, O) -> (B, M, O, Ho, Wo) = conv2d per member, in x's
-    dtype (bf16: tensor cores, fp32 accumulation; fp32: exact fp32 products). The caller checks
-    `_triton.available(x.device)` and expands a shared input when gradients are needed."""
-    return _conv_op(x, w, b, stride, padding)
+    dtype (bf16: tensor cores, fp32 accumulation; fp32: exact fp32 products), stored as `layout` says (its
+    input gradient too). The caller checks `_triton.available(x.device)` and expands a shared input when
+    gradients are needed."""
+    return _conv_op(x, w, b, stride, padding, layout == "channels_last")
