@@ -13,6 +13,9 @@ Device run (MNIST copied to data/datasets/mnist, carried):
         --variants bf16+compile+fused+graphs --attention bmm,reduce        # attention's two forms
     python benchmarks/zoo_throughput.py --archs smallcnn,cnn_gap --members 4096 --check 2 \
         --variants bf16+compile+fused+graphs --layout nchw,channels_last   # the direct convs' two layouts
+    python benchmarks/zoo_throughput.py --archs smallcnn --members 4096 --check 0 --recipe zoo \
+        --zoo-config configs/zoo/mnist_smallcnn_random.yaml --variants bf16+compile+fused+graphs,bf16+compile+fused \
+        --profile                                                         # the random zoo's own members
 CPU smoke run (seconds):
     python benchmarks/zoo_throughput.py --dataset digits --archs cnn_gap --members 16 --steps 3 --variants fp32
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import sys
@@ -43,6 +47,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zoo import MemberSpec, Population, ZooConfig, _convpool, _directconv, engine, load_dataset  # noqa: E402
 from zoo.build import eval_bytes, run_order  # noqa: E402
+from zoo.cli import load_config  # noqa: E402
+from zoo.config import expand_members  # noqa: E402
 from zoo.population import member_order  # noqa: E402
 from zoo.solo import accuracy, build_member, train_solo  # noqa: E402
 
@@ -66,13 +72,28 @@ def sync(device):
 
 RECIPE = "adam_tanh"  # set by --recipe
 HYP_ACTS = ["gelu", "relu", "sigmoid", "tanh"]  # set by --acts: the hyp recipe's activations
+ZOO_CONFIG = None  # set by --zoo-config: the zoo recipe's config file
 
 
 def members(n: int, batch: int) -> list[MemberSpec]:
     if RECIPE == "adam_tanh":  # the recipe of issue 4: Adam, tanh; lr varies per member so members really differ
         return [MemberSpec(seed=i, activation="tanh", optimizer="adam", lr=(1e-3, 3e-4, 3e-3)[i % 3],
                            batch_size=batch, init="kaiming_uniform") for i in range(n)]
+    if RECIPE == "zoo":
+        return zoo_members(n, batch, ZOO_CONFIG)
     return hyp_members(n, batch, HYP_ACTS)
+
+
+def zoo_members(n: int, batch: int, path: str) -> list[MemberSpec]:
+    """The first n members a zoo config draws (its activations, optimizers, dropout, train fractions, inits...)
+    at batch size `batch`, laid out as zoo.build lays out a population."""
+    cfg = load_config(ZooConfig, path)
+    if cfg.random:
+        cfg = dataclasses.replace(cfg, n_random=max(n, cfg.n_random))
+    ms = [dataclasses.replace(m, batch_size=batch) for m in expand_members(cfg)[:n]]
+    if len(ms) < n:
+        raise SystemExit(f"--zoo-config {path}: it draws {len(ms)} members, fewer than --members {n}")
+    return [ms[j] for j in run_order(ms, range(n))]
 
 
 HYP_LR = {"adam": 1e-3, "sgd": 1e-2}
@@ -223,8 +244,10 @@ def main():
                     help="profile 5 steps of the last variant at each population size (with --eval: one evaluation)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write results here")
-    ap.add_argument("--recipe", choices=["adam_tanh", "hyp"], default="adam_tanh",
-                    help="hyp: mixed activations/optimizers and dropout (no plain-loop agreement check)")
+    ap.add_argument("--recipe", choices=["adam_tanh", "hyp", "zoo"], default="adam_tanh",
+                    help="hyp: mixed activations/optimizers and dropout; zoo: the first members of --zoo-config "
+                         "(neither has the plain-loop agreement check)")
+    ap.add_argument("--zoo-config", help="the zoo config whose members --recipe zoo trains")
     ap.add_argument("--acts", default="gelu,relu,sigmoid,tanh",
                     help="the hyp recipe's activations (fewer: fewer activation/optimizer slices per population)")
     ap.add_argument("--eval", type=int, default=0, metavar="N",
@@ -241,10 +264,14 @@ def main():
     args = ap.parse_args()
     if args.block_r:
         _convpool.BAND_R = args.block_r
-    global RECIPE, EVAL_SAMPLES, HYP_ACTS
-    RECIPE, EVAL_SAMPLES, HYP_ACTS = args.recipe, args.eval, args.acts.split(",")
-    if RECIPE == "hyp" and args.check:
-        ap.error("--recipe hyp trains hashed-dropout members the plain loop cannot reproduce; pass --check 0")
+    global RECIPE, EVAL_SAMPLES, HYP_ACTS, ZOO_CONFIG
+    RECIPE, EVAL_SAMPLES, HYP_ACTS, ZOO_CONFIG = args.recipe, args.eval, args.acts.split(","), args.zoo_config
+    if (RECIPE == "zoo") != (ZOO_CONFIG is not None):
+        ap.error("--recipe zoo and --zoo-config go together")
+    if RECIPE != "adam_tanh" and args.check:
+        ap.error(f"--recipe {RECIPE} trains hashed-dropout members the plain loop cannot reproduce; pass --check 0")
+    if ZOO_CONFIG is not None and not Path(ZOO_CONFIG).is_file():
+        ap.error(f"--zoo-config: no such file {ZOO_CONFIG}")
     dx_forms = args.dx.split(",")
     for form in dx_forms:
         if form not in _directconv.DX_FORMS:

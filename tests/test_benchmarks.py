@@ -49,6 +49,25 @@ def test_zoo_throughput_times_both_layouts(tmp_path):
     assert bad.returncode == 2 and "--layout: unknown layout 'nhwc'" in bad.stderr
 
 
+def test_zoo_throughput_times_a_zoo_configs_own_members(tmp_path, monkeypatch):
+    """--recipe zoo trains the first members a zoo config draws (the random smallcnn zoo: mixed activations,
+    optimizers, dropout, train fractions) in build order; --recipe zoo without a config exits 2."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import zoo_throughput
+
+    ms = zoo_throughput.zoo_members(16, 64, str(ROOT / "configs/zoo/mnist_smallcnn_random.yaml"))
+    assert len({m.activation for m in ms}) == 2 and len({m.optimizer for m in ms}) == 3
+    assert {m.batch_size for m in ms} == {64} and len({m.train_fraction for m in ms}) > 1
+    assert [(m.activation, m.optimizer) for m in ms] == sorted((m.activation, m.optimizer) for m in ms)
+    _run("benchmarks/zoo_throughput.py", "--dataset", "digits", "--resize", "28", "--archs", "smallcnn", "--members",
+         "4", "--steps", "2", "--solo-steps", "3", "--variants", "fp32", "--check", "0", "--recipe", "zoo",
+         "--zoo-config", "configs/zoo/mnist_smallcnn_random.yaml", "--json", str(tmp_path / "r.json"))
+    assert [r["path"] for r in json.loads((tmp_path / "r.json").read_text())] == ["plain loop", "fp32"]
+    bad = subprocess.run([sys.executable, "benchmarks/zoo_throughput.py", "--recipe", "zoo"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--recipe zoo and --zoo-config go together" in bad.stderr
+
+
 def test_directconv_kernels_times_both_layouts():
     """The per-layer kernel timings (interpreter smoke run) list every call, channels-last ones included."""
     out = _run("benchmarks/directconv_kernels.py", "--members", "2", "--batch", "2", "--iters", "1", "--dtype",
