@@ -69,19 +69,18 @@ def run_layer(name: str, B: int, M: int, dtype, iters: int, device, torch_too: b
         calls[f"dx {form}"] = (lambda form=form: (dc.set_dx_form(form), dc._dx(gz, w, x.shape, s, p)), x_b + z_b)
     # channels-last: x and gz stored so (where their channel counts allow), z and dx written so
     xc, gc = (t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) for t in (x, gz))
-    in_cl = lambda fn: (lambda: (dc.set_dx_form("polyphase"), fn()))
-    calls["fwd cl"] = (in_cl(lambda: dc._fwd(xc, w, b, s, p, True)), x_b + z_b)
-    calls["dw cl"] = (in_cl(lambda: dc._dw(gc, xc, w.shape, s, p)), x_b + z_b)
+    calls["fwd cl"] = (lambda: dc._fwd(xc, w, b, s, p, True), x_b + z_b)
+    calls["dw cl"] = (lambda: dc._dw(gc, xc, w.shape, s, p), x_b + z_b)
     if C > 1:
-        calls["dx polyphase cl"] = (in_cl(lambda: dc._dx(gc, w, x.shape, s, p, True)), x_b + z_b)
+        calls["dx polyphase cl"] = (lambda: (dc.set_dx_form("polyphase"), dc._dx(gc, w, x.shape, s, p, True)),
+                                    x_b + z_b)
     if torch_too:
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
         z = grouped(xg, wg, b, s, p)
         calls["cudnn fwd"] = (lambda: grouped(x, w, b, s, p), x_b + z_b)
         calls["cudnn dx+dw"] = (lambda: torch.autograd.grad(z, [xg, wg], gz, retain_graph=True), 2 * (x_b + z_b))
-    rows, saved = [], dc.dx_form
+    rows, saved = [], dc.dx_form  # the dx calls set their form; the module's is restored after
     for call, (fn, nbytes) in calls.items():
-        dc.set_dx_form(saved)
         ms = timed(fn, iters, device)
         f = flop * (2 if call == "cudnn dx+dw" else 1)
         rows.append({"layer": name, "call": call, "ms": ms, "tflops": f / ms / 1e9, "gbs": nbytes / ms / 1e6})

@@ -88,8 +88,8 @@ def zoo_members(n: int, batch: int, path: str) -> list[MemberSpec]:
     """The first n members a zoo config draws (its activations, optimizers, dropout, train fractions, inits...)
     at batch size `batch`, laid out as zoo.build lays out a population."""
     cfg = load_config(ZooConfig, path)
-    if cfg.random:
-        cfg = dataclasses.replace(cfg, n_random=max(n, cfg.n_random))
+    if cfg.random:  # draws are sequential: the first n of n_random are the first n of any longer draw
+        cfg = dataclasses.replace(cfg, n_random=n)
     ms = [dataclasses.replace(m, batch_size=batch) for m in expand_members(cfg)[:n]]
     if len(ms) < n:
         raise SystemExit(f"--zoo-config {path}: it draws {len(ms)} members, fewer than --members {n}")

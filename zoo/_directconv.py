@@ -64,12 +64,17 @@ def _alloc(like: torch.Tensor, B: int, M: int, C: int, H: int, W: int, cl: bool)
     return like.new_empty(B, M, C, H, W)
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether a (B, M, C, H, W) tensor is stored channels-last and not also contiguous."""
+    return t.dim() == 5 and not t.is_contiguous() and t.permute(0, 1, 3, 4, 2).is_contiguous()
+
+
 def _readable(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(t, channels_last) as the kernels read it: as stored where it is contiguous or channels-last with a
     tile-width channel count, else a contiguous copy."""
     if t.is_contiguous():
         return t, False
-    if t.shape[2] in CL_CHANNELS and t.permute(0, 1, 3, 4, 2).is_contiguous():
+    if t.shape[2] in CL_CHANNELS and is_channels_last(t):
         return t, True
     return t.contiguous(), False
 
@@ -114,8 +119,8 @@ if triton is not None:
         return unit[:, None] * (CH * HW) + ch[None, :] * HW + pix[:, None]
 
     @triton.jit
-    def _row_mask(rok, ch, CH: tl.constexpr, BCH: tl.constexpr):
-        """(R, BCH): rows in range and channels < CH (ch < CH is constant over CH-aligned runs, which the
+    def _row_mask(rok, ch, CH: tl.constexpr):
+        """(R, tile width): rows in range and channels < CH (ch < CH is constant over CH-aligned runs, which the
         compiler sees, so it does not break vector stores)."""
         return rok[:, None] & (ch < CH)[None, :]
 
@@ -152,7 +157,7 @@ if triton is not None:
                 acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
         acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[None, :]
         out = _offsets(image * M + m, pix, o, O, Ho * Wo, ZCL)  # (B, M, O, Ho, Wo)
-        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=_row_mask(rok, o, O, BO))
+        tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=_row_mask(rok, o, O))
 
     @triton.jit
     def _dw_kernel(x_ptr, gz_ptr, dw_ptr, db_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
@@ -176,7 +181,7 @@ if triton is not None:
             rok = r < n_rows
             image, pix = (r // (Ho * Wo)).to(tl.int64), r % (Ho * Wo)
             unit = image * M + m
-            g = tl.load(gz_ptr + _offsets(unit, pix, o, O, Ho * Wo, GCL), mask=_row_mask(rok, o, O, BO),
+            g = tl.load(gz_ptr + _offsets(unit, pix, o, O, Ho * Wo, GCL), mask=_row_mask(rok, o, O),
                         other=0.0)  # (R, BO)
             if XCL:
                 a = _tap(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, kc, C, H, W, KS, S, PAD)
@@ -282,7 +287,7 @@ if triton is not None:
                              mask=kok[:, None] & (c < C)[None, :], other=0.0)
                 acc += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
         out = _offsets(unit, iy * W + ix, c, C, H * W, XCL)
-        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=_row_mask(rok, c, C, BC))
+        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=_row_mask(rok, c, C))
 
 
 def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, ...]:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ._convpool import available as triton_available
 from ._convpool import conv_pool
+from ._directconv import is_channels_last
 from ._rng import hash32
 from .cli import UsageError
 from .models import (
@@ -249,7 +250,7 @@ def _join(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
 def _activation(m: Activation, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     """Each member's own activation on its slice of (B, M, ...). A channels-last conv output (_directconv.py)
     is sliced and joined as its (B, M, H, W, C) view, so the join keeps that layout for the next conv."""
-    cl = x.dim() == 5 and not x.is_contiguous() and x.permute(0, 1, 3, 4, 2).is_contiguous()
+    cl = is_channels_last(x)
     xs = x.permute(0, 1, 3, 4, 2) if cl else x
     y = _join([ACTIVATIONS[name](xs[:, a:b]) for name, a, b in ctx.act_runs], dim=1)
     return y.permute(0, 1, 4, 2, 3) if cl else y
