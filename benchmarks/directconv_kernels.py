@@ -1,6 +1,8 @@
 """Per-layer timing of the direct (implicit-GEMM) conv kernels (zoo/_directconv.py) on smallcnn's and cnn_gap's
 strided 3x3 convs: forward, weight gradient and both input-gradient forms ("masked", "polyphase"), each on
-contiguous tensors and (suffix "cl") on channels-last ones (`zoo._directconv.LAYOUTS`), against
+contiguous tensors and (suffix "cl") on channels-last ones (`zoo._directconv.LAYOUTS`), the channels-last
+forward and weight gradient with the activation fused (suffix "act": tanh in the forward's epilogue, its
+derivative in dw, which then also writes the pre-activation gradient for dx), against
 PyTorch's grouped conv (cuDNN) for the same call, with each call's useful TFLOP/s and the bandwidth of the
 bytes it must move (its input, output and gradient tensors once each).
 
@@ -71,6 +73,13 @@ def run_layer(name: str, B: int, M: int, dtype, iters: int, device, torch_too: b
     xc, gc = (t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) for t in (x, gz))
     calls["fwd cl"] = (lambda: dc._fwd(xc, w, b, s, p, True), x_b + z_b)
     calls["dw cl"] = (lambda: dc._dw(gc, xc, w.shape, s, p), x_b + z_b)
+    # the activation fused (tanh): in the forward's epilogue, and its derivative in dw, which reads the output y
+    # and writes the pre-activation gradient for dx where a layer has one
+    act = dc.activation_codes(["tanh"] * M, device)
+    yc = dc._fwd(xc, w, b, s, p, True, act)
+    gout = torch.empty_like(gc) if C > 1 else None
+    calls["fwd cl act"] = (lambda: dc._fwd(xc, w, b, s, p, True, act), x_b + z_b)
+    calls["dw cl act"] = (lambda: dc._dw(gc, xc, w.shape, s, p, yc, act, gout), x_b + (3 if C > 1 else 2) * z_b)
     if C > 1:
         calls["dx polyphase cl"] = (lambda: (dc.set_dx_form("polyphase"), dc._dx(gc, w, x.shape, s, p, True)),
                                     x_b + z_b)

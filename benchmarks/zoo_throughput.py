@@ -13,6 +13,8 @@ Device run (MNIST copied to data/datasets/mnist, carried):
         --variants bf16+compile+fused+graphs --attention bmm,reduce        # attention's two forms
     python benchmarks/zoo_throughput.py --archs smallcnn,cnn_gap --members 4096 --check 2 \
         --variants bf16+compile+fused+graphs --layout nchw,channels_last   # the direct convs' two layouts
+    python benchmarks/zoo_throughput.py --archs smallcnn,cnn_gap --members 4096 --check 2 \
+        --variants bf16+compile+fused+graphs --activation layer,fused      # activations in the conv kernels
     python benchmarks/zoo_throughput.py --archs smallcnn --members 4096 --check 0 --recipe zoo \
         --zoo-config configs/zoo/mnist_smallcnn_random.yaml --variants bf16+compile+fused+graphs,bf16+compile+fused \
         --profile                                                         # the random zoo's own members
@@ -257,6 +259,9 @@ def main():
     ap.add_argument("--layout", default=_directconv.layout,
                     help="the direct convs' output layouts to time (zoo._directconv.LAYOUTS), comma-separated "
                          "(checks: the last)")
+    ap.add_argument("--activation", default="fused" if _directconv.fuse_activation else "layer",
+                    help="where the direct convs' activations run, comma-separated (checks: the last): fused (in "
+                         "the conv kernels, zoo._directconv.set_activation_fusion) or layer (inductor's own)")
     ap.add_argument("--resize", type=int, default=None, help="resize images to this side (digits: 28 for vit_t)")
     ap.add_argument("--attention", default=engine.attention_form,
                     help="attention forms to time (zoo.engine.ATTENTION_FORMS), comma-separated; reduce needs compile")
@@ -280,6 +285,10 @@ def main():
     for name in layouts:
         if name not in _directconv.LAYOUTS:
             ap.error(f"--layout: unknown layout {name!r}; choose from {', '.join(_directconv.LAYOUTS)}")
+    act_modes = args.activation.split(",")
+    for name in act_modes:
+        if name not in ("fused", "layer"):
+            ap.error(f"--activation: unknown mode {name!r}; choose from fused, layer")
     att_forms = args.attention.split(",")
     for form in att_forms:
         if form not in engine.ATTENTION_FORMS:
@@ -296,12 +305,15 @@ def main():
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for form, lay, att, variant in itertools.product(dx_forms, layouts, att_forms, args.variants.split(",")):
+        for form, lay, act, att, variant in itertools.product(dx_forms, layouts, act_modes, att_forms,
+                                                               args.variants.split(",")):
             _directconv.set_dx_form(form)
             _directconv.set_layout(lay)
+            _directconv.set_activation_fusion(act == "fused")
             engine.set_attention_form(att)
             path = (variant + (f" dx={form}" if len(dx_forms) > 1 else "")
                     + (f" layout={lay}" if len(layouts) > 1 else "")
+                    + (f" act={act}" if len(act_modes) > 1 else "")
                     + (f" attn={att}" if len(att_forms) > 1 else ""))
             for m in (int(v) for v in args.members.split(",")):
                 try:

@@ -37,16 +37,20 @@ def test_zoo_throughput_times_both_attention_forms(tmp_path):
     assert all(r["rate"] > 0 for r in rows)
 
 
-def test_zoo_throughput_times_both_layouts(tmp_path):
-    """--layout nchw,channels_last times each layout, each row named by it; an unknown layout exits 2."""
+def test_zoo_throughput_times_both_layouts_and_activation_modes(tmp_path):
+    """--layout nchw,channels_last and --activation layer,fused time each combination, each row named by it;
+    an unknown layout or mode exits 2."""
     _run("benchmarks/zoo_throughput.py", "--dataset", "digits", "--archs", "cnn_gap", "--members", "4", "--steps",
          "2", "--solo-steps", "3", "--variants", "fp32", "--check", "0", "--layout", "nchw,channels_last",
-         "--json", str(tmp_path / "r.json"))
+         "--activation", "layer,fused", "--json", str(tmp_path / "r.json"))
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [r["path"] for r in rows] == ["plain loop", "fp32 layout=nchw", "fp32 layout=channels_last"]
-    bad = subprocess.run([sys.executable, "benchmarks/zoo_throughput.py", "--layout", "nhwc"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--layout: unknown layout 'nhwc'" in bad.stderr
+    assert [r["path"] for r in rows] == ["plain loop"] + [f"fp32 layout={lay} act={a}" for lay in
+                                                          ("nchw", "channels_last") for a in ("layer", "fused")]
+    for flag, message in [("--layout=nhwc", "--layout: unknown layout 'nhwc'"),
+                          ("--activation=epilogue", "--activation: unknown mode 'epilogue'")]:
+        bad = subprocess.run([sys.executable, "benchmarks/zoo_throughput.py", flag], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
 
 
 def test_zoo_throughput_times_a_zoo_configs_own_members(tmp_path, monkeypatch):
@@ -69,11 +73,13 @@ def test_zoo_throughput_times_a_zoo_configs_own_members(tmp_path, monkeypatch):
 
 
 def test_directconv_kernels_times_both_layouts():
-    """The per-layer kernel timings (interpreter smoke run) list every call, channels-last ones included."""
+    """The per-layer kernel timings (interpreter smoke run) list every call, channels-last and fused-activation
+    ones included."""
     out = _run("benchmarks/directconv_kernels.py", "--members", "2", "--batch", "2", "--iters", "1", "--dtype",
                "fp32", "--no-torch", "--layers", "cnn_gap.conv3")
     calls = [ln.split(" | ")[1] for ln in out.splitlines() if ln.startswith("| cnn_gap.conv3")]
-    assert calls == ["fwd", "dw", "dx masked", "dx polyphase", "fwd cl", "dw cl", "dx polyphase cl"]
+    assert calls == ["fwd", "dw", "dx masked", "dx polyphase", "fwd cl", "dw cl", "fwd cl act", "dw cl act",
+                     "dx polyphase cl"]
 
 
 def test_population_size_drift_is_zero_on_cpu():

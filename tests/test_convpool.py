@@ -168,22 +168,40 @@ def test_channels_last_matches_torch(geometry, dx_form, layout):
         dc.set_layout("nhwc")
 
 
+FLAGS = {"_fwd_kernel": ("XCL", "ZCL", "ACT"), "_dw_kernel": ("XCL", "GCL", "ACT", "YCL", "WRITE_GZ"),
+         "_dx_phase_kernel": ("GCL", "XCL")}  # the layout and activation flags of each direct kernel
+
+
+def _flags(launches) -> list[tuple]:
+    """(kernel name, its FLAGS' values) of each recorded launch."""
+    named = [(k.__name__, dict(zip(k.arg_names, args))) for k, args, _ in launches]
+    return [(name, *(a[f] for f in FLAGS[name])) for name, a in named]
+
+
 @pytest.mark.parametrize("layout", ["channels_last"], indirect=True)
-def test_channels_last_passes_through_the_layers_between_convs(layout, digits28):
+@pytest.mark.parametrize("fuse", [False, True])
+def test_channels_last_passes_through_the_layers_between_convs(layout, fuse, digits28, monkeypatch):
     """smallcnn with two activations and dropout: every conv after the first reads its input channels-last
-    (the activation join keeps the layout), and the backward kernels read channels-last gradients."""
+    (the activation join keeps the layout), and the backward kernels read channels-last gradients. With the
+    activation fused, every conv runs its members' activations and every dw kernel their derivatives, and
+    the two that feed an input gradient write the pre-activation gradient for it."""
+    import zoo._directconv as dc
     from zoo._triton import recording
 
+    monkeypatch.setattr(dc, "fuse_activation", fuse)
     members = [MemberSpec(seed=i, batch_size=8, dropout=0.5, activation=a) for i, a in enumerate(["tanh", "relu"])]
     pop = Population("smallcnn", {}, members, digits28.to(DEVICE), conv="fused")
     xb, y, _, key = pop._batch(pop.epoch_order(1), 1, 0)
     with recording() as launches:
         pop._loss(pop.flat.detach().requires_grad_(True), xb, y, key)[0].backward()
-    flags = [(k.__name__, args[-2], args[-1]) for k, args, _ in launches]
-    # forward (x, z) channels-last flags; dw (x, gz); dx (gz, dx); conv1's input has one channel
-    assert flags == [("_fwd_kernel", False, True), ("_fwd_kernel", True, True), ("_fwd_kernel", True, True),
-                     ("_dw_kernel", True, True), ("_dx_phase_kernel", True, True),
-                     ("_dw_kernel", True, True), ("_dx_phase_kernel", True, True), ("_dw_kernel", False, True)]
+    f = fuse
+    # forward (x, z); dw (x, gz, y; write gz); dx (gz, dx); conv1's input has one channel. conv3's output
+    # gradient comes from the average pool and dropout, contiguous; an unfused activation's backward keeps
+    # its output's channels-last layout
+    assert _flags(launches) == [("_fwd_kernel", False, True, f), ("_fwd_kernel", True, True, f),
+                                ("_fwd_kernel", True, True, f), ("_dw_kernel", True, not f, f, f, f),
+                                ("_dx_phase_kernel", True, True), ("_dw_kernel", True, True, f, f, f),
+                                ("_dx_phase_kernel", True, True), ("_dw_kernel", False, True, f, f, False)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
@@ -194,25 +212,34 @@ def test_fake_functions_give_the_kernels_strides(layout):
     x0, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in [(2, 2, 16, 9, 9), (2, 16, 16, 3, 3), (2, 16)])
     gz = torch.randn(2, 2, 16, 5, 5, generator=g).to(DEVICE)
     ops = torch.ops.weightzoo
+    act = torch.tensor([2, 1], dtype=torch.int32, device=DEVICE)  # tanh, relu
+    cl = layout == "channels_last"
     for store in (lambda t: t, _channels_last):
         x = store(x0)
-        cl = layout == "channels_last"
-        for op, args in [(ops.direct_conv, (x, w, b, 2, 1, cl)), (ops.direct_conv_dx, (store(gz), w, x, 2, 1, cl)),
-                         (ops.direct_conv_dw, (store(gz), x, w, 2, 1))]:
+        y = ops.direct_conv(x, w, b, 2, 1, cl, act)  # what the fused backward reads: stored as the layout says
+        for op, args in [(ops.direct_conv, (x, w, b, 2, 1, cl, None)), (ops.direct_conv, (x, w, b, 2, 1, cl, act)),
+                         (ops.direct_conv_dx, (store(gz), w, x, 2, 1, cl)),
+                         (ops.direct_conv_dw, (store(gz), x, w, 2, 1, None, None, cl, False)),
+                         (ops.direct_conv_dw, (store(gz), x, w, 2, 1, y, act, cl, True))]:
             assert torch.library.opcheck(op, args, test_utils="test_faketensor") == {"test_faketensor": "SUCCESS"}
 
 
 @pytest.mark.parametrize("layout", ["channels_last"], indirect=True)
-def test_compiled_channels_last_convs_match_eager(layout):
-    """Two direct convs with an activation between them, compiled: the fake functions give compile the strides
-    the kernels write, so inductor's kernels around them read the channels-last tensors right."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_channels_last_convs_match_eager(layout, fused):
+    """Two direct convs with an activation between them (inductor's, or fused into the first conv's kernels),
+    compiled: the fake functions give compile the strides the kernels write, so inductor's kernels around them
+    read the channels-last tensors right, and the fused backward gets the output it saved."""
+    from zoo._directconv import activation_codes
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 2, 1, 9, 9, generator=g).to(DEVICE)
     params = [torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in
               [(2, 16, 1, 3, 3), (2, 16), (2, 16, 16, 3, 3), (2, 16)]]
+    act = activation_codes(["tanh", "tanh"], DEVICE)
 
     def loss(x, w1, b1, w2, b2):
-        return conv_pool(torch.tanh(conv_pool(x, w1, b1, 2, 1, 1)), w2, b2, 2, 1, 1).square().sum()
+        h = conv_pool(x, w1, b1, 2, 1, 1, act=act) if fused else torch.tanh(conv_pool(x, w1, b1, 2, 1, 1))
+        return conv_pool(h, w2, b2, 2, 1, 1).square().sum()
     eager = torch.autograd.grad(loss(x, *params), params)
     compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(x, *params), params)
     for a, r in zip(compiled, eager):
@@ -284,8 +311,9 @@ def test_fused_population_matches_grouped(arch, kw, data_name, request, monkeypa
     """Every registry architecture with a conv (vit_t: the stride-`patch` patch embedding) on the kernels."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # cuDNN's default TF32 is off by ~4e-5
     data = request.getfixturevalue(data_name).to(DEVICE)
+    acts = ["tanh", "relu", "leaky_relu", "sigmoid"]  # smallcnn / cnn_gap: fused into the direct convs
     members = [MemberSpec(seed=i, lr=1e-3 * (i + 1), batch_size=16, dropout=0.2 * i, init="xavier_uniform",
-                          activation="tanh") for i in range(2)]
+                          activation=a) for i, a in enumerate(acts)]
     pops = [Population(arch, kw, members, data, conv=c) for c in ("grouped", "fused")]
     for p in pops:
         p.train_epoch(1, max_steps=3)
@@ -373,3 +401,57 @@ def test_recorded_launches_do_not_run_and_dedupe_by_specialization():
     assert z.shape == (3, 2, 4, 6, 6)
     assert not torch.allclose(z, _reference(x, w, b, 1, 1, 2), atol=1e-3)  # not run: z holds no result
     assert len(distinct(launches[:1] * 5)) == 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+@pytest.mark.parametrize("dx_form", ["polyphase"], indirect=True)
+@pytest.mark.parametrize("geometry", [(2, 5, 16, 9, 16, 3, 2, 1, 1), (2, 5, 3, 9, 4, 3, 2, 0, 1)])
+def test_fused_activations_match_torch(geometry, dx_form, layout):
+    """Each member's activation in the forward kernel and its derivative in dw (from the output): the values
+    and the x, w, b gradients match torch's conv followed by the activation, for every fused activation at
+    once (one per member), in both layouts, with and without an input gradient."""
+    from zoo._directconv import ACTIVATION_CODES, activation_codes
+    from zoo.models import ACTIVATIONS
+    B, M, C, H, O, k, stride, padding, pool = geometry
+    names = list(ACTIVATION_CODES)[:M]
+    assert len(names) == M
+    fns = {**ACTIVATIONS, "identity": lambda t: t}
+    g = torch.Generator().manual_seed(7)
+    x0, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in [(B, M, C, H, H), (M, O, C, k, k), (M, O)])
+    gy = torch.randn(B, M, O, 5 if padding else 4, 5 if padding else 4, generator=g).to(DEVICE)
+    for needs_dx in (True, False):
+        x, wr, br = x0.clone().requires_grad_(needs_dx), w.clone().requires_grad_(), b.clone().requires_grad_()
+        z = _reference(x, wr, br, stride, padding, pool)
+        ref = torch.cat([fns[n](z[:, i: i + 1]) for i, n in enumerate(names)], 1)
+        inputs = [x, wr, br] if needs_dx else [wr, br]
+        ref_grads = torch.autograd.grad(ref, inputs, gy)
+        y = conv_pool(x, wr, br, stride, padding, pool, act=activation_codes(names, DEVICE))
+        grads = torch.autograd.grad(y, inputs, gy)
+        names_out = ["y", "dx", "dw", "db"] if needs_dx else ["y", "dw", "db"]
+        for name, a, r in zip(names_out, [y, *grads], [ref, *ref_grads]):
+            assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, needs_dx, float((a - r).abs().max()))
+
+
+def test_activations_without_a_fused_form_run_as_their_own_layer(digits28, monkeypatch):
+    """gelu / silu need their input for the derivative: a population with one of them keeps the activation
+    layer, as does `set_activation_fusion(False)`; codes follow a reassigned `act_runs` (hyperrep does that)."""
+    import zoo._directconv as dc
+    from zoo._triton import recording
+    from zoo.engine import runs
+
+    def act_flags(names):
+        members = [MemberSpec(seed=i, batch_size=4, activation=a) for i, a in enumerate(names)]
+        pop = Population("smallcnn", {}, members, digits28.to(DEVICE), conv="fused")
+        xb, y, _, key = pop._batch(pop.epoch_order(1), 1, 0)
+        with recording() as launches:
+            pop._loss(pop.flat.detach(), xb, y, key)
+        return pop, [f[-1] for f in _flags(launches)]
+
+    pop, flags = act_flags(["gelu", "tanh"])
+    assert pop.net.act_codes is None and flags == [False] * 3
+    pop.net.act_runs = runs(["relu", "tanh"])
+    assert pop.net.act_codes.tolist() == [1, 2] and pop.net.size == 2
+    assert act_flags(["relu", "tanh"])[1] == [True] * 3
+    monkeypatch.setattr(dc, "fuse_activation", True)
+    dc.set_activation_fusion(False)
+    assert act_flags(["relu", "tanh"])[1] == [False] * 3

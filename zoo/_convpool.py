@@ -380,19 +380,29 @@ def _band_backward(ctx, gz, _garg):
 _band_op.register_autograd(_band_backward, setup_context=_band_setup)
 
 
+def runs_direct(device: torch.device, stride: int, pool: int = 1) -> bool:
+    """Whether `conv_pool` runs this conv on the direct kernels (which can fuse the activation after it)."""
+    return available(device) and pool == 1 and stride > 1  # strided windows: a band would be mostly zeros
+
+
 def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1, padding: int = 0,
-              pool: int = 1) -> torch.Tensor:
+              pool: int = 1, act: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, M, C, H, W), w (M, O, C, k, k), b (M, O) -> (B, M, O, H', W') = maxpool(conv(x)) per member.
     Runs in x's dtype (bf16: tensor cores, fp32 accumulation; fp32: exact fp32 products).
-    x (B, 1, C, H, W) is every member's input; that is forward-only (evaluation), else it is expanded."""
+    x (B, 1, C, H, W) is every member's input; that is forward-only (evaluation), else it is expanded.
+    `act` (M,) activation codes (`_directconv.activation_codes`): each member's activation of the output, in the
+    kernels; only where `runs_direct`."""
     M = w.shape[0]
     shared = x.shape[1] == 1 and M > 1
     if shared and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
         x, shared = x.expand(-1, M, *x.shape[2:]), False  # the backward kernels want one input per member
+    if runs_direct(x.device, stride, pool):
+        return direct_conv(x, w, b, stride, padding, act)
+    if act is not None:
+        raise ValueError(f"conv_pool: a fused activation needs the direct kernels (stride > 1, no pool, Triton); "
+                         f"got stride {stride}, pool {pool} on {x.device}")
     if not available(x.device):
         return _reference(x, w, b, stride, padding, pool)
-    if pool == 1 and stride > 1:  # strided windows: the band would be mostly zeros (_directconv.py)
-        return direct_conv(x, w, b, stride, padding)
     x = x.contiguous()  # the band kernels read (B, M, C, H, W) rows (a direct conv may have written channels-last)
     xp = F.pad(x, (padding,) * 4) if padding else x  # the kernels see a pre-padded input
     O, C, KS = w.shape[1], w.shape[2], w.shape[-1]

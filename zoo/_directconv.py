@@ -27,6 +27,8 @@ Without Triton the caller uses grouped conv (`_convpool._reference`); TRITON_INT
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._triton import MAX_GRID_Y, NUM_WARPS, dot_dtype, launch, on_device, pow2, stages, tl, triton
@@ -37,6 +39,11 @@ dx_form = "polyphase"  # the input gradient's form (module docstring); `set_dx_f
 LAYOUTS = ("nchw", "channels_last")
 layout = "channels_last"  # how the kernels store what they write (module docstring); `set_layout` changes it
 CL_CHANNELS = (16, 32, 64)  # channel counts a channels-last tensor may have: one tile width of the tap GEMMs
+# activations the forward kernel applies in its epilogue, by code; each one's derivative follows from its output
+# (relu / leaky relu: y > 0, tanh: 1 - y^2, sigmoid: y (1 - y)), which the weight-gradient kernel applies to
+# the output gradient it reads, so neither the pre-activation nor inductor's passes over it exist
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "leaky_relu": 4}
+fuse_activation = True  # `set_activation_fusion` changes it
 
 
 def set_dx_form(name: str) -> None:
@@ -53,6 +60,20 @@ def set_layout(name: str) -> None:
     if name not in LAYOUTS:
         raise ValueError(f"unknown direct-conv layout {name!r}; choose one of {', '.join(LAYOUTS)}")
     layout = name
+
+
+def set_activation_fusion(on: bool) -> None:
+    """Whether the engine runs a direct conv's activation in its kernels (forward epilogue, derivative in dw) from
+    now on, or as its own elementwise layer."""
+    global fuse_activation
+    fuse_activation = bool(on)
+
+
+def activation_codes(names, device: torch.device | str) -> torch.Tensor | None:
+    """(M,) int32 codes of the members' activations (ACTIVATION_CODES), or None when one has no fused form."""
+    if any(n not in ACTIVATION_CODES for n in names):
+        return None
+    return torch.tensor([ACTIVATION_CODES[n] for n in names], dtype=torch.int32, device=device)
 
 
 def _alloc(like: torch.Tensor, B: int, M: int, C: int, H: int, W: int, cl: bool) -> torch.Tensor:
@@ -125,14 +146,32 @@ if triton is not None:
         return rok[:, None] & (ch < CH)[None, :]
 
     @triton.jit
-    def _fwd_kernel(x_ptr, w_ptr, b_ptr, z_ptr, M, XM, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                    O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
-                    PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr,
+    def _act(z, code):
+        """A member's activation (ACTIVATION_CODES) of fp32 pre-activations z; tanh(z) = 2 sigmoid(2 z) - 1."""
+        s = tl.sigmoid(z * tl.where(code == 2, 2.0, 1.0))
+        y = tl.where(code == 1, tl.maximum(z, 0.0), z)
+        y = tl.where(code == 2, 2.0 * s - 1.0, y)
+        y = tl.where(code == 3, s, y)
+        return tl.where((code == 4) & (z < 0), z * 0.01, y)  # F.leaky_relu's default slope (the registry's)
+
+    @triton.jit
+    def _act_grad(g, y, code):
+        """The gradient at the pre-activation, from the gradient g at the activation's output y (fp32)."""
+        d = tl.where(code == 2, 1.0 - y * y, 1.0)
+        d = tl.where(code == 3, y * (1.0 - y), d)
+        d = tl.where((code == 1) & (y <= 0), 0.0, d)
+        return g * tl.where((code == 4) & (y <= 0), 0.01, d)
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, w_ptr, b_ptr, act_ptr, z_ptr, M, XM, n_rows, C: tl.constexpr, H: tl.constexpr,
+                    W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr,
+                    S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr,
                     BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, XCL: tl.constexpr,
-                    ZCL: tl.constexpr):
-        """z = conv_S(x, w[m]) + b[m] for a tile of output pixels of member m: patch (R, K) @ w[m]^T (K, O).
-        The input has XM = M members, or XM = 1 when every member reads the same images (evaluation).
-        XCL / ZCL: x / z channels-last; a channels-last x is read one tap (R, C) at a time."""
+                    ZCL: tl.constexpr, ACT: tl.constexpr):
+        """z = conv_S(x, w[m]) + b[m] for a tile of output pixels of member m: patch (R, K) @ w[m]^T (K, O),
+        or with ACT its activation act[m](z) (z itself is not stored). The input has XM = M members, or XM = 1
+        when every member reads the same images (evaluation). XCL / ZCL: x / z channels-last; a channels-last
+        x is read one tap (R, C) at a time."""
         m = tl.program_id(0)
         r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         rok = r < n_rows
@@ -156,22 +195,32 @@ if triton is not None:
                              mask=(k < K)[:, None] & (o < O)[None, :], other=0.0)  # (BLOCK_K, BO)
                 acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
         acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[None, :]
+        if ACT:
+            acc = _act(acc, tl.load(act_ptr + m))
         out = _offsets(image * M + m, pix, o, O, Ho * Wo, ZCL)  # (B, M, O, Ho, Wo)
         tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=_row_mask(rok, o, O))
 
     @triton.jit
-    def _dw_kernel(x_ptr, gz_ptr, dw_ptr, db_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
-                   O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
-                   PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, XCL: tl.constexpr, GCL: tl.constexpr):
+    def _dw_kernel(x_ptr, gz_ptr, y_ptr, act_ptr, gzo_ptr, dw_ptr, db_ptr, M, n_rows, C: tl.constexpr,
+                   H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr,
+                   KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr,
+                   BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+                   XCL: tl.constexpr, GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr,
+                   WRITE_GZ: tl.constexpr):
         """Partial weight gradient of member m over every n_split-th row block, K chunk kc:
         dw[split, m, o, k] = sum over rows of gz[row, o] * patch[row, k]. K chunks on grid axis 0, so a
         member's chunks run together and re-read its output gradient from L2. Chunk 0 also sums the rows of
         gz it reads: the bias gradient's partial db[split, m, o] (so no separate reduction over gz runs).
+        With ACT the conv's output was y = act[m](z) and gz_ptr holds the gradient at y: each chunk turns it
+        into the gradient at z with y (stored channels-last where YCL), and chunk 0 writes that to gzo (y's
+        layout) for the input gradient where WRITE_GZ.
         XCL / GCL: x / gz channels-last; with XCL a chunk is one tap's C channels (BLOCK_K = C)."""
         kc, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_split = tl.num_programs(2)
         o = tl.arange(0, BO)
+        code = 0
+        if ACT:
+            code = tl.load(act_ptr + m)
         acc = tl.zeros((BLOCK_K, BO), tl.float32)
         # gz summed elementwise over row blocks and reduced across threads once at the end (a reduction per
         # row block made the kernel ~1.5x slower on an H200, benchmarks/NOTES.md)
@@ -183,6 +232,13 @@ if triton is not None:
             unit = image * M + m
             g = tl.load(gz_ptr + _offsets(unit, pix, o, O, Ho * Wo, GCL), mask=_row_mask(rok, o, O),
                         other=0.0)  # (R, BO)
+            if ACT:
+                yo = _offsets(unit, pix, o, O, Ho * Wo, YCL)
+                yv = tl.load(y_ptr + yo, mask=_row_mask(rok, o, O), other=0.0)
+                g = _act_grad(g.to(tl.float32), yv.to(tl.float32), code)
+                if WRITE_GZ:
+                    if kc == 0:
+                        tl.store(gzo_ptr + yo, g.to(gzo_ptr.dtype.element_ty), mask=_row_mask(rok, o, O))
             if XCL:
                 a = _tap(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, kc, C, H, W, KS, S, PAD)
             else:
@@ -297,10 +353,10 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, ...]:
     return C, H, W, O, out_size(H, KS, stride, padding), out_size(W, KS, stride, padding), KS, stride, padding
 
 
-def _fwd(x, w, b, stride: int, padding: int, cl: bool = False) -> torch.Tensor:
+def _fwd(x, w, b, stride: int, padding: int, cl: bool = False, act: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, M or 1, C, H, W), w (M, O, C, k, k), b (M, O) -> z (B, M, O, Ho, Wo) in x's dtype, stored as
-    `_alloc` says. Grid axis 1 holds at most MAX_GRID_Y row blocks, so large evaluation chunks go in several
-    launches of whole images."""
+    `_alloc` says; act[m](z) where `act` (M,) holds activation codes. Grid axis 1 holds at most MAX_GRID_Y row
+    blocks, so large evaluation chunks go in several launches of whole images."""
     x, xcl = _readable(x)
     g = _geometry(x.shape, w.shape, stride, padding)
     C, O, Ho, Wo, KS = g[0], g[3], g[4], g[5], g[6]
@@ -312,17 +368,23 @@ def _fwd(x, w, b, stride: int, padding: int, cl: bool = False) -> torch.Tensor:
         for a in range(0, B, per_launch):
             xs, zs = x[a: a + per_launch], z[a: a + per_launch]
             n_rows = len(xs) * Ho * Wo
-            launch(_fwd_kernel, (M, triton.cdiv(n_rows, BLOCK_R)), xs, w, b, zs, M, x.shape[1], n_rows, *g, K,
-                   max(16, pow2(O)), BLOCK_R, block_k(K), *dot_dtype(x.dtype), xcl, zcl, num_warps=NUM_WARPS,
-                   num_stages=stages(x.dtype))
+            launch(_fwd_kernel, (M, triton.cdiv(n_rows, BLOCK_R)), xs, w, b, b if act is None else act, zs, M,
+                   x.shape[1], n_rows, *g, K, max(16, pow2(O)), BLOCK_R, block_k(K), *dot_dtype(x.dtype), xcl, zcl,
+                   act is not None, num_warps=NUM_WARPS, num_stages=stages(x.dtype))
     return z
 
 
-def _dw(gz, x, w_shape, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _dw(gz, x, w_shape, stride: int, padding: int, y: torch.Tensor | None = None, act: torch.Tensor | None = None,
+        gz_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias gradients, (M, O, C, k, k) and (M, O) float32, from gz (B, M, O, Ho, Wo) and x
     (B, M, C, H, W), either stored contiguous or channels-last; row-split partial sums are added in a fixed
-    order (deterministic)."""
+    order (deterministic). With `act` (codes, the forward's) gz is the gradient at the output y = act(z):
+    the kernel takes the activation's derivative from y, and writes the gradient at z to `gz_out` (stored as y
+    is) where given."""
     (x, xcl), (gz, gcl) = _readable(x), _readable(gz)
+    if act is not None and not (y.is_contiguous() or is_channels_last(y)):
+        raise ValueError(f"direct conv: the saved activation output must be contiguous or channels-last, got "
+                         f"strides {y.stride()}")
     g = _geometry(x.shape, w_shape, stride, padding)
     C, KS, O = g[0], g[6], g[3]
     B, M = x.shape[:2]
@@ -333,8 +395,11 @@ def _dw(gz, x, w_shape, stride: int, padding: int) -> tuple[torch.Tensor, torch.
     dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
     db = torch.empty(n_split, M, O, device=x.device, dtype=torch.float32)
     with on_device(x.device):
-        launch(_dw_kernel, (n_kc, M, n_split), x, gz, dw, db, M, n_rows, *g, K, max(16, pow2(O)), BLOCK_R_DW, bk,
-               *dot_dtype(x.dtype), xcl, gcl, num_warps=NUM_WARPS, num_stages=stages(x.dtype))
+        fused = (gz, gz, gz) if act is None else (y, act, gz if gz_out is None else gz_out)
+        launch(_dw_kernel, (n_kc, M, n_split), x, gz, *fused, dw, db, M, n_rows, *g, K, max(16, pow2(O)),
+               BLOCK_R_DW, bk, *dot_dtype(x.dtype), xcl, gcl, act is not None,
+               act is not None and not y.is_contiguous(), gz_out is not None, num_warps=NUM_WARPS,
+               num_stages=stages(x.dtype))
     if n_split > 1:
         dw, db = dw.sum(0), db.sum(0)
     return dw.reshape(w_shape), db.reshape(M, O)
@@ -376,26 +441,34 @@ def _dx(gz, w, x_shape, stride: int, padding: int, cl: bool = False) -> torch.Te
 # fake functions allocate with `_alloc`, so the strides compile plans with are the ones the kernels write.
 @torch.library.custom_op("weightzoo::direct_conv", mutates_args=())
 def _conv_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, padding: int,
-             cl: bool) -> torch.Tensor:
-    return _fwd(x, w.contiguous(), b.contiguous(), stride, padding, cl)
+             cl: bool, act: Optional[torch.Tensor]) -> torch.Tensor:
+    return _fwd(x, w.contiguous(), b.contiguous(), stride, padding, cl, act)
 
 
 @_conv_op.register_fake
-def _(x, w, b, stride, padding, cl):
+def _(x, w, b, stride, padding, cl, act):
     O, Ho, Wo = _geometry(x.shape, w.shape, stride, padding)[3:6]
     return _alloc(x, x.shape[0], w.shape[0], O, Ho, Wo, cl)
 
 
 @torch.library.custom_op("weightzoo::direct_conv_dw", mutates_args=())
-def _dw_op(gz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int,
-           padding: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dw (M, O, C, k, k), db (M, O)), float32."""
-    return _dw(gz, x, w.shape, stride, padding)
+def _dw_op(gz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, y: Optional[torch.Tensor],
+           act: Optional[torch.Tensor], cl: bool, write_gz: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dw (M, O, C, k, k), db (M, O)) float32, and where `write_gz` the gradient at the pre-activation (stored as
+    `_alloc` says; else an empty tensor). `y` and `act`: the forward's output and activation codes, or None."""
+    out = _gz_out(gz, cl, write_gz)
+    dw, db = _dw(gz, x, w.shape, stride, padding, y, act, out if write_gz else None)
+    return dw, db, out
 
 
 @_dw_op.register_fake
-def _(gz, x, w, stride, padding):
-    return w.new_empty(w.shape, dtype=torch.float32), w.new_empty(w.shape[:2], dtype=torch.float32)
+def _(gz, x, w, stride, padding, y, act, cl, write_gz):
+    return (w.new_empty(w.shape, dtype=torch.float32), w.new_empty(w.shape[:2], dtype=torch.float32),
+            _gz_out(gz, cl, write_gz))
+
+
+def _gz_out(gz: torch.Tensor, cl: bool, write: bool) -> torch.Tensor:
+    return _alloc(gz, *gz.shape, cl) if write else gz.new_empty(0)
 
 
 @torch.library.custom_op("weightzoo::direct_conv_dx", mutates_args=())
@@ -411,26 +484,33 @@ def _(gz, w, x, stride, padding, cl):
 
 
 def _setup(ctx, inputs, output):
-    x, w, _, stride, padding, cl = inputs
-    ctx.save_for_backward(x, w)
+    x, w, _, stride, padding, cl, act = inputs
+    ctx.save_for_backward(x, w, None if act is None else output, act)
     ctx.geometry = (stride, padding, cl)
 
 
-def _backward(ctx, gz):
-    x, w = ctx.saved_tensors
+def _backward(ctx, gy):
+    """gy: the gradient at the op's output (the activation's output y where the activation is fused)."""
+    x, w, y, act = ctx.saved_tensors
     stride, padding, cl = ctx.geometry
-    dw, db = _dw_op(gz, x, w, stride, padding)
+    need_dx = ctx.needs_input_grad[0]
+    dw, db, gz = _dw_op(gy, x, w, stride, padding, y, act, cl, need_dx and act is not None)
     dw, db = dw.to(w.dtype), db.to(w.dtype)
-    dx = _dx_op(gz, w, x, stride, padding, cl) if ctx.needs_input_grad[0] else None
-    return dx, dw, db, None, None, None
+    dx = _dx_op(gy if act is None else gz, w, x, stride, padding, cl) if need_dx else None
+    return dx, dw, db, None, None, None, None
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup)
 
 
-def direct_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
+def direct_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1, padding: int = 0,
+                act: torch.Tensor | None = None) -> torch.Tensor:
     """x (B, M or 1, C, H, W), w (M, O, C, k, k), b (M, O) -> (B, M, O, Ho, Wo) = conv2d per member, in x's
     dtype (bf16: tensor cores, fp32 accumulation; fp32: exact fp32 products), stored as `layout` says (its
-    input gradient too). The caller checks `_triton.available(x.device)` and expands a shared input when
-    gradients are needed."""
-    return _conv_op(x, w, b, stride, padding, layout == "channels_last")
+    input gradient too). `act` (M,) int32 activation codes (`activation_codes`): each member's activation of
+    its conv output instead, fused into the kernels. The caller checks `_triton.available(x.device)` and
+    expands a shared input when gradients are needed."""
+    if act is not None and (act.shape != (w.shape[0],) or act.dtype != torch.int32):
+        raise ValueError(f"direct conv: act must be ({w.shape[0]},) int32 activation codes, got "
+                         f"{tuple(act.shape)} {act.dtype}")
+    return _conv_op(x, w, b, stride, padding, layout == "channels_last", act)

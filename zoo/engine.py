@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _directconv
 from ._convpool import available as triton_available
-from ._convpool import conv_pool
-from ._directconv import is_channels_last
+from ._convpool import conv_pool, runs_direct
+from ._directconv import activation_codes, is_channels_last
 from ._rng import hash32
 from .cli import UsageError
 from .models import (
@@ -90,6 +91,7 @@ class _Ctx:
     conv: str = "grouped"  # "grouped" conv, "unfold" (im2col + batched matmul) or "fused" (Triton, _convpool.py)
     bf16: bool = False  # bf16 autocast is on (the fused kernels then run in bf16 as torch's conv would)
     n_dropout: int = 0  # dropout layers seen so far in this forward pass
+    act_codes: torch.Tensor | None = None  # (M,) int32 when the direct convs may run the activation after them
 
 
 def _member_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -112,12 +114,20 @@ def _fusable(m: nn.Conv2d, pool: nn.Module | None = None) -> bool:
     return ok and m.padding_mode == "zeros"
 
 
-def _conv_pool(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx, pool: int = 1) -> torch.Tensor:
-    """Triton conv (+ max-pool) on (B, M, C, H, W); in bf16 under autocast, as torch's conv would be."""
+def _conv_pool(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx, pool: int = 1,
+               act: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton conv (+ max-pool, or + the members' activations `act`) on (B, M, C, H, W); in bf16 under
+    autocast, as torch's conv would be."""
     w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]
     if ctx.bf16:
         x = x.to(torch.bfloat16)
-    return conv_pool(x, w, b, m.stride[0], m.padding[0], pool)  # it makes x contiguous where it must
+    return conv_pool(x, w, b, m.stride[0], m.padding[0], pool, act)  # it makes x contiguous where it must
+
+
+def _fuses_activation(m: nn.Module, nxt: nn.Module | None, x: torch.Tensor, ctx: _Ctx) -> bool:
+    """A conv on the direct kernels followed by the activation, every member's with a fused form."""
+    return (ctx.conv == "fused" and ctx.act_codes is not None and isinstance(m, nn.Conv2d)
+            and isinstance(nxt, Activation) and _fusable(m) and runs_direct(x.device, m.stride[0]))
 
 
 @rule(nn.Conv2d)
@@ -268,6 +278,10 @@ def _sequential(m: nn.Sequential, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.T
             x = _conv_pool(child, f"{p}{name}.", x, ctx, nxt.kernel_size)
             i += 2
             continue
+        if _fuses_activation(child, nxt, x, ctx):  # conv -> activation in one kernel (its derivative in dw)
+            x = _conv_pool(child, f"{p}{name}.", x, ctx, act=ctx.act_codes)
+            i += 2
+            continue
         x = run_layer(child, f"{p}{name}.", x, ctx)
         i += 1
     return x
@@ -313,9 +327,19 @@ class BatchedNet:
         self.layout = Layout.of(self.template)
         self.tethered = [n for n, m in self.template.named_modules() if isinstance(m, TETHERED)]
         self.act_runs = runs(list(activations))
-        self.size = len(activations)
         self.conv = resolve_conv(conv, self.device)
         self.precision = precision
+
+    @property
+    def act_runs(self) -> list[tuple[str, int, int]]:
+        """Each member's activation as (name, first member, end) runs along M."""
+        return self._act_runs
+
+    @act_runs.setter
+    def act_runs(self, value: list[tuple[str, int, int]]) -> None:
+        self._act_runs = value
+        self.size = value[-1][2] if value else 0
+        self.act_codes = activation_codes([n for n, a, b in value for _ in range(a, b)], self.device)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """(M, P) -> per-tensor views (M, *shape), state_dict order."""
@@ -329,8 +353,8 @@ class BatchedNet:
         named = dict(zip(self.layout.names, views))
         for n in self.tethered:  # tethered layers compute with W * T
             named[f"{n}.weight"] = named[f"{n}.weight"] * named[f"{n}.tether"]
-        ctx = _Ctx(named, self.act_runs, dropout, step_key, self.conv,
-                   self.precision == "bf16")
+        ctx = _Ctx(named, self.act_runs, dropout, step_key, self.conv, self.precision == "bf16",
+                   act_codes=self.act_codes if _directconv.fuse_activation else None)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             return run_layer(self.template, "", x, ctx).float()
 
