@@ -53,19 +53,23 @@ def test_conv_pool_matches_torch(geometry, dx_form):
         assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, float((a - r).abs().max()))
 
 
-def test_weight_and_bias_gradients_sum_row_splits():
-    """Enough rows that the direct weight-gradient kernel splits them over grid axis 2 (here 5 splits of 128
-    rows): dw and db, summed over splits in the kernel's fixed order, match torch's."""
+@pytest.mark.parametrize("C", [3, 16])
+def test_weight_and_bias_gradients_sum_row_splits(C):
+    """Enough rows that the direct weight-gradient kernel splits them over a grid axis (here 5 splits of 128
+    rows): dw and db, summed over splits in the kernel's fixed order, match torch's, for the K-chunk kernel
+    (3 contiguous channels) and the all-taps one (16 channels stored channels-last)."""
     import triton
 
     import zoo._directconv as dc
-    B, M, C, H, O = 16, 2, 3, 13, 4
+    B, M, H, O = 16, 2, 13, 4
     assert triton.cdiv(B * 6 * 6, dc.BLOCK_R_DW) == 5  # 3x3 stride 2, no padding: 6 x 6 outputs per image
     g = torch.Generator().manual_seed(2)
     x, w, b = (torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in
                [(B, M, C, H, H), (M, O, C, 3, 3), (M, O)])
     gz = torch.randn(B, M, O, 6, 6, generator=g).to(DEVICE)
-    grads = torch.autograd.grad((conv_pool(x, w, b, 2, 0, 1) * gz).sum(), [w, b])
+    xs = _channels_last(x) if C == 16 else x
+    assert dc._readable(xs)[1] == (C == 16)
+    grads = torch.autograd.grad((conv_pool(xs, w, b, 2, 0, 1) * gz).sum(), [w, b])
     refs = torch.autograd.grad((_reference(x, w, b, 2, 0, 1) * gz).sum(), [w, b])
     for name, a, r in zip(["dw", "db"], grads, refs):
         assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, float((a - r).abs().max()))
@@ -169,6 +173,7 @@ def test_channels_last_matches_torch(geometry, dx_form, layout):
 
 
 FLAGS = {"_fwd_kernel": ("XCL", "ZCL", "ACT"), "_dw_kernel": ("XCL", "GCL", "ACT", "YCL", "WRITE_GZ"),
+         "_dw_taps_kernel": ("GCL", "ACT", "YCL", "WRITE_GZ"),
          "_dx_phase_kernel": ("GCL", "XCL")}  # the layout and activation flags of each direct kernel
 
 
@@ -195,12 +200,12 @@ def test_channels_last_passes_through_the_layers_between_convs(layout, fuse, dig
     with recording() as launches:
         pop._loss(pop.flat.detach().requires_grad_(True), xb, y, key)[0].backward()
     f = fuse
-    # forward (x, z); dw (x, gz, y; write gz); dx (gz, dx); conv1's input has one channel. conv3's output
-    # gradient comes from the average pool and dropout, contiguous; an unfused activation's backward keeps
-    # its output's channels-last layout
+    # forward (x, z); dw (x, gz, y; write gz; a channels-last x runs every tap in one program); dx (gz, dx);
+    # conv1's input has one channel. conv3's output gradient comes from the average pool and dropout,
+    # contiguous; an unfused activation's backward keeps its output's channels-last layout
     assert _flags(launches) == [("_fwd_kernel", False, True, f), ("_fwd_kernel", True, True, f),
-                                ("_fwd_kernel", True, True, f), ("_dw_kernel", True, not f, f, f, f),
-                                ("_dx_phase_kernel", True, True), ("_dw_kernel", True, True, f, f, f),
+                                ("_fwd_kernel", True, True, f), ("_dw_taps_kernel", not f, f, f, f),
+                                ("_dx_phase_kernel", True, True), ("_dw_taps_kernel", True, f, f, f),
                                 ("_dx_phase_kernel", True, True), ("_dw_kernel", False, True, f, f, False)]
 
 

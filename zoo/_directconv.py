@@ -257,6 +257,48 @@ if triton is not None:
             tl.store(db_ptr + part + o, tl.sum(gsum, axis=0), mask=o < O)
 
     @triton.jit
+    def _dw_taps_kernel(x_ptr, gz_ptr, y_ptr, act_ptr, gzo_ptr, dw_ptr, db_ptr, M, n_rows, C: tl.constexpr,
+                        H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr,
+                        KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr,
+                        BLOCK: tl.constexpr, TP: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+                        GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr, WRITE_GZ: tl.constexpr):
+        """`_dw_kernel` for a channels-last x with every tap in one program: each row block's gz (and with ACT y,
+        the activation's derivative and the gz write) is read once and multiplied by the KS^2 taps' (R, C) input
+        tiles, where one program per tap read gz (and y) KS^2 times. dw for tap t accumulates in acc[t] of a
+        (TP, C, BO) tile (TP: KS^2 rounded up to a power of two)."""
+        m, split = tl.program_id(0), tl.program_id(1)
+        n_split = tl.num_programs(1)
+        o, c, taps = tl.arange(0, BO), tl.arange(0, C), tl.arange(0, TP)
+        code = 0
+        if ACT:
+            code = tl.load(act_ptr + m)
+        acc = tl.zeros((TP, C, BO), tl.float32)
+        gsum = tl.zeros((BLOCK, BO), tl.float32)
+        for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
+            r = r0 + tl.arange(0, BLOCK)
+            rok = r < n_rows
+            image, pix = (r // (Ho * Wo)).to(tl.int64), r % (Ho * Wo)
+            unit = image * M + m
+            g = tl.load(gz_ptr + _offsets(unit, pix, o, O, Ho * Wo, GCL), mask=_row_mask(rok, o, O),
+                        other=0.0).to(tl.float32)  # (R, BO)
+            if ACT:
+                yo = _offsets(unit, pix, o, O, Ho * Wo, YCL)
+                g = _act_grad(g, tl.load(y_ptr + yo, mask=_row_mask(rok, o, O), other=0.0).to(tl.float32), code)
+                if WRITE_GZ:
+                    tl.store(gzo_ptr + yo, g.to(gzo_ptr.dtype.element_ty), mask=_row_mask(rok, o, O))
+            gd = g.to(DOT_DTYPE)
+            for t in tl.static_range(KS * KS):
+                a = _tap(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, t, C, H, W, KS, S, PAD)
+                d = tl.dot(tl.trans(a.to(DOT_DTYPE)), gd, input_precision=PREC)  # (C, BO)
+                acc = tl.where((taps == t)[:, None, None], acc + d[None, :, :], acc)
+            gsum += g
+        part = (split * M + m).to(tl.int64) * O
+        # dw[part, o, c, ky, kx] at (part + o) K + c KS^2 + t
+        out = (part + o[None, None, :]) * K + c[None, :, None] * (KS * KS) + taps[:, None, None]
+        tl.store(dw_ptr + out, acc, mask=(taps < KS * KS)[:, None, None] & (o < O)[None, None, :])
+        tl.store(db_ptr + part + o, tl.sum(gsum, axis=0), mask=o < O)
+
+    @triton.jit
     def _dx_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                    O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
                    PAD: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -389,17 +431,23 @@ def _dw(gz, x, w_shape, stride: int, padding: int, y: torch.Tensor | None = None
     C, KS, O = g[0], g[6], g[3]
     B, M = x.shape[:2]
     K = C * KS * KS
-    bk = C if xcl else block_k(K)  # channels-last: one tap's channels per K chunk
-    n_rows, n_kc = B * g[4] * g[5], triton.cdiv(K, bk)
+    # channels-last: one program per (member, row split) runs every tap (`_dw_taps_kernel`); else K chunks
+    bk = C if xcl else block_k(K)
+    n_rows, n_kc = B * g[4] * g[5], 1 if xcl else triton.cdiv(K, bk)
     n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R_DW), triton.cdiv(2048, M * n_kc)))  # fill the GPU
     dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
     db = torch.empty(n_split, M, O, device=x.device, dtype=torch.float32)
+    fused = (gz, gz, gz) if act is None else (y, act, gz if gz_out is None else gz_out)
+    flags = (act is not None, act is not None and not y.is_contiguous(), gz_out is not None)
     with on_device(x.device):
-        fused = (gz, gz, gz) if act is None else (y, act, gz if gz_out is None else gz_out)
-        launch(_dw_kernel, (n_kc, M, n_split), x, gz, *fused, dw, db, M, n_rows, *g, K, max(16, pow2(O)),
-               BLOCK_R_DW, bk, *dot_dtype(x.dtype), xcl, gcl, act is not None,
-               act is not None and not y.is_contiguous(), gz_out is not None, num_warps=NUM_WARPS,
-               num_stages=stages(x.dtype))
+        if xcl:
+            launch(_dw_taps_kernel, (M, n_split), x, gz, *fused, dw, db, M, n_rows, *g, K, max(16, pow2(O)),
+                   BLOCK_R_DW, pow2(KS * KS), *dot_dtype(x.dtype), gcl, *flags, num_warps=NUM_WARPS,
+                   num_stages=stages(x.dtype))
+        else:
+            launch(_dw_kernel, (n_kc, M, n_split), x, gz, *fused, dw, db, M, n_rows, *g, K, max(16, pow2(O)),
+                   BLOCK_R_DW, bk, *dot_dtype(x.dtype), xcl, gcl, *flags, num_warps=NUM_WARPS,
+                   num_stages=stages(x.dtype))
     if n_split > 1:
         dw, db = dw.sum(0), db.sum(0)
     return dw.reshape(w_shape), db.reshape(M, O)
