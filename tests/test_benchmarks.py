@@ -27,14 +27,24 @@ def test_zoo_throughput_reports_rates_and_agreement(tmp_path):
     assert "| cnn_gap | fp32 | 8 |" in out
 
 
-def test_zoo_throughput_times_both_attention_forms(tmp_path):
-    """--attention bmm,reduce times vit_t once per form, each row named by its form."""
+def test_zoo_throughput_times_each_attention_form(tmp_path):
+    """--attention bmm,triton times vit_t once per form, each row named by its form (the forms train the same
+    members: test_population.py)."""
     _run("benchmarks/zoo_throughput.py", "--dataset", "digits", "--resize", "28", "--archs", "vit_t", "--members",
-         "4", "--steps", "2", "--solo-steps", "3", "--variants", "fp32", "--check", "0", "--attention", "bmm,reduce",
-         "--json", str(tmp_path / "r.json"))
+         "2", "--steps", "1", "--solo-steps", "3", "--variants", "fp32", "--check", "0", "--attention",
+         "bmm,triton", "--batch", "8", "--json", str(tmp_path / "r.json"))
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [r["path"] for r in rows] == ["plain loop", "fp32 attn=bmm", "fp32 attn=reduce"]
+    assert [r["path"] for r in rows] == ["plain loop"] + [f"fp32 attn={f}" for f in ("bmm", "triton")]
     assert all(r["rate"] > 0 for r in rows)
+
+
+def test_attention_kernels_times_every_form():
+    """The attention timings (interpreter smoke run) list each form once, every one within rounding of fp32."""
+    out = _run("benchmarks/attention_kernels.py", "--members", "2", "--batch", "2", "--iters", "1", "--dtype", "fp32",
+               "--seq", "1,4")
+    rows = [ln.split(" | ") for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| form")]
+    assert [r[0][2:] for r in rows] == ["bmm", "sdpa", "triton seq=1", "triton seq=4"]
+    assert all(float(r[-1].rstrip(" |")) < 1e-4 for r in rows)
 
 
 def test_zoo_throughput_times_both_layouts_and_activation_modes(tmp_path):

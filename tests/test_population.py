@@ -248,8 +248,9 @@ def test_cuda_graph_steps_match_eager_steps(digits):
 
 
 def test_attention_forms_train_the_same_members(digits, monkeypatch):
-    """vit_t members trained with attention as batched matmuls and as broadcast products summed (the form
-    inductor fuses) reach the same weights and logits; an unknown form is refused by name."""
+    """vit_t members trained with attention as batched matmuls, as broadcast products summed (the form
+    inductor fuses), as torch's fused attention and as our Triton kernel (interpreted on CPU) reach the same
+    weights and logits; an unknown form is refused by name."""
     import zoo.engine as engine
 
     monkeypatch.setattr(engine, "attention_form", engine.attention_form)
@@ -260,12 +261,14 @@ def test_attention_forms_train_the_same_members(digits, monkeypatch):
         pop = Population("vit_t", kw, _members("adam"), digits)
         pop.train_epoch(1, max_steps=6)
         out[form] = pop.flat_weights(), pop.forward(digits.normalize(digits.x_test[:32])[:, None], train=False)
-    (w_bmm, y_bmm), (w_red, y_red) = out["bmm"], out["reduce"]
+    w_bmm, y_bmm = out["bmm"]
     # the key bias has a zero true gradient, so Adam turns the forms' different rounding there into lr-sized
     # steps (as against the plain loop, test_sequences.py): it is left out of the weight comparison
     key_bias = pop.net.layout["1.body.1.qkv.bias"].offset + torch.arange(16, 32)
     keep = torch.ones(w_bmm.shape[1], dtype=torch.bool).index_fill_(0, key_bias, False)
-    assert _rel(w_red[:, keep], w_bmm[:, keep]) < 1e-6 and _rel(y_red, y_bmm) < 1e-5
+    for form in ("reduce", "sdpa", "triton"):
+        w, y = out[form]
+        assert _rel(w[:, keep], w_bmm[:, keep]) < 1e-6 and _rel(y, y_bmm) < 1e-5, form
     assert not torch.equal(w_bmm, _flat(create_model("vit_t", in_channels=1, input_size=8, **kw)))
-    with pytest.raises(ValueError, match="unknown attention form 'flash'.*bmm, reduce"):
+    with pytest.raises(ValueError, match="unknown attention form 'flash'.*bmm, reduce, sdpa, triton"):
         engine.set_attention_form("flash")

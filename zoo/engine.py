@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _directconv
+from ._attention import attention as triton_attention
+from ._attention import supports as triton_attention_fits
 from ._convpool import available as triton_available
 from ._convpool import conv_pool, runs_direct
 from ._directconv import activation_codes, is_channels_last
@@ -40,12 +42,17 @@ from .models.tether import TETHERED, TetheredConv2d, TetheredLinear
 from .spec import Layout, ModelSpec
 
 CONV_PATHS = ("auto", "grouped", "unfold", "fused")
-# Attention's two products per (image, member, head) sequence, two forms (`set_attention_form`): "bmm", batched
+# Attention's two products per (image, member, head) sequence, three forms (`set_attention_form`): "bmm", batched
 # matmuls (cuBLAS splits batches past 65,535 into chunks and runs tiny 17 x 17 x 16 tiles in old-arch kernels:
 # 18 of vit_t's 50 ms a step on one H200, benchmarks/NOTES.md); "reduce", broadcast products summed over the
-# shared axis, which inductor compiles into single reduction kernels that never hold the (T, T, d) product.
-# Without compile "reduce" materialises that product (T times the scores): it is for compiled populations.
-ATTENTION_FORMS = ("bmm", "reduce")
+# shared axis, which inductor compiles into single reduction kernels that never hold the (T, T, d) product
+# (without compile it materialises that product: it is for compiled populations; measured 2.3x slower than bmm);
+# "sdpa", torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA) over the
+# sequences laid out (B, M * heads, T, d): images on the kernels' batch axis, members x heads on their head
+# axis, so neither passes the 65,535 grid limit that a (B * M, heads) batch does; "triton", our kernel
+# (`_attention.py`): whole sequences per program, q, k, v read from the qkv projection in place, the scores never
+# leave the chip (falls back to "bmm" where Triton does not run or a sequence is too long for one program).
+ATTENTION_FORMS = ("bmm", "reduce", "sdpa", "triton")
 attention_form = "bmm"
 RULES: dict[type, Callable] = {}
 
@@ -158,7 +165,9 @@ def _linear(m: nn.Linear, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
         y = torch.einsum("b...i,moi->bm...o", x[:, 0], w)
     else:
         y = torch.einsum("bm...i,moi->bm...o", x, w)
-    return y + b.view(1, b.shape[0], *[1] * (y.dim() - 3), b.shape[1])
+    # the bias in the product's dtype, as F.linear under autocast: a float32 bias would promote a bf16 product to
+    # float32 and double every byte downstream (vit_t's attention ran on fp32 qkv so, 5x slower on an H100)
+    return y + b.view(1, b.shape[0], *[1] * (y.dim() - 3), b.shape[1]).to(y.dtype)
 
 
 @rule(nn.MaxPool2d)
@@ -203,6 +212,11 @@ def _patch_embed(m: PatchEmbed, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Ten
 @rule(SelfAttention)
 def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     B, M, T, D = x.shape
+    if attention_form == "sdpa":
+        return _attention_sdpa(m, p, x, ctx)
+    if attention_form == "triton" and triton_available(x.device) and triton_attention_fits(T, D // m.heads):
+        y = triton_attention(_linear(m.qkv, p + "qkv.", x, ctx), m.heads, m.causal)  # (B, M, T, D)
+        return _linear(m.out, p + "out.", y, ctx)
     q, k, v = _linear(m.qkv, p + "qkv.", x, ctx).reshape(B * M, T, 3, m.heads, D // m.heads).permute(2, 0, 3, 1, 4)
     # explicit softmax attention: T is tiny, and fused kernels reject batch B*M in the 10^5 range
     reduce = attention_form == "reduce"
@@ -214,6 +228,17 @@ def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
     # att is fp32 under autocast (softmax); the matmul would cast it to v's dtype, so "reduce" does too
     y = (att.to(v.dtype).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2) if reduce else att @ v  # (B*M, heads, T, D/h)
     return _linear(m.out, p + "out.", y.transpose(1, 2).reshape(B, M, T, D), ctx)
+
+
+def _attention_sdpa(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    """Attention as one fused kernel call; same scale (d ** -0.5) and causal mask as the explicit forms."""
+    B, M, T, D = x.shape
+    h, d = m.heads, D // m.heads
+    qkv = _linear(m.qkv, p + "qkv.", x, ctx).view(B, M, T, 3, h, d)
+    q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, B, M * h, T, d)  # one copy, (3, B, M h, T, d)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=m.causal)  # (B, M h, T, d)
+    y = y.view(B, M, h, T, d).transpose(2, 3).reshape(B, M, T, D)
+    return _linear(m.out, p + "out.", y, ctx)
 
 
 @rule(TokenEmbed)

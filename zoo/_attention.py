@@ -1,0 +1,194 @@
+"""Softmax attention for many tiny sequences in one Triton kernel: the (image, member, head) sequences of a
+population of tiny transformers (vit_t: 17 tokens of 16 dims, 64 x 4,096 x 2 = 524k sequences a step).
+
+`attention(qkv, heads, causal)` reads q, k, v straight out of the qkv projection `(B, M, T, 3 D)` (any strides with
+the last one 1) and writes y `(B, M, T, D)` in qkv's dimension order, so neither side needs the permuted copies
+that batched matmuls over `(B M, heads, T, d)` do. One program holds whole sequences: T padded to TP (>= 16, a
+power of two) and d to DP, the scores (TP, TP) in registers, so the softmax never leaves the chip. The forward
+keeps each row's log-sum-exp (fp32, (n_seq, TP)); the backward recomputes the probabilities from it and writes
+dq, dk, dv into one `(B, M, T, 3 D)` gradient laid out as qkv is:
+  p = exp(s - lse), dv = p^T do, dp = do v^T, ds = p (dp - rowsum(p dp)), dq = ds k / sqrt(d), dk = ds^T q / sqrt(d).
+rowsum(p dp) is summed in fp32 from the registers, as torch's softmax backward does, not as rowsum(do o) from the
+bf16-rounded output (flash attention's form): each row of ds then sums to zero up to fp32 rounding, so the key
+bias, whose true gradient is zero (softmax is shift-invariant per query), gets no bf16-sized gradient noise for
+Adam to turn into lr-sized steps (that form moved a member's test accuracy 0.013 in the plain-loop check).
+Count for vit_t (bf16): forward reads qkv and writes y, ~1.1 GB a step; backward reads qkv and dy and writes dqkv,
+~2.0 GB: ~0.65 ms at HBM rate, against ~21 ms that the chunked cuBLAS batches and softmax passes took on one H200
+(benchmarks/NOTES.md). Without Triton the engine uses its other attention forms; TRITON_INTERPRET=1 runs these
+kernels on CPU (tests).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
+
+MAX_T = 128  # longest sequence one program holds (its (TP, TP) scores in registers)
+SEQ_PER_PROGRAM = 4  # sequences a program runs one after another (fewer, longer programs)
+
+
+def supports(T: int, d: int) -> bool:
+    return T <= MAX_T and d <= 128
+
+
+def _warps(TP: int) -> int:
+    return 1 if TP <= 16 else 2 if TP <= 32 else 4 if TP <= 64 else 8
+
+
+if triton is not None:
+    @triton.jit
+    def _seq_base(s, heads, M, sB, sM, d: tl.constexpr):
+        """Offset of sequence s = ((b M + m) heads + h) in a (B, M, T, n D) tensor with strides (sB, sM, ., 1)."""
+        h, bm = s % heads, s // heads
+        return (bm // M).to(tl.int64) * sB + (bm % M).to(tl.int64) * sM + h * d
+
+    @triton.jit
+    def _scores(q, k, t, j, T, scale, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """(TP, TP) fp32 scaled scores q k^T, -inf where the key is padding (or in the future, causal)."""
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PREC) * scale
+        ok = (j < T)[None, :]
+        if CAUSAL:
+            ok = ok & (j[None, :] <= t[:, None])
+        return tl.where(ok, s, float("-inf"))
+
+    @triton.jit
+    def _fwd_kernel(qkv_ptr, y_ptr, lse_ptr, n_seq, heads, M, T, sB, sM, sT, yB, yM, yT, scale,
+                    D: tl.constexpr, d: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr, SEQ: tl.constexpr,
+                    CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        t, c = tl.arange(0, TP), tl.arange(0, DP)
+        j = t
+        ok = (t < T)[:, None] & (c < d)[None, :]
+        for i in tl.static_range(SEQ):
+            s = tl.program_id(0) * SEQ + i
+            if s < n_seq:
+                base = qkv_ptr + _seq_base(s, heads, M, sB, sM, d) + t[:, None] * sT + c[None, :]
+                q = tl.load(base, mask=ok, other=0.0)  # (TP, DP)
+                k = tl.load(base + D, mask=ok, other=0.0)
+                v = tl.load(base + 2 * D, mask=ok, other=0.0)
+                sc = _scores(q, k, t, j, T, scale, CAUSAL, DOT_DTYPE, PREC)
+                mx = tl.max(sc, 1)
+                p = tl.exp(sc - mx[:, None])
+                den = tl.sum(p, 1)
+                p = p / den[:, None]
+                o = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PREC)  # (TP, DP)
+                yo = y_ptr + _seq_base(s, heads, M, yB, yM, d) + t[:, None] * yT + c[None, :]
+                tl.store(yo, o.to(y_ptr.dtype.element_ty), mask=ok)
+                tl.store(lse_ptr + s.to(tl.int64) * TP + t, mx + tl.log(den))
+
+    @triton.jit
+    def _bwd_kernel(qkv_ptr, gy_ptr, lse_ptr, gqkv_ptr, n_seq, heads, M, T, sB, sM, sT, gB, gM, gT, oB, oM, oT,
+                    scale, D: tl.constexpr, d: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr,
+                    SEQ: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        t, c = tl.arange(0, TP), tl.arange(0, DP)
+        j = t
+        ok = (t < T)[:, None] & (c < d)[None, :]
+        for i in tl.static_range(SEQ):
+            s = tl.program_id(0) * SEQ + i
+            if s < n_seq:
+                rows = t[:, None]
+                base = qkv_ptr + _seq_base(s, heads, M, sB, sM, d) + rows * sT + c[None, :]
+                q = tl.load(base, mask=ok, other=0.0)  # (TP, DP)
+                k = tl.load(base + D, mask=ok, other=0.0)
+                v = tl.load(base + 2 * D, mask=ok, other=0.0)
+                go = tl.load(gy_ptr + _seq_base(s, heads, M, gB, gM, d) + rows * gT + c[None, :], mask=ok,
+                             other=0.0)
+                lse = tl.load(lse_ptr + s.to(tl.int64) * TP + t)
+                # padded query rows have q = 0, a finite lse and go = 0: they add nothing below
+                p = tl.exp(_scores(q, k, t, j, T, scale, CAUSAL, DOT_DTYPE, PREC) - lse[:, None])  # (TP, TP)
+                gv = tl.dot(tl.trans(p).to(DOT_DTYPE), go.to(DOT_DTYPE), input_precision=PREC)  # (TP, DP)
+                gp = tl.dot(go.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PREC)  # (TP, TP)
+                delta = tl.sum(p * gp, 1)  # (TP,) fp32: each row of gs below sums to ~0
+                gs = (p * (gp - delta[:, None]) * scale).to(DOT_DTYPE)
+                gq = tl.dot(gs, k.to(DOT_DTYPE), input_precision=PREC)
+                gk = tl.dot(tl.trans(gs), q.to(DOT_DTYPE), input_precision=PREC)
+                out = gqkv_ptr + _seq_base(s, heads, M, oB, oM, d) + rows * oT + c[None, :]
+                ty = gqkv_ptr.dtype.element_ty
+                tl.store(out, gq.to(ty), mask=ok)
+                tl.store(out + D, gk.to(ty), mask=ok)
+                tl.store(out + 2 * D, gv.to(ty), mask=ok)
+
+
+def _like(ref: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised dense tensor of `shape` whose dimensions are laid out in `ref`'s order (the qkv
+    projection's: batched matmuls over members write (M, B, T, .) physically, and the out projection reads y
+    without a copy when y is laid out the same way)."""
+    order = sorted(range(ref.dim()), key=lambda i: (-ref.stride(i), -i))  # outermost first
+    strides, step = [0] * len(shape), 1
+    for i in reversed(order):
+        strides[i], step = step, step * shape[i]
+    return torch.empty_strided(shape, strides, dtype=ref.dtype, device=ref.device)
+
+
+def _check(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int, int]:
+    B, M, T, D3 = qkv.shape
+    if D3 % (3 * heads) or qkv.stride(-1) != 1:
+        raise ValueError(f"attention: qkv must be (B, M, T, 3 D) with 3 D divisible by 3 x {heads} heads and "
+                         f"unit last stride, got shape {tuple(qkv.shape)} strides {qkv.stride()}")
+    return B, M, T, D3 // 3, D3 // 3 // heads
+
+
+def _meta(T: int, d: int, dtype: torch.dtype) -> dict:
+    TP, DP = max(16, pow2(T)), max(16, pow2(d))
+    DOT_DTYPE, PREC = dot_dtype(dtype)
+    return dict(TP=TP, DP=DP, SEQ=SEQ_PER_PROGRAM, DOT_DTYPE=DOT_DTYPE, PREC=PREC, num_warps=_warps(TP))
+
+
+@torch.library.custom_op("weightzoo::attention", mutates_args=())
+def _attention_op(qkv: torch.Tensor, heads: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (B, M, T, D) laid out as qkv, lse (B M heads, TP) fp32)."""
+    B, M, T, D, d = _check(qkv, heads)
+    meta = _meta(T, d, qkv.dtype)
+    y = _like(qkv, (B, M, T, D))
+    n_seq = B * M * heads
+    lse = torch.empty(n_seq, meta["TP"], device=qkv.device, dtype=torch.float32)
+    with on_device(qkv.device):
+        launch(_fwd_kernel, (triton.cdiv(n_seq, SEQ_PER_PROGRAM),), qkv, y, lse, n_seq, heads, M, T,
+               *qkv.stride()[:3], *y.stride()[:3], d ** -0.5, D=D, d=d, CAUSAL=causal, **meta)
+    return y, lse
+
+
+@_attention_op.register_fake
+def _(qkv, heads, causal):
+    B, M, T, D, d = _check(qkv, heads)
+    return _like(qkv, (B, M, T, D)), qkv.new_empty(B * M * heads, max(16, pow2(T)), dtype=torch.float32)
+
+
+@torch.library.custom_op("weightzoo::attention_backward", mutates_args=())
+def _backward_op(gy: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """d loss / d qkv, (B, M, T, 3 D) laid out as qkv."""
+    B, M, T, D, d = _check(qkv, heads)
+    gy = gy.to(qkv.dtype)
+    gy = gy if gy.stride(-1) == 1 else gy.contiguous()
+    g = _like(qkv, qkv.shape)
+    n_seq = B * M * heads
+    with on_device(qkv.device):
+        launch(_bwd_kernel, (triton.cdiv(n_seq, SEQ_PER_PROGRAM),), qkv, gy, lse, g, n_seq, heads, M, T,
+               *qkv.stride()[:3], *gy.stride()[:3], *g.stride()[:3], d ** -0.5, D=D, d=d, CAUSAL=causal,
+               **_meta(T, d, qkv.dtype))
+    return g
+
+
+@_backward_op.register_fake
+def _(gy, qkv, lse, heads, causal):
+    return _like(qkv, qkv.shape)
+
+
+def _setup(ctx, inputs, output):
+    qkv, heads, causal = inputs
+    ctx.save_for_backward(qkv, output[1])  # qkv and lse: the backward recomputes the rest
+    ctx.heads, ctx.causal = heads, causal
+
+
+def _backward(ctx, gy, glse):
+    qkv, lse = ctx.saved_tensors
+    return _backward_op(gy, qkv, lse, ctx.heads, ctx.causal), None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+def attention(qkv: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """qkv (B, M, T, 3 D) = [q | k | v] per token, each D = heads x d -> y (B, M, T, D): softmax(q k^T / sqrt(d)) v
+    per (image, member, head) sequence, in qkv's dtype (bf16: tensor cores, fp32 softmax; fp32: exact fp32).
+    The caller checks `_triton.available(qkv.device)` and `supports(T, d)`."""
+    return _attention_op(qkv, heads, causal)[0]
