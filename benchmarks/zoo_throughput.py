@@ -10,7 +10,7 @@ Device run (MNIST copied to data/datasets/mnist, carried):
     python benchmarks/zoo_throughput.py --archs cnn_s --members 2560 --batch 10 --check 0 --recipe hyp \
         --eval 10000 --variants bf16+compile+fused+graphs --profile        # one HYP checkpoint's evaluation
     python benchmarks/zoo_throughput.py --archs vit_t --members 4096 --check 2 \
-        --variants bf16+compile+fused+graphs --attention bmm,reduce        # attention's two forms
+        --variants bf16+compile+fused+graphs --attention bmm,triton --patch conv,matmul  # attention, patch forms
     python benchmarks/zoo_throughput.py --archs smallcnn,cnn_gap --members 4096 --check 2 \
         --variants bf16+compile+fused+graphs --layout nchw,channels_last   # the direct convs' two layouts
     python benchmarks/zoo_throughput.py --archs smallcnn,cnn_gap --members 4096 --check 2 \
@@ -265,6 +265,8 @@ def main():
     ap.add_argument("--resize", type=int, default=None, help="resize images to this side (digits: 28 for vit_t)")
     ap.add_argument("--attention", default=engine.attention_form,
                     help="attention forms to time (zoo.engine.ATTENTION_FORMS), comma-separated; reduce needs compile")
+    ap.add_argument("--patch", default=engine.patch_form,
+                    help="vit_t patch-embedding forms to time (zoo.engine.PATCH_FORMS), comma-separated")
     ap.add_argument("--block-r", type=int, default=0, help="rows per Triton conv program (default: the module's)")
     args = ap.parse_args()
     if args.block_r:
@@ -293,6 +295,10 @@ def main():
     for form in att_forms:
         if form not in engine.ATTENTION_FORMS:
             ap.error(f"--attention: unknown form {form!r}; choose from {', '.join(engine.ATTENTION_FORMS)}")
+    patch_forms = args.patch.split(",")
+    for form in patch_forms:
+        if form not in engine.PATCH_FORMS:
+            ap.error(f"--patch: unknown form {form!r}; choose from {', '.join(engine.PATCH_FORMS)}")
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -305,16 +311,18 @@ def main():
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for form, lay, act, att, variant in itertools.product(dx_forms, layouts, act_modes, att_forms,
-                                                               args.variants.split(",")):
+        for form, lay, act, att, patch, variant in itertools.product(dx_forms, layouts, act_modes, att_forms,
+                                                                      patch_forms, args.variants.split(",")):
             _directconv.set_dx_form(form)
             _directconv.set_layout(lay)
             _directconv.set_activation_fusion(act == "fused")
             engine.set_attention_form(att)
+            engine.set_patch_form(patch)
             path = (variant + (f" dx={form}" if len(dx_forms) > 1 else "")
                     + (f" layout={lay}" if len(layouts) > 1 else "")
                     + (f" act={act}" if len(act_modes) > 1 else "")
-                    + (f" attn={att}" if len(att_forms) > 1 else ""))
+                    + (f" attn={att}" if len(att_forms) > 1 else "")
+                    + (f" patch={patch}" if len(patch_forms) > 1 else ""))
             for m in (int(v) for v in args.members.split(",")):
                 try:
                     t, t_order, peak, t_eval = time_engine(arch, data, m, args.batch, args.steps, *VARIANTS[variant])

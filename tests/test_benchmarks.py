@@ -28,13 +28,14 @@ def test_zoo_throughput_reports_rates_and_agreement(tmp_path):
 
 
 def test_zoo_throughput_times_each_attention_form(tmp_path):
-    """--attention bmm,triton times vit_t once per form, each row named by its form (the forms train the same
-    members: test_population.py)."""
+    """--attention bmm,triton --patch conv,matmul times vit_t once per pair of forms, each row named by them (the
+    forms train the same members: test_population.py)."""
     _run("benchmarks/zoo_throughput.py", "--dataset", "digits", "--resize", "28", "--archs", "vit_t", "--members",
          "2", "--steps", "1", "--solo-steps", "3", "--variants", "fp32", "--check", "0", "--attention",
-         "bmm,triton", "--batch", "8", "--json", str(tmp_path / "r.json"))
+         "bmm,triton", "--patch", "conv,matmul", "--batch", "8", "--json", str(tmp_path / "r.json"))
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [r["path"] for r in rows] == ["plain loop"] + [f"fp32 attn={f}" for f in ("bmm", "triton")]
+    assert [r["path"] for r in rows] == ["plain loop"] + [f"fp32 attn={f} patch={p}" for f in ("bmm", "triton")
+                                                          for p in ("conv", "matmul")]
     assert all(r["rate"] > 0 for r in rows)
 
 

@@ -237,6 +237,27 @@ def test_compiled_graph_batch_matches_eager_batch(digits):
         assert all(u.dtype == v.dtype and torch.equal(u, v) for u, v in zip(a, b))
 
 
+def test_patch_forms_train_the_same_members(digits, monkeypatch):
+    """vit_t's patch embedding as the conv rule and as one matmul over reshaped patches: same weights and logits
+    after training, in training (members' own images) and evaluation (shared images); unknown forms refused."""
+    import zoo.engine as engine
+
+    monkeypatch.setattr(engine, "patch_form", engine.patch_form)
+    out = {}
+    for form in engine.PATCH_FORMS:
+        engine.set_patch_form(form)
+        pop = Population("vit_t", {"patch": 4, "dim": 16, "depth": 1}, _members("adam"), digits)
+        pop.train_epoch(1, max_steps=6)
+        out[form] = pop.flat_weights(), pop.forward(digits.normalize(digits.x_test[:32])[:, None], train=False)
+    (w_conv, y_conv), (w_mm, y_mm) = out["conv"], out["matmul"]
+    # the attention key bias has a zero true gradient: Adam turns rounding there into lr-sized steps (left out)
+    key_bias = pop.net.layout["1.body.1.qkv.bias"].offset + torch.arange(16, 32)
+    keep = torch.ones(w_mm.shape[1], dtype=torch.bool).index_fill_(0, key_bias, False)
+    assert _rel(w_mm[:, keep], w_conv[:, keep]) < 1e-5 and _rel(y_mm, y_conv) < 1e-5
+    with pytest.raises(ValueError, match="unknown patch form 'unfold'.*conv, matmul"):
+        engine.set_patch_form("unfold")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_steps_match_eager_steps(digits):
     data = digits.to(torch.device("cuda"))

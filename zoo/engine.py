@@ -54,6 +54,10 @@ CONV_PATHS = ("auto", "grouped", "unfold", "fused")
 # leave the chip (falls back to "bmm" where Triton does not run or a sequence is too long for one program).
 ATTENTION_FORMS = ("bmm", "reduce", "sdpa", "triton")
 attention_form = "bmm"
+# vit_t's patch embedding (stride = kernel): "conv", the conv rule (direct Triton kernels on CUDA), or "matmul",
+# patches cut by a reshape and one per-member matmul (`set_patch_form`)
+PATCH_FORMS = ("conv", "matmul")
+patch_form = "matmul"
 RULES: dict[type, Callable] = {}
 
 
@@ -87,6 +91,14 @@ def set_attention_form(name: str) -> None:
     if name not in ATTENTION_FORMS:
         raise ValueError(f"unknown attention form {name!r}; choose one of {', '.join(ATTENTION_FORMS)}")
     attention_form = name
+
+
+def set_patch_form(name: str) -> None:
+    """Choose how a non-overlapping patch embedding runs from now on (module comment on `PATCH_FORMS`)."""
+    global patch_form
+    if name not in PATCH_FORMS:
+        raise ValueError(f"unknown patch form {name!r}; choose one of {', '.join(PATCH_FORMS)}")
+    patch_form = name
 
 
 @dataclass
@@ -158,9 +170,8 @@ def _conv(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     return y.view(B, M, O, *y.shape[-2:])
 
 
-@rule(nn.Linear)
-def _linear(m: nn.Linear, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
-    w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]  # (M, O, I), (M, O)
+def _affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x (B, M or 1, ..., I) @ w (M, O, I)^T + b (M, O) per member -> (B, M, ..., O): one batched matmul."""
     if x.shape[1] == 1 and w.shape[0] > 1:  # shared input (evaluation)
         y = torch.einsum("b...i,moi->bm...o", x[:, 0], w)
     else:
@@ -168,6 +179,11 @@ def _linear(m: nn.Linear, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     # the bias in the product's dtype, as F.linear under autocast: a float32 bias would promote a bf16 product to
     # float32 and double every byte downstream (vit_t's attention ran on fp32 qkv so, 5x slower on an H100)
     return y + b.view(1, b.shape[0], *[1] * (y.dim() - 3), b.shape[1]).to(y.dtype)
+
+
+@rule(nn.Linear)
+def _linear(m: nn.Linear, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    return _affine(x, ctx.params[p + "weight"], ctx.params[p + "bias"])  # (M, O, I), (M, O)
 
 
 @rule(nn.MaxPool2d)
@@ -201,9 +217,24 @@ def _layer_norm(m: nn.LayerNorm, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
     return y * w.view(shape) + b.view(shape)
 
 
+def _patches(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, M, C, H, W) -> (B, M, (H/k) (W/k), C k k): the non-overlapping k x k patches, in (c, ky, kx) order."""
+    B, M, C, H, W = x.shape
+    x = x.reshape(B, M, C, H // k, k, W // k, k).permute(0, 1, 3, 5, 2, 4, 6)  # (B, M, H/k, W/k, C, k, k)
+    return x.reshape(B, M, (H // k) * (W // k), C * k * k)
+
+
 @rule(PatchEmbed)
 def _patch_embed(m: PatchEmbed, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
-    t = _conv(m.proj, p + "proj.", x, ctx).flatten(3).transpose(2, 3)  # (B, M, P, D)
+    k, conv = m.proj.kernel_size[0], m.proj
+    if patch_form == "matmul" and conv.stride == conv.kernel_size == (k, k) and conv.padding == (0, 0):
+        # stride = kernel: the conv is one per-member matmul over the patches, whose copy inductor fuses into the
+        # input's normalisation, and whose weight gradient is a cuBLAS GEMM (K = C k k), where the direct conv
+        # kernel gathered each element of a one-channel patch alone (3.3 of vit_t's 34 ms a step on an H100)
+        w = ctx.params[p + "proj.weight"]  # (M, D, C, k, k)
+        t = _affine(_patches(x, k), w.flatten(2), ctx.params[p + "proj.bias"])  # (B, M, P, D)
+    else:
+        t = _conv(m.proj, p + "proj.", x, ctx).flatten(3).transpose(2, 3)  # (B, M, P, D)
     cls, pos = ctx.params[p + "cls"], ctx.params[p + "pos"]  # (M, 1, 1, D), (M, 1, P+1, D)
     t = torch.cat([cls.transpose(0, 1).expand(len(t), -1, -1, -1), t], dim=2)
     return t + pos.transpose(0, 1)
