@@ -275,11 +275,13 @@ def test_attention_forms_train_the_same_members(digits, monkeypatch):
     import zoo.engine as engine
 
     monkeypatch.setattr(engine, "attention_form", engine.attention_form)
+    calls = []
+    monkeypatch.setattr(engine, "triton_attention", lambda *a, f=engine.triton_attention: calls.append(1) or f(*a))
     kw = {"patch": 4, "dim": 16, "depth": 1}
     out = {}
     for form in engine.ATTENTION_FORMS:
         engine.set_attention_form(form)
-        pop = Population("vit_t", kw, _members("adam"), digits)
+        pop = Population("vit_t", kw, _members("adam"), digits, conv="fused")  # the Triton path (interpreted)
         pop.train_epoch(1, max_steps=6)
         out[form] = pop.flat_weights(), pop.forward(digits.normalize(digits.x_test[:32])[:, None], train=False)
     w_bmm, y_bmm = out["bmm"]
@@ -290,6 +292,7 @@ def test_attention_forms_train_the_same_members(digits, monkeypatch):
     for form in ("reduce", "sdpa", "triton"):
         w, y = out[form]
         assert _rel(w[:, keep], w_bmm[:, keep]) < 1e-6 and _rel(y, y_bmm) < 1e-5, form
+    assert len(calls) == 7  # the kernel ran in the triton form's 6 steps and its evaluation, and only there
     assert not torch.equal(w_bmm, _flat(create_model("vit_t", in_channels=1, input_size=8, **kw)))
     with pytest.raises(ValueError, match="unknown attention form 'flash'.*bmm, reduce, sdpa, triton"):
         engine.set_attention_form("flash")

@@ -94,7 +94,7 @@ def test_causal_attention_forms_agree(monkeypatch):
 
     monkeypatch.setattr(engine, "attention_form", engine.attention_form)
     data = make_sequences(MEM)
-    pop = Population("gpt_t", KW, _members(), data)
+    pop = Population("gpt_t", KW, _members(), data, conv="fused")  # the Triton path (interpreted on CPU)
     logits = {}
     for form in engine.ATTENTION_FORMS:
         engine.set_attention_form(form)

@@ -49,11 +49,13 @@ CONV_PATHS = ("auto", "grouped", "unfold", "fused")
 # (without compile it materialises that product: it is for compiled populations; measured 2.3x slower than bmm);
 # "sdpa", torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA) over the
 # sequences laid out (B, M * heads, T, d): images on the kernels' batch axis, members x heads on their head
-# axis, so neither passes the 65,535 grid limit that a (B * M, heads) batch does; "triton", our kernel
+# axis, so neither passes the 65,535 grid limit that a (B * M, heads) batch does; "triton" (default), our kernel
 # (`_attention.py`): whole sequences per program, q, k, v read from the qkv projection in place, the scores never
-# leave the chip (falls back to "bmm" where Triton does not run or a sequence is too long for one program).
+# leave the chip. It runs where the population runs its Triton kernels (conv "fused", CUDA by default) and a
+# sequence fits one program; elsewhere "bmm" does. On one H100 vit_t's step went 53.0 -> 34.1 ms with it
+# (bmm -> triton; sdpa's kernels were slower than bmm there; benchmarks/NOTES.md).
 ATTENTION_FORMS = ("bmm", "reduce", "sdpa", "triton")
-attention_form = "bmm"
+attention_form = "triton"
 # vit_t's patch embedding (stride = kernel): "conv", the conv rule (direct Triton kernels on CUDA), or "matmul",
 # patches cut by a reshape and one per-member matmul (`set_patch_form`)
 PATCH_FORMS = ("conv", "matmul")
@@ -245,7 +247,7 @@ def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
     B, M, T, D = x.shape
     if attention_form == "sdpa":
         return _attention_sdpa(m, p, x, ctx)
-    if attention_form == "triton" and triton_available(x.device) and triton_attention_fits(T, D // m.heads):
+    if attention_form == "triton" and ctx.conv == "fused" and triton_attention_fits(T, D // m.heads):
         y = triton_attention(_linear(m.qkv, p + "qkv.", x, ctx), m.heads, m.causal)  # (B, M, T, D)
         return _linear(m.out, p + "out.", y, ctx)
     q, k, v = _linear(m.qkv, p + "qkv.", x, ctx).reshape(B * M, T, 3, m.heads, D // m.heads).permute(2, 0, 3, 1, 4)
