@@ -329,7 +329,7 @@ if triton is not None:
         tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=rok[:, None] & (c < C)[None, :])
 
     @triton.jit
-    def _dx_phase_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, n_blocks, C: tl.constexpr, H: tl.constexpr,
+    def _dx_phase_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr,
                          W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr,
                          S: tl.constexpr, PAD: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr,
                          BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, GCL: tl.constexpr,
@@ -338,13 +338,16 @@ if triton is not None:
         ky = (py + PAD) % S + S * jy (and likewise kx) reach a pixel of that phase, so K = (o, jy, jx) holds
         O * ceil(KS / S)^2 taps, not O * KS^2 (3x3 stride 2: 4 of 9). The tap (jy, jx) reads the output
         gradient at (qy + (py + PAD) // S - jy, qx + (px + PAD) // S - jx), (iy, ix) = (py + S qy, px + S qx),
-        times w[m, o, c, ky, kx]. Grid axis 1 is (phase, row block); rows past the image are masked.
+        times w[m, o, c, ky, kx]. Grid axis 1 is (row block, phase), phase fastest: the S^2 phases of a block
+        interleave in every output line, and launched close together (one member-wide wave apart, ~17 MB of writes
+        for cnn_gap conv2) their partial lines meet in L2 before they go to memory, where phase-major order wrote
+        each line in S^2 pieces one whole tensor apart. Rows past the image are masked.
         GCL / XCL: gz / dx channels-last; a channels-last gz is read one tap (R, O) at a time."""
         TJ: tl.constexpr = (KS + S - 1) // S
         KO: tl.constexpr = O * TJ * TJ
         HQ: tl.constexpr = (H + S - 1) // S
         WQ: tl.constexpr = (W + S - 1) // S
-        m, phase, blk = tl.program_id(0), tl.program_id(1) // n_blocks, tl.program_id(1) % n_blocks
+        m, phase, blk = tl.program_id(0), tl.program_id(1) % (S * S), tl.program_id(1) // (S * S)
         py, px = phase // S, phase % S
         r = blk * BLOCK + tl.arange(0, BLOCK)
         image, q = (r // (HQ * WQ)).to(tl.int64), r % (HQ * WQ)
@@ -474,8 +477,8 @@ def _dx(gz, w, x_shape, stride: int, padding: int, cl: bool = False) -> torch.Te
             gs, dxs = gz[a: a + per_launch], dx[a: a + per_launch]
             n_rows = len(gs) * per_image
             n_blocks = triton.cdiv(n_rows, BLOCK_R)
-            if phases:  # grid axis 1: (phase, row block)
-                launch(_dx_phase_kernel, (M, S * S * n_blocks), gs, w, dxs, M, n_rows, n_blocks, *g, *tail, gcl,
+            if phases:  # grid axis 1: (row block, phase), phase fastest
+                launch(_dx_phase_kernel, (M, S * S * n_blocks), gs, w, dxs, M, n_rows, *g, *tail, gcl,
                        xcl, num_warps=NUM_WARPS, num_stages=stages(gz.dtype))
             else:
                 launch(_dx_kernel, (M, n_blocks), gs, w, dxs, M, n_rows, *g, *tail, num_warps=NUM_WARPS,
