@@ -172,7 +172,7 @@ def test_channels_last_matches_torch(geometry, dx_form, layout):
         dc.set_layout("nhwc")
 
 
-FLAGS = {"_fwd_kernel": ("XCL", "ZCL", "ACT"), "_dw_kernel": ("XCL", "GCL", "ACT", "YCL", "WRITE_GZ"),
+FLAGS = {"_fwd_kernel": ("XCL", "ZCL", "ACT"), "_dw_kernel": ("GCL", "ACT", "YCL", "WRITE_GZ"),
          "_dw_taps_kernel": ("GCL", "ACT", "YCL", "WRITE_GZ"),
          "_dx_phase_kernel": ("GCL", "XCL")}  # the layout and activation flags of each direct kernel
 
@@ -206,7 +206,7 @@ def test_channels_last_passes_through_the_layers_between_convs(layout, fuse, dig
     assert _flags(launches) == [("_fwd_kernel", False, True, f), ("_fwd_kernel", True, True, f),
                                 ("_fwd_kernel", True, True, f), ("_dw_taps_kernel", not f, f, f, f),
                                 ("_dx_phase_kernel", True, True), ("_dw_taps_kernel", True, f, f, f),
-                                ("_dx_phase_kernel", True, True), ("_dw_kernel", False, True, f, f, False)]
+                                ("_dx_phase_kernel", True, True), ("_dw_kernel", True, f, f, False)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, indirect=True)

@@ -43,6 +43,18 @@ if triton is not None:
         return (bm // M).to(tl.int64) * sB + (bm % M).to(tl.int64) * sM + h * d
 
     @triton.jit
+    def _tile(ptr, s, heads, M, sB, sM, sT, t, c, d: tl.constexpr):
+        """(TP, DP) pointers to sequence s's entries in a (B, M, T, n D) tensor of strides (sB, sM, sT, 1)."""
+        return ptr + _seq_base(s, heads, M, sB, sM, d) + t[:, None] * sT + c[None, :]
+
+    @triton.jit
+    def _load_qkv(qkv_ptr, s, heads, M, sB, sM, sT, t, c, ok, D: tl.constexpr, d: tl.constexpr):
+        """Sequence s's q, k, v, each (TP, DP), zero in the padding."""
+        base = _tile(qkv_ptr, s, heads, M, sB, sM, sT, t, c, d)
+        return (tl.load(base, mask=ok, other=0.0), tl.load(base + D, mask=ok, other=0.0),
+                tl.load(base + 2 * D, mask=ok, other=0.0))
+
+    @triton.jit
     def _scores(q, k, t, j, T, scale, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
         """(TP, TP) fp32 scaled scores q k^T, -inf where the key is padding (or in the future, causal)."""
         s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PREC) * scale
@@ -61,18 +73,14 @@ if triton is not None:
         for i in tl.static_range(SEQ):
             s = tl.program_id(0) * SEQ + i
             if s < n_seq:
-                base = qkv_ptr + _seq_base(s, heads, M, sB, sM, d) + t[:, None] * sT + c[None, :]
-                q = tl.load(base, mask=ok, other=0.0)  # (TP, DP)
-                k = tl.load(base + D, mask=ok, other=0.0)
-                v = tl.load(base + 2 * D, mask=ok, other=0.0)
+                q, k, v = _load_qkv(qkv_ptr, s, heads, M, sB, sM, sT, t, c, ok, D, d)  # (TP, DP) each
                 sc = _scores(q, k, t, j, T, scale, CAUSAL, DOT_DTYPE, PREC)
                 mx = tl.max(sc, 1)
                 p = tl.exp(sc - mx[:, None])
                 den = tl.sum(p, 1)
                 p = p / den[:, None]
                 o = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PREC)  # (TP, DP)
-                yo = y_ptr + _seq_base(s, heads, M, yB, yM, d) + t[:, None] * yT + c[None, :]
-                tl.store(yo, o.to(y_ptr.dtype.element_ty), mask=ok)
+                tl.store(_tile(y_ptr, s, heads, M, yB, yM, yT, t, c, d), o.to(y_ptr.dtype.element_ty), mask=ok)
                 tl.store(lse_ptr + s.to(tl.int64) * TP + t, mx + tl.log(den))
 
     @triton.jit
@@ -85,13 +93,8 @@ if triton is not None:
         for i in tl.static_range(SEQ):
             s = tl.program_id(0) * SEQ + i
             if s < n_seq:
-                rows = t[:, None]
-                base = qkv_ptr + _seq_base(s, heads, M, sB, sM, d) + rows * sT + c[None, :]
-                q = tl.load(base, mask=ok, other=0.0)  # (TP, DP)
-                k = tl.load(base + D, mask=ok, other=0.0)
-                v = tl.load(base + 2 * D, mask=ok, other=0.0)
-                go = tl.load(gy_ptr + _seq_base(s, heads, M, gB, gM, d) + rows * gT + c[None, :], mask=ok,
-                             other=0.0)
+                q, k, v = _load_qkv(qkv_ptr, s, heads, M, sB, sM, sT, t, c, ok, D, d)  # (TP, DP) each
+                go = tl.load(_tile(gy_ptr, s, heads, M, gB, gM, gT, t, c, d), mask=ok, other=0.0)
                 lse = tl.load(lse_ptr + s.to(tl.int64) * TP + t)
                 # padded query rows have q = 0, a finite lse and go = 0: they add nothing below
                 p = tl.exp(_scores(q, k, t, j, T, scale, CAUSAL, DOT_DTYPE, PREC) - lse[:, None])  # (TP, TP)
@@ -101,7 +104,7 @@ if triton is not None:
                 gs = (p * (gp - delta[:, None]) * scale).to(DOT_DTYPE)
                 gq = tl.dot(gs, k.to(DOT_DTYPE), input_precision=PREC)
                 gk = tl.dot(tl.trans(gs), q.to(DOT_DTYPE), input_precision=PREC)
-                out = gqkv_ptr + _seq_base(s, heads, M, oB, oM, d) + rows * oT + c[None, :]
+                out = _tile(gqkv_ptr, s, heads, M, oB, oM, oT, t, c, d)
                 ty = gqkv_ptr.dtype.element_ty
                 tl.store(out, gq.to(ty), mask=ok)
                 tl.store(out + D, gk.to(ty), mask=ok)

@@ -163,6 +163,28 @@ if triton is not None:
         return g * tl.where((code == 4) & (y <= 0), 0.01, d)
 
     @triton.jit
+    def _rows(r0, n_rows, M, m, HW: tl.constexpr, BLOCK: tl.constexpr):
+        """(in range, unit = image * M + m, pixel) of the BLOCK GEMM rows (image, output pixel) from r0."""
+        r = r0 + tl.arange(0, BLOCK)
+        return r < n_rows, (r // HW).to(tl.int64) * M + m, r % HW
+
+    @triton.jit
+    def _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, write, O: tl.constexpr, HW: tl.constexpr,
+                  GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr, WRITE_GZ: tl.constexpr):
+        """(R, BO) fp32 gradient at the conv's output z of rows (unit, pix): gz as read, or with ACT the gradient at
+        y = act(z) times the activation's derivative from y, then written to gzo (y's layout) where WRITE_GZ and
+        `write` (one program of those that read the rows)."""
+        g = tl.load(gz_ptr + _offsets(unit, pix, o, O, HW, GCL), mask=_row_mask(rok, o, O), other=0.0)
+        g = g.to(tl.float32)
+        if ACT:
+            yo = _offsets(unit, pix, o, O, HW, YCL)
+            g = _act_grad(g, tl.load(y_ptr + yo, mask=_row_mask(rok, o, O), other=0.0).to(tl.float32), code)
+            if WRITE_GZ:
+                if write:
+                    tl.store(gzo_ptr + yo, g.to(gzo_ptr.dtype.element_ty), mask=_row_mask(rok, o, O))
+        return g
+
+    @triton.jit
     def _fwd_kernel(x_ptr, w_ptr, b_ptr, act_ptr, z_ptr, M, XM, n_rows, C: tl.constexpr, H: tl.constexpr,
                     W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr,
                     S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr,
@@ -205,16 +227,15 @@ if triton is not None:
                    H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr,
                    KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-                   XCL: tl.constexpr, GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr,
-                   WRITE_GZ: tl.constexpr):
-        """Partial weight gradient of member m over every n_split-th row block, K chunk kc:
+                   GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr, WRITE_GZ: tl.constexpr):
+        """Partial weight gradient of member m over every n_split-th row block, K chunk kc, for a contiguous x
+        (a channels-last one runs `_dw_taps_kernel`):
         dw[split, m, o, k] = sum over rows of gz[row, o] * patch[row, k]. K chunks on grid axis 0, so a
         member's chunks run together and re-read its output gradient from L2. Chunk 0 also sums the rows of
         gz it reads: the bias gradient's partial db[split, m, o] (so no separate reduction over gz runs).
         With ACT the conv's output was y = act[m](z) and gz_ptr holds the gradient at y: each chunk turns it
         into the gradient at z with y (stored channels-last where YCL), and chunk 0 writes that to gzo (y's
-        layout) for the input gradient where WRITE_GZ.
-        XCL / GCL: x / gz channels-last; with XCL a chunk is one tap's C channels (BLOCK_K = C)."""
+        layout) for the input gradient where WRITE_GZ. GCL: gz stored channels-last."""
         kc, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_split = tl.num_programs(2)
         o = tl.arange(0, BO)
@@ -226,33 +247,16 @@ if triton is not None:
         # row block made the kernel ~1.5x slower on an H200, benchmarks/NOTES.md)
         gsum = tl.zeros((BLOCK, BO), tl.float32)
         for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
-            r = r0 + tl.arange(0, BLOCK)
-            rok = r < n_rows
-            image, pix = (r // (Ho * Wo)).to(tl.int64), r % (Ho * Wo)
-            unit = image * M + m
-            g = tl.load(gz_ptr + _offsets(unit, pix, o, O, Ho * Wo, GCL), mask=_row_mask(rok, o, O),
-                        other=0.0)  # (R, BO)
-            if ACT:
-                yo = _offsets(unit, pix, o, O, Ho * Wo, YCL)
-                yv = tl.load(y_ptr + yo, mask=_row_mask(rok, o, O), other=0.0)
-                g = _act_grad(g.to(tl.float32), yv.to(tl.float32), code)
-                if WRITE_GZ:
-                    if kc == 0:
-                        tl.store(gzo_ptr + yo, g.to(gzo_ptr.dtype.element_ty), mask=_row_mask(rok, o, O))
-            if XCL:
-                a = _tap(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, kc, C, H, W, KS, S, PAD)
-            else:
-                a = _patch(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, kc * BLOCK_K,
-                           C, H, W, KS, S, PAD, K, BLOCK_K)
+            rok, unit, pix = _rows(r0, n_rows, M, m, Ho * Wo, BLOCK)
+            g = _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, kc == 0, O, Ho * Wo, GCL, ACT, YCL,
+                          WRITE_GZ)  # (R, BO)
+            a = _patch(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, kc * BLOCK_K, C, H, W, KS, S, PAD, K,
+                       BLOCK_K)
             acc += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)
-            gsum += g.to(tl.float32)
+            gsum += g
         part = (split * M + m).to(tl.int64) * O
-        j = tl.arange(0, BLOCK_K)
-        if XCL:  # row j of acc is channel j of tap kc
-            tl.store(dw_ptr + (part + o[None, :]) * K + j[:, None] * (KS * KS) + kc, acc, mask=(o < O)[None, :])
-        else:
-            k = kc * BLOCK_K + j
-            tl.store(dw_ptr + (part + o[None, :]) * K + k[:, None], acc, mask=(k < K)[:, None] & (o < O)[None, :])
+        k = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+        tl.store(dw_ptr + (part + o[None, :]) * K + k[:, None], acc, mask=(k < K)[:, None] & (o < O)[None, :])
         if kc == 0:
             tl.store(db_ptr + part + o, tl.sum(gsum, axis=0), mask=o < O)
 
@@ -275,17 +279,9 @@ if triton is not None:
         acc = tl.zeros((TP, C, BO), tl.float32)
         gsum = tl.zeros((BLOCK, BO), tl.float32)
         for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
-            r = r0 + tl.arange(0, BLOCK)
-            rok = r < n_rows
-            image, pix = (r // (Ho * Wo)).to(tl.int64), r % (Ho * Wo)
-            unit = image * M + m
-            g = tl.load(gz_ptr + _offsets(unit, pix, o, O, Ho * Wo, GCL), mask=_row_mask(rok, o, O),
-                        other=0.0).to(tl.float32)  # (R, BO)
-            if ACT:
-                yo = _offsets(unit, pix, o, O, Ho * Wo, YCL)
-                g = _act_grad(g, tl.load(y_ptr + yo, mask=_row_mask(rok, o, O), other=0.0).to(tl.float32), code)
-                if WRITE_GZ:
-                    tl.store(gzo_ptr + yo, g.to(gzo_ptr.dtype.element_ty), mask=_row_mask(rok, o, O))
+            rok, unit, pix = _rows(r0, n_rows, M, m, Ho * Wo, BLOCK)
+            g = _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, True, O, Ho * Wo, GCL, ACT, YCL,
+                          WRITE_GZ)  # (R, BO)
             gd = g.to(DOT_DTYPE)
             for t in tl.static_range(KS * KS):
                 a = _tap(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, t, C, H, W, KS, S, PAD)
@@ -435,7 +431,7 @@ def _dw(gz, x, w_shape, stride: int, padding: int, y: torch.Tensor | None = None
     B, M = x.shape[:2]
     K = C * KS * KS
     # channels-last: one program per (member, row split) runs every tap (`_dw_taps_kernel`); else K chunks
-    bk = C if xcl else block_k(K)
+    bk = block_k(K)
     n_rows, n_kc = B * g[4] * g[5], 1 if xcl else triton.cdiv(K, bk)
     n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R_DW), triton.cdiv(2048, M * n_kc)))  # fill the GPU
     dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
@@ -449,7 +445,7 @@ def _dw(gz, x, w_shape, stride: int, padding: int, y: torch.Tensor | None = None
                    num_stages=stages(x.dtype))
         else:
             launch(_dw_kernel, (n_kc, M, n_split), x, gz, *fused, dw, db, M, n_rows, *g, K, max(16, pow2(O)),
-                   BLOCK_R_DW, bk, *dot_dtype(x.dtype), xcl, gcl, *flags, num_warps=NUM_WARPS,
+                   BLOCK_R_DW, bk, *dot_dtype(x.dtype), gcl, *flags, num_warps=NUM_WARPS,
                    num_stages=stages(x.dtype))
     if n_split > 1:
         dw, db = dw.sum(0), db.sum(0)
