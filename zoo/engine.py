@@ -42,7 +42,7 @@ from .models.tether import TETHERED, TetheredConv2d, TetheredLinear
 from .spec import Layout, ModelSpec
 
 CONV_PATHS = ("auto", "grouped", "unfold", "fused")
-# Attention's two products per (image, member, head) sequence, three forms (`set_attention_form`): "bmm", batched
+# Attention's two products per (image, member, head) sequence, four forms (`set_attention_form`): "bmm", batched
 # matmuls (cuBLAS splits batches past 65,535 into chunks and runs tiny 17 x 17 x 16 tiles in old-arch kernels:
 # 18 of vit_t's 50 ms a step on one H200, benchmarks/NOTES.md); "reduce", broadcast products summed over the
 # shared axis, which inductor compiles into single reduction kernels that never hold the (T, T, d) product
@@ -229,7 +229,9 @@ def _patches(x: torch.Tensor, k: int) -> torch.Tensor:
 @rule(PatchEmbed)
 def _patch_embed(m: PatchEmbed, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     k, conv = m.proj.kernel_size[0], m.proj
-    if patch_form == "matmul" and conv.stride == conv.kernel_size == (k, k) and conv.padding == (0, 0):
+    tiles = (conv.stride == conv.kernel_size == (k, k) and conv.padding == (0, 0)
+             and x.shape[-1] % k == x.shape[-2] % k == 0)  # the patches tile the image
+    if patch_form == "matmul" and tiles:
         # stride = kernel: the conv is one per-member matmul over the patches, whose copy inductor fuses into the
         # input's normalisation, and whose weight gradient is a cuBLAS GEMM (K = C k k), where the direct conv
         # kernel gathered each element of a one-channel patch alone (3.3 of vit_t's 34 ms a step on an H100)
