@@ -2,13 +2,14 @@
 permuted copies, q k^T, softmax, p v), torch's fused scaled_dot_product_attention ("sdpa", on (B, M heads, T, d)
 copies) and our Triton kernel (`zoo/_attention.py`) at several sequences per program, forward and forward +
 backward, from the qkv projection's output (B, M, T, 3 D) to y (B, M, T, D), with the bandwidth of the bytes each
-must move (qkv and y forward; qkv, y, dy and dqkv backward) and the difference from the fp32 result.
+must move (qkv and y forward; qkv, dy and dqkv backward, our kernel's minimum) and the difference from the fp32
+result.
 
 Device run:  python benchmarks/attention_kernels.py                 # vit_t: batch 64, 4,096 members, bf16
 CPU smoke:   TRITON_INTERPRET=1 python benchmarks/attention_kernels.py --members 2 --batch 2 --iters 1 --dtype fp32
 
 Count first (vit_t: T = 17 tokens, 2 heads of 16 dims, 64 x 4,096 x 2 = 524k sequences): qkv is 64 x 4,096 x 17 x
-96 bf16 = 856 MB, y 285 MB; a forward must move ~1.14 GB (0.24 ms at 4.8 TB/s), a backward ~2.3 GB more. The MACs
+96 bf16 = 856 MB, y 285 MB; a forward must move ~1.14 GB (0.24 ms at 4.8 TB/s), a backward ~2.0 GB more. The MACs
 (2 T^2 d per sequence and direction, ~0.6 GFLOP forward) are nothing to the tensor cores.
 """
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main() -> None:
     ref = bmm_form(qkv.detach().float(), args.heads)
     size = qkv.element_size()
     fwd_bytes = (qkv.numel() + gy.numel()) * size
-    bwd_bytes = (2 * qkv.numel() + 2 * gy.numel()) * size
+    bwd_bytes = (2 * qkv.numel() + gy.numel()) * size
     forms = {"bmm": bmm_form, "sdpa": sdpa_form} | {f"triton seq={s}": triton_form(int(s)) for s in args.seq.split(",")}
     print(f"\nB {B}, M {M}, T {T}, D {D}, heads {args.heads}, {args.dtype}: forward moves {fwd_bytes / 1e9:.2f} GB, "
           f"backward {bwd_bytes / 1e9:.2f} GB\n")
