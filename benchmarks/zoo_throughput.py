@@ -231,6 +231,15 @@ def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, row
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def _choices(ap: argparse.ArgumentParser, flag: str, noun: str, value: str, allowed) -> list[str]:
+    """A comma-separated option's values; an unknown one exits 2 naming the flag and the choices."""
+    names = value.split(",")
+    for name in names:
+        if name not in allowed:
+            ap.error(f"{flag}: unknown {noun} {name!r}; choose from {', '.join(allowed)}")
+    return names
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="mnist")
@@ -279,26 +288,11 @@ def main():
         ap.error(f"--recipe {RECIPE} trains hashed-dropout members the plain loop cannot reproduce; pass --check 0")
     if ZOO_CONFIG is not None and not Path(ZOO_CONFIG).is_file():
         ap.error(f"--zoo-config: no such file {ZOO_CONFIG}")
-    dx_forms = args.dx.split(",")
-    for form in dx_forms:
-        if form not in _directconv.DX_FORMS:
-            ap.error(f"--dx: unknown form {form!r}; choose from {', '.join(_directconv.DX_FORMS)}")
-    layouts = args.layout.split(",")
-    for name in layouts:
-        if name not in _directconv.LAYOUTS:
-            ap.error(f"--layout: unknown layout {name!r}; choose from {', '.join(_directconv.LAYOUTS)}")
-    act_modes = args.activation.split(",")
-    for name in act_modes:
-        if name not in ("fused", "layer"):
-            ap.error(f"--activation: unknown mode {name!r}; choose from fused, layer")
-    att_forms = args.attention.split(",")
-    for form in att_forms:
-        if form not in engine.ATTENTION_FORMS:
-            ap.error(f"--attention: unknown form {form!r}; choose from {', '.join(engine.ATTENTION_FORMS)}")
-    patch_forms = args.patch.split(",")
-    for form in patch_forms:
-        if form not in engine.PATCH_FORMS:
-            ap.error(f"--patch: unknown form {form!r}; choose from {', '.join(engine.PATCH_FORMS)}")
+    dx_forms = _choices(ap, "--dx", "form", args.dx, _directconv.DX_FORMS)
+    layouts = _choices(ap, "--layout", "layout", args.layout, _directconv.LAYOUTS)
+    act_modes = _choices(ap, "--activation", "mode", args.activation, ("fused", "layer"))
+    att_forms = _choices(ap, "--attention", "form", args.attention, engine.ATTENTION_FORMS)
+    patch_forms = _choices(ap, "--patch", "form", args.patch, engine.PATCH_FORMS)
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True

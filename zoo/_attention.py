@@ -55,12 +55,13 @@ if triton is not None:
                 tl.load(base + 2 * D, mask=ok, other=0.0))
 
     @triton.jit
-    def _scores(q, k, t, j, T, scale, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-        """(TP, TP) fp32 scaled scores q k^T, -inf where the key is padding (or in the future, causal)."""
+    def _scores(q, k, t, T, scale, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+        """(TP, TP) fp32 scaled scores q k^T, -inf where the key is padding (or in the future, causal); t indexes
+        both the query rows and the key columns."""
         s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PREC) * scale
-        ok = (j < T)[None, :]
+        ok = (t < T)[None, :]
         if CAUSAL:
-            ok = ok & (j[None, :] <= t[:, None])
+            ok = ok & (t[None, :] <= t[:, None])
         return tl.where(ok, s, float("-inf"))
 
     @triton.jit
@@ -68,13 +69,12 @@ if triton is not None:
                     D: tl.constexpr, d: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr, SEQ: tl.constexpr,
                     CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
         t, c = tl.arange(0, TP), tl.arange(0, DP)
-        j = t
         ok = (t < T)[:, None] & (c < d)[None, :]
         for i in tl.static_range(SEQ):
             s = tl.program_id(0) * SEQ + i
             if s < n_seq:
                 q, k, v = _load_qkv(qkv_ptr, s, heads, M, sB, sM, sT, t, c, ok, D, d)  # (TP, DP) each
-                sc = _scores(q, k, t, j, T, scale, CAUSAL, DOT_DTYPE, PREC)
+                sc = _scores(q, k, t, T, scale, CAUSAL, DOT_DTYPE, PREC)
                 mx = tl.max(sc, 1)
                 p = tl.exp(sc - mx[:, None])
                 den = tl.sum(p, 1)
@@ -88,7 +88,6 @@ if triton is not None:
                     scale, D: tl.constexpr, d: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr,
                     SEQ: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
         t, c = tl.arange(0, TP), tl.arange(0, DP)
-        j = t
         ok = (t < T)[:, None] & (c < d)[None, :]
         for i in tl.static_range(SEQ):
             s = tl.program_id(0) * SEQ + i
@@ -97,7 +96,7 @@ if triton is not None:
                 go = tl.load(_tile(gy_ptr, s, heads, M, gB, gM, gT, t, c, d), mask=ok, other=0.0)
                 lse = tl.load(lse_ptr + s.to(tl.int64) * TP + t)
                 # padded query rows have q = 0, a finite lse and go = 0: they add nothing below
-                p = tl.exp(_scores(q, k, t, j, T, scale, CAUSAL, DOT_DTYPE, PREC) - lse[:, None])  # (TP, TP)
+                p = tl.exp(_scores(q, k, t, T, scale, CAUSAL, DOT_DTYPE, PREC) - lse[:, None])  # (TP, TP)
                 gv = tl.dot(tl.trans(p).to(DOT_DTYPE), go.to(DOT_DTYPE), input_precision=PREC)  # (TP, DP)
                 gp = tl.dot(go.to(DOT_DTYPE), tl.trans(v.to(DOT_DTYPE)), input_precision=PREC)  # (TP, TP)
                 delta = tl.sum(p * gp, 1)  # (TP,) fp32: each row of gs below sums to ~0
@@ -130,8 +129,13 @@ def _check(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int, int]:
     return B, M, T, D3 // 3, D3 // 3 // heads
 
 
+def _padded(n: int) -> int:
+    """A sequence or head length as the kernels' tiles hold it: a power of two, at least tl.dot's 16."""
+    return max(16, pow2(n))
+
+
 def _meta(T: int, d: int, dtype: torch.dtype) -> dict:
-    TP, DP = max(16, pow2(T)), max(16, pow2(d))
+    TP, DP = _padded(T), _padded(d)
     DOT_DTYPE, PREC = dot_dtype(dtype)
     return dict(TP=TP, DP=DP, SEQ=SEQ_PER_PROGRAM, DOT_DTYPE=DOT_DTYPE, PREC=PREC, num_warps=_warps(TP))
 
@@ -153,7 +157,7 @@ def _attention_op(qkv: torch.Tensor, heads: int, causal: bool) -> tuple[torch.Te
 @_attention_op.register_fake
 def _(qkv, heads, causal):
     B, M, T, D, d = _check(qkv, heads)
-    return _like(qkv, (B, M, T, D)), qkv.new_empty(B * M * heads, max(16, pow2(T)), dtype=torch.float32)
+    return _like(qkv, (B, M, T, D)), qkv.new_empty(B * M * heads, _padded(T), dtype=torch.float32)
 
 
 @torch.library.custom_op("weightzoo::attention_backward", mutates_args=())
