@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,6 +66,12 @@ VARIANTS = {  # name: (precision, compile, conv, cuda_graphs)
     "fp32+fused": ("fp32", False, "fused", False), "bf16+fused": ("bf16", False, "fused", False),
     "bf16+compile+fused": ("bf16", True, "fused", False), "bf16+fused+graphs": ("bf16", False, "fused", True),
     "bf16+compile+fused+graphs": ("bf16", True, "fused", True)}
+INDUCTOR = {  # name: torch._inductor.config settings the compiled step is built under
+    "default": {},
+    "gemm": {"max_autotune_gemm": True},  # Triton GEMM templates autotuned against cuBLAS, bias fused in
+    "cdt": {"coordinate_descent_tuning": True},  # pointwise / reduction launch configs tuned per kernel
+    "gemm+cdt": {"max_autotune_gemm": True, "coordinate_descent_tuning": True},
+}
 
 
 def sync(device):
@@ -276,6 +283,9 @@ def main():
                     help="attention forms to time (zoo.engine.ATTENTION_FORMS), comma-separated; reduce needs compile")
     ap.add_argument("--patch", default=engine.patch_form,
                     help="vit_t patch-embedding forms to time (zoo.engine.PATCH_FORMS), comma-separated")
+    ap.add_argument("--inductor", default="default",
+                    help=f"inductor settings to compile under ({', '.join(INDUCTOR)}), comma-separated (checks and "
+                         "profile: the last)")
     ap.add_argument("--block-r", type=int, default=0, help="rows per Triton conv program (default: the module's)")
     args = ap.parse_args()
     if args.block_r:
@@ -293,6 +303,7 @@ def main():
     act_modes = _choices(ap, "--activation", "mode", args.activation, ("fused", "layer"))
     att_forms = _choices(ap, "--attention", "form", args.attention, engine.ATTENTION_FORMS)
     patch_forms = _choices(ap, "--patch", "form", args.patch, engine.PATCH_FORMS)
+    inductor = _choices(ap, "--inductor", "setting", args.inductor, INDUCTOR)
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -305,8 +316,8 @@ def main():
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for form, lay, act, att, patch, variant in itertools.product(dx_forms, layouts, act_modes, att_forms,
-                                                                      patch_forms, args.variants.split(",")):
+        for form, lay, act, att, patch, ind, variant in itertools.product(
+                dx_forms, layouts, act_modes, att_forms, patch_forms, inductor, args.variants.split(",")):
             _directconv.set_dx_form(form)
             _directconv.set_layout(lay)
             _directconv.set_activation_fusion(act == "fused")
@@ -316,10 +327,13 @@ def main():
                     + (f" layout={lay}" if len(layouts) > 1 else "")
                     + (f" act={act}" if len(act_modes) > 1 else "")
                     + (f" attn={att}" if len(att_forms) > 1 else "")
-                    + (f" patch={patch}" if len(patch_forms) > 1 else ""))
+                    + (f" patch={patch}" if len(patch_forms) > 1 else "")
+                    + (f" inductor={ind}" if len(inductor) > 1 else ""))
             for m in (int(v) for v in args.members.split(",")):
                 try:
-                    t, t_order, peak, t_eval = time_engine(arch, data, m, args.batch, args.steps, *VARIANTS[variant])
+                    with torch._inductor.config.patch(INDUCTOR[ind]):
+                        t, t_order, peak, t_eval = time_engine(arch, data, m, args.batch, args.steps,
+                                                               *VARIANTS[variant])
                 except torch.OutOfMemoryError:
                     print(f"{arch} {path} {m}: out of memory", flush=True)
                     torch.cuda.empty_cache()
@@ -331,13 +345,14 @@ def main():
                       f"{rate:.1f} model-epochs/s ({rate / solo_rate:.0f}x), peak {peak:.1f} GiB"
                       + (f", one evaluation {t_eval:.2f} s" if EVAL_SAMPLES else ""), flush=True)
                 torch.cuda.empty_cache() if dev.type == "cuda" else None
-        if args.check:
-            for variant in ("fp32", args.variants.split(",")[-1]):
+        last = args.variants.split(",")[-1]
+        with torch._inductor.config.patch(INDUCTOR[inductor[-1]]):
+            for variant in ("fp32", last) if args.check else ():
                 rows.append(report_agreement(arch, variant, agreement(arch, data, args.check, args.batch,
                                                                       *VARIANTS[variant])))
-        for m in (int(v) for v in args.members.split(",")) if args.profile else ():
-            print(f"{arch}, {m} members, {args.variants.split(',')[-1]}:")
-            print(profile(arch, data, m, args.batch, *VARIANTS[args.variants.split(",")[-1]]))
+            for m in (int(v) for v in args.members.split(",")) if args.profile else ():
+                print(f"{arch}, {m} members, {last}, inductor={inductor[-1]}:")
+                print(profile(arch, data, m, args.batch, *VARIANTS[last]))
     print("\n| arch | path | members | model-epochs/s | ms/step | ratio | peak GiB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "rate" in r:
