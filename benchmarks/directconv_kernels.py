@@ -1,5 +1,5 @@
 """Per-layer timing of the direct (implicit-GEMM) conv kernels (zoo/_directconv.py) on smallcnn's and cnn_gap's
-strided 3x3 convs: forward, weight gradient and both input-gradient forms ("masked", "polyphase"), each on
+strided 3x3 convs: forward, weight gradient and the input-gradient forms (`zoo._directconv.DX_FORMS`), each on
 contiguous tensors and (suffix "cl") on channels-last ones (`zoo._directconv.LAYOUTS`), the channels-last
 forward and weight gradient with the activation fused (suffix "act": tanh in the forward's epilogue, its
 derivative in dw, which then also writes the pre-activation gradient for dx), against
@@ -80,9 +80,9 @@ def run_layer(name: str, B: int, M: int, dtype, iters: int, device, torch_too: b
     gout = torch.empty_like(gc) if C > 1 else None
     calls["fwd cl act"] = (lambda: dc._fwd(xc, w, b, s, p, True, act), x_b + z_b)
     calls["dw cl act"] = (lambda: dc._dw(gc, xc, w.shape, s, p, yc, act, gout), x_b + (3 if C > 1 else 2) * z_b)
-    if C > 1:
-        calls["dx polyphase cl"] = (lambda: (dc.set_dx_form("polyphase"), dc._dx(gc, w, x.shape, s, p, True)),
-                                    x_b + z_b)
+    for form in [f for f in dc.DX_FORMS if f.startswith("polyphase")] if C > 1 else ():
+        calls[f"dx {form} cl"] = (lambda form=form: (dc.set_dx_form(form), dc._dx(gc, w, x.shape, s, p, True)),
+                                  x_b + z_b)
     if torch_too:
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
         z = grouped(xg, wg, b, s, p)

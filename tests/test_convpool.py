@@ -25,7 +25,7 @@ GEOMETRIES = [(3, 2, 1, 12, 8, 5, 1, 0, 2), (2, 3, 8, 12, 6, 5, 1, 0, 2), (2, 2,
 
 
 DIRECT = [g for g in GEOMETRIES if g[-1] == 1 and g[-3] > 1]  # the direct kernels' geometries
-CASES = [(g, "masked") for g in GEOMETRIES] + [(g, "polyphase") for g in DIRECT]
+CASES = [(g, "masked") for g in GEOMETRIES] + [(g, f) for g in DIRECT for f in ("polyphase", "polyphase_joint")]
 
 
 @pytest.fixture
@@ -111,10 +111,10 @@ def test_strided_convs_without_pool_run_the_direct_kernels(dx_form):
     assert kernels == [dc._fwd_kernel, dc._dw_kernel, dc._dx_kernel, cp._band_fwd_kernel]
 
 
-@pytest.mark.parametrize("dx_form", ["polyphase"], indirect=True)
+@pytest.mark.parametrize("dx_form", ["polyphase", "polyphase_joint"], indirect=True)
 def test_polyphase_input_gradient_launches_one_grid_over_phases(dx_form):
-    """The polyphase form runs its own kernel, one launch with the S x S phases on grid axis 1; an unknown
-    form is refused by name."""
+    """The polyphase forms run their own kernel in one launch: one phase per program, or all S x S of a pixel
+    block's ("polyphase_joint"); an unknown form is refused by name."""
     import zoo._directconv as dc
     from zoo._triton import recording
 
@@ -123,6 +123,7 @@ def test_polyphase_input_gradient_launches_one_grid_over_phases(dx_form):
     with recording() as launches:
         conv_pool(x, w, torch.zeros(2, 4, device=DEVICE), 2, 1, 1).sum().backward()
     assert [k for k, _, _ in launches] == [dc._fwd_kernel, dc._dw_kernel, dc._dx_phase_kernel]
+    assert launches[-1][1][-1] == (4 if dx_form == "polyphase_joint" else 1)  # NP: phases per program
     with pytest.raises(ValueError, match="unknown direct-conv dx form 'phases'.*masked, polyphase"):
         dc.set_dx_form("phases")
 
@@ -147,7 +148,7 @@ CL_GEOMETRIES = [(2, 2, 16, 9, 16, 3, 2, 1, 1), (1, 2, 32, 7, 16, 5, 2, 2, 1)]
 
 
 @pytest.mark.parametrize("layout", ["channels_last"], indirect=True)
-@pytest.mark.parametrize("dx_form", ["masked", "polyphase"], indirect=True)
+@pytest.mark.parametrize("dx_form", ["masked", "polyphase", "polyphase_joint"], indirect=True)
 @pytest.mark.parametrize("geometry", CL_GEOMETRIES)
 def test_channels_last_matches_torch(geometry, dx_form, layout):
     """Under the channels-last layout z and dx come out channels-last, and the kernels read x and gz stored

@@ -34,7 +34,7 @@ import torch
 from ._triton import MAX_GRID_Y, NUM_WARPS, dot_dtype, launch, on_device, pow2, stages, tl, triton
 
 BLOCK_R, BLOCK_R_DW = 128, 128  # GEMM rows per program (forward / input gradient, weight gradient)
-DX_FORMS = ("masked", "polyphase")
+DX_FORMS = ("masked", "polyphase", "polyphase_joint")
 dx_form = "polyphase"  # the input gradient's form (module docstring); `set_dx_form` changes it
 LAYOUTS = ("nchw", "channels_last")
 layout = "channels_last"  # how the kernels store what they write (module docstring); `set_layout` changes it
@@ -325,34 +325,23 @@ if triton is not None:
         tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=rok[:, None] & (c < C)[None, :])
 
     @triton.jit
-    def _dx_phase_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr,
-                         W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr,
-                         S: tl.constexpr, PAD: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr,
-                         BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, GCL: tl.constexpr,
-                         XCL: tl.constexpr):
-        """dx for a tile of input pixels of one phase (py, px) = (iy % S, ix % S) of member m. Only the taps
-        ky = (py + PAD) % S + S * jy (and likewise kx) reach a pixel of that phase, so K = (o, jy, jx) holds
-        O * ceil(KS / S)^2 taps, not O * KS^2 (3x3 stride 2: 4 of 9). The tap (jy, jx) reads the output
-        gradient at (qy + (py + PAD) // S - jy, qx + (px + PAD) // S - jx), (iy, ix) = (py + S qy, px + S qx),
-        times w[m, o, c, ky, kx]. Grid axis 1 is (row block, phase), phase fastest: the S^2 phases of a block
-        interleave in every output line, and launched close together (one member-wide wave apart, ~17 MB of writes
-        for cnn_gap conv2) their partial lines meet in L2 before they go to memory, where phase-major order wrote
-        each line in S^2 pieces one whole tensor apart. Rows past the image are masked.
-        GCL / XCL: gz / dx channels-last; a channels-last gz is read one tap (R, O) at a time."""
+    def _dx_phase(gz_ptr, wbase, dx_ptr, unit, qy, qx, r_ok, phase, C: tl.constexpr, H: tl.constexpr,
+                  W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr,
+                  S: tl.constexpr, PAD: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr,
+                  BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, GCL: tl.constexpr,
+                  XCL: tl.constexpr):
+        """dx at the input pixels (py + S qy, px + S qx) of phase (py, px) = (iy % S, ix % S) of rows (unit, qy,
+        qx). Only the taps ky = (py + PAD) % S + S * jy (and likewise kx) reach a pixel of that phase, so K =
+        (o, jy, jx) holds O * ceil(KS / S)^2 taps, not O * KS^2 (3x3 stride 2: 4 of 9). The tap (jy, jx) reads
+        the output gradient at (qy + (py + PAD) // S - jy, qx + (px + PAD) // S - jx), times
+        w[m, o, c, ky, kx]. GCL / XCL: gz / dx channels-last; a channels-last gz is read one tap (R, O) at a
+        time."""
         TJ: tl.constexpr = (KS + S - 1) // S
         KO: tl.constexpr = O * TJ * TJ
-        HQ: tl.constexpr = (H + S - 1) // S
-        WQ: tl.constexpr = (W + S - 1) // S
-        m, phase, blk = tl.program_id(0), tl.program_id(1) % (S * S), tl.program_id(1) // (S * S)
         py, px = phase // S, phase % S
-        r = blk * BLOCK + tl.arange(0, BLOCK)
-        image, q = (r // (HQ * WQ)).to(tl.int64), r % (HQ * WQ)
-        qy, qx = q // WQ, q % WQ
         iy, ix = py + S * qy, px + S * qx
-        rok = (r < n_rows) & (iy < H) & (ix < W)
-        unit = image * M + m
+        rok = r_ok & (iy < H) & (ix < W)
         c = tl.arange(0, BC)
-        wbase = w_ptr + m * (O * C * KS * KS)
         acc = tl.zeros((BLOCK, BC), tl.float32)
         if GCL:  # one tap (jy, jx) per step, its O channels contiguous
             o = tl.arange(0, O)
@@ -385,6 +374,29 @@ if triton is not None:
                 acc += tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
         out = _offsets(unit, iy * W + ix, c, C, H * W, XCL)
         tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=_row_mask(rok, c, C))
+
+    @triton.jit
+    def _dx_phase_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr,
+                         W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr,
+                         S: tl.constexpr, PAD: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr,
+                         BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, GCL: tl.constexpr,
+                         XCL: tl.constexpr, NP: tl.constexpr):
+        """dx for a tile of rows (image, qy, qx) of member m, in NP of the S^2 phases (`_dx_phase`), one after
+        another. Grid axis 1 is (row block, phase group), group fastest. NP = S^2 ("polyphase_joint"): one
+        program writes every phase of its pixels, so each line of dx leaves whole, and the phases read the same
+        output-gradient neighbourhood from L1. NP = 1 ("polyphase"): the phases of a block run one member-wide
+        wave apart (~17 MB of writes for cnn_gap conv2), and every line of a channels-last dx (4 pixels of 16
+        bf16 channels: 2 phases) is written in pieces that must meet in L2. Rows past the image are masked."""
+        HQ: tl.constexpr = (H + S - 1) // S
+        WQ: tl.constexpr = (W + S - 1) // S
+        NG: tl.constexpr = S * S // NP
+        m, group, blk = tl.program_id(0), tl.program_id(1) % NG, tl.program_id(1) // NG
+        r = blk * BLOCK + tl.arange(0, BLOCK)
+        image, q = (r // (HQ * WQ)).to(tl.int64), r % (HQ * WQ)
+        wbase = w_ptr + m * (O * C * KS * KS)
+        for i in tl.static_range(NP):
+            _dx_phase(gz_ptr, wbase, dx_ptr, image * M + m, q // WQ, q % WQ, r < n_rows, group * NP + i, C, H, W,
+                      O, Ho, Wo, KS, S, PAD, BC, BLOCK, BLOCK_K, DOT_DTYPE, PREC, GCL, XCL)
 
 
 def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, ...]:
@@ -458,7 +470,8 @@ def _dx(gz, w, x_shape, stride: int, padding: int, cl: bool = False) -> torch.Te
     g = _geometry(x_shape, w.shape, stride, padding)
     C, H, W, O, KS, S = g[0], g[1], g[2], g[3], g[6], g[7]
     B, M = gz.shape[:2]
-    phases = dx_form == "polyphase"
+    phases = dx_form.startswith("polyphase")
+    n_p = S * S if dx_form == "polyphase_joint" else 1  # phases per program
     gz, gcl = _readable(gz) if phases else (gz.contiguous(), False)
     out = _alloc(gz, B, M, C, H, W, cl)
     dx = out if phases or out.is_contiguous() else torch.empty(B, M, C, H, W, device=gz.device, dtype=gz.dtype)
@@ -466,16 +479,16 @@ def _dx(gz, w, x_shape, stride: int, padding: int, cl: bool = False) -> torch.Te
     # rows per image and phase, K: polyphase has ceil(H/S) x ceil(W/S) rows and O ceil(k/S)^2 taps per phase
     per_image = -(-H // S) * -(-W // S) if phases else H * W
     taps = O * (-(-KS // S)) ** 2 if phases else O * KS * KS
-    per_launch = max(1, MAX_GRID_Y // (S * S if phases else 1) * BLOCK_R // per_image)
+    per_launch = max(1, MAX_GRID_Y // (S * S // n_p if phases else 1) * BLOCK_R // per_image)
     tail = (max(16, pow2(C)), BLOCK_R, block_k(taps), *dot_dtype(gz.dtype))
     with on_device(gz.device):
         for a in range(0, B, per_launch):
             gs, dxs = gz[a: a + per_launch], dx[a: a + per_launch]
             n_rows = len(gs) * per_image
             n_blocks = triton.cdiv(n_rows, BLOCK_R)
-            if phases:  # grid axis 1: (row block, phase), phase fastest
-                launch(_dx_phase_kernel, (M, S * S * n_blocks), gs, w, dxs, M, n_rows, *g, *tail, gcl,
-                       xcl, num_warps=NUM_WARPS, num_stages=stages(gz.dtype))
+            if phases:  # grid axis 1: (row block, phase group), group fastest
+                launch(_dx_phase_kernel, (M, S * S // n_p * n_blocks), gs, w, dxs, M, n_rows, *g, *tail, gcl,
+                       xcl, n_p, num_warps=NUM_WARPS, num_stages=stages(gz.dtype))
             else:
                 launch(_dx_kernel, (M, n_blocks), gs, w, dxs, M, n_rows, *g, *tail, num_warps=NUM_WARPS,
                        num_stages=stages(gz.dtype))
