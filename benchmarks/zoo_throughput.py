@@ -10,7 +10,8 @@ Device run (MNIST copied to data/datasets/mnist, carried):
     python benchmarks/zoo_throughput.py --archs cnn_s --members 2560 --batch 10 --check 0 --recipe hyp \
         --eval 10000 --variants bf16+compile+fused+graphs --profile        # one HYP checkpoint's evaluation
     python benchmarks/zoo_throughput.py --archs vit_t --members 4096 --check 2 \
-        --variants bf16+compile+fused+graphs --attention bmm,triton --patch conv,matmul  # attention, patch forms
+        --variants bf16+compile+fused+graphs --attention bmm,triton --patch conv,matmul --mlp layers,fused
+                                                              # attention, patch and MLP-block forms
     python benchmarks/zoo_throughput.py --archs smallcnn,cnn_gap --members 4096 --check 2 \
         --variants bf16+compile+fused+graphs --layout nchw,channels_last   # the direct convs' two layouts
     python benchmarks/zoo_throughput.py --archs smallcnn,cnn_gap --members 4096 --check 2 \
@@ -283,6 +284,8 @@ def main():
                     help="attention forms to time (zoo.engine.ATTENTION_FORMS), comma-separated; reduce needs compile")
     ap.add_argument("--patch", default=engine.patch_form,
                     help="vit_t patch-embedding forms to time (zoo.engine.PATCH_FORMS), comma-separated")
+    ap.add_argument("--mlp", default=engine.mlp_form,
+                    help="pre-norm MLP block forms to time (zoo.engine.MLP_FORMS), comma-separated (checks: the last)")
     ap.add_argument("--inductor", default="default",
                     help=f"inductor settings to compile under ({', '.join(INDUCTOR)}), comma-separated (checks and "
                          "profile: the last)")
@@ -304,6 +307,7 @@ def main():
     att_forms = _choices(ap, "--attention", "form", args.attention, engine.ATTENTION_FORMS)
     patch_forms = _choices(ap, "--patch", "form", args.patch, engine.PATCH_FORMS)
     inductor = _choices(ap, "--inductor", "setting", args.inductor, INDUCTOR)
+    mlp_forms = _choices(ap, "--mlp", "form", args.mlp, engine.MLP_FORMS)
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -316,18 +320,20 @@ def main():
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for form, lay, act, att, patch, ind, variant in itertools.product(
-                dx_forms, layouts, act_modes, att_forms, patch_forms, inductor, args.variants.split(",")):
+        for form, lay, act, att, patch, mlp, ind, variant in itertools.product(
+                dx_forms, layouts, act_modes, att_forms, patch_forms, mlp_forms, inductor, args.variants.split(",")):
             _directconv.set_dx_form(form)
             _directconv.set_layout(lay)
             _directconv.set_activation_fusion(act == "fused")
             engine.set_attention_form(att)
             engine.set_patch_form(patch)
+            engine.set_mlp_form(mlp)
             path = (variant + (f" dx={form}" if len(dx_forms) > 1 else "")
                     + (f" layout={lay}" if len(layouts) > 1 else "")
                     + (f" act={act}" if len(act_modes) > 1 else "")
                     + (f" attn={att}" if len(att_forms) > 1 else "")
                     + (f" patch={patch}" if len(patch_forms) > 1 else "")
+                    + (f" mlp={mlp}" if len(mlp_forms) > 1 else "")
                     + (f" inductor={ind}" if len(inductor) > 1 else ""))
             for m in (int(v) for v in args.members.split(",")):
                 try:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _directconv
+from . import _directconv, _mlp
 from ._attention import attention as triton_attention
 from ._attention import supports as triton_attention_fits
 from ._convpool import available as triton_available
@@ -60,6 +60,11 @@ attention_form = "triton"
 # patches cut by a reshape and one per-member matmul (`set_patch_form`)
 PATCH_FORMS = ("conv", "matmul")
 patch_form = "matmul"
+# a pre-norm MLP block, Residual(LayerNorm, Linear, Activation, Dropout, Linear, Dropout): "layers", each layer's
+# rule; "fused" (default), one Triton kernel each way (`_mlp.py`) where the population runs its Triton kernels,
+# no member has dropout, every member's activation has a code there, and the widths fit one program (`set_mlp_form`)
+MLP_FORMS = ("layers", "fused")
+mlp_form = "fused"
 RULES: dict[type, Callable] = {}
 
 
@@ -95,6 +100,13 @@ def set_attention_form(name: str) -> None:
     attention_form = name
 
 
+def set_mlp_form(name: str) -> None:
+    global mlp_form
+    if name not in MLP_FORMS:
+        raise ValueError(f"unknown mlp form {name!r}; choose one of {', '.join(MLP_FORMS)}")
+    mlp_form = name
+
+
 def set_patch_form(name: str) -> None:
     """Choose how a non-overlapping patch embedding runs from now on (module comment on `PATCH_FORMS`)."""
     global patch_form
@@ -113,6 +125,7 @@ class _Ctx:
     bf16: bool = False  # bf16 autocast is on (the fused kernels then run in bf16 as torch's conv would)
     n_dropout: int = 0  # dropout layers seen so far in this forward pass
     act_codes: torch.Tensor | None = None  # (M,) int32 when the direct convs may run the activation after them
+    mlp_codes: torch.Tensor | None = None  # (M,) int32 when the fused MLP block can run every member's activation
 
 
 def _member_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -351,7 +364,33 @@ rule(TetheredConv2d)(_conv)  # their weights arrive as W * T (BatchedNet.forward
 rule(TetheredLinear)(_linear)
 rule(nn.Flatten)(lambda m, p, x, ctx: x.flatten(2))
 rule(GlobalAvgPool)(lambda m, p, x, ctx: x.mean(dim=(-2, -1)))
-rule(Residual)(lambda m, p, x, ctx: x + _sequential(m.body, p + "body.", x, ctx))
+MLP_BODY = (nn.LayerNorm, nn.Linear, Activation, nn.Dropout, nn.Linear, nn.Dropout)
+
+
+def _fuses_mlp(m: Residual, x: torch.Tensor, ctx: _Ctx) -> bool:
+    """A pre-norm MLP block the fused kernels run: `mlp_form` "fused", the population on its Triton kernels, no
+    dropout this pass, every member's activation coded, affine layer norm over the last dim, biased linears
+    D -> F -> D of widths one program holds."""
+    body = list(m.body)
+    if not (mlp_form == "fused" and ctx.conv == "fused" and ctx.dropout is None and ctx.mlp_codes is not None
+            and x.dim() == 4 and len(body) == len(MLP_BODY) and all(type(a) is b for a, b in zip(body, MLP_BODY))):
+        return False
+    ln, fc1, _, _, fc2, _ = body
+    D = x.shape[-1]
+    return (ln.elementwise_affine and ln.bias is not None and tuple(ln.normalized_shape) == (D,)
+            and fc1.bias is not None and fc2.bias is not None and fc1.in_features == fc2.out_features == D
+            and x.shape[1] == len(ctx.mlp_codes) and _mlp.supports(D, fc1.out_features))
+
+
+@rule(Residual)
+def _residual(m: Residual, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    if _fuses_mlp(m, x, ctx):
+        q = lambda name: ctx.params[f"{p}body.{name}"]
+        return _mlp.residual_mlp(x, q("0.weight"), q("0.bias"), q("1.weight"), q("1.bias"), q("4.weight"),
+                                 q("4.bias"), ctx.mlp_codes, m.body[0].eps, ctx.bf16)
+    return x + _sequential(m.body, p + "body.", x, ctx)
+
+
 rule(ClassToken)(lambda m, p, x, ctx: x[..., 0, :])
 
 
@@ -399,7 +438,9 @@ class BatchedNet:
     def act_runs(self, value: list[tuple[str, int, int]]) -> None:
         self._act_runs = value
         self.size = value[-1][2] if value else 0
-        self.act_codes = activation_codes([n for n, a, b in value for _ in range(a, b)], self.device)
+        names = [n for n, a, b in value for _ in range(a, b)]
+        self.act_codes = activation_codes(names, self.device)
+        self.mlp_codes = _mlp.codes(names, self.device)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """(M, P) -> per-tensor views (M, *shape), state_dict order."""
@@ -414,7 +455,7 @@ class BatchedNet:
         for n in self.tethered:  # tethered layers compute with W * T
             named[f"{n}.weight"] = named[f"{n}.weight"] * named[f"{n}.tether"]
         ctx = _Ctx(named, self.act_runs, dropout, step_key, self.conv, self.precision == "bf16",
-                   act_codes=self.act_codes if _directconv.fuse_activation else None)
+                   act_codes=self.act_codes if _directconv.fuse_activation else None, mlp_codes=self.mlp_codes)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             return run_layer(self.template, "", x, ctx).float()
 

@@ -1,0 +1,58 @@
+"""The fused pre-norm MLP block (`zoo/_mlp.py`) against torch's layers: values and every gradient, for each
+activation code, member-major and image-major storage, parameters as views of a flat (M, P) buffer, rows split
+over several programs or not (on CPU through Triton's interpreter)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo import _mlp
+from zoo._triton import available
+from zoo.models import ACTIVATIONS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not available(torch.device(DEVICE)), reason="needs Triton (or its interpreter)")
+
+
+def _reference(x, lnw, lnb, w1, b1, w2, b2, acts):
+    ln = F.layer_norm(x, x.shape[-1:]) * lnw[None, :, None] + lnb[None, :, None]
+    z = torch.einsum("bmtd,mfd->bmtf", ln, w1) + b1[None, :, None]
+    h = torch.stack([z[:, i] if a == "identity" else ACTIVATIONS[a](z[:, i]) for i, a in enumerate(acts)], 1)
+    return x + torch.einsum("bmtf,mdf->bmtd", h, w2) + b2[None, :, None]
+
+
+@pytest.mark.parametrize("B,T,member_major", [(3, 5, True), (3, 50, False)])  # one program per member; 3 splits
+def test_fused_mlp_matches_torch(B, T, member_major):
+    names = list(_mlp.CODES)
+    M, D, Fh = len(names), 16, 32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, B, T, D, generator=g).permute(1, 0, 2, 3) if member_major else torch.randn(B, M, T, D,
+                                                                                                  generator=g)
+    sizes = [D, D, Fh * D, Fh, D * Fh, D]
+    flat = torch.randn(M, sum(sizes) + 3, generator=g) * 0.3  # parameters as views of one flat buffer
+    flat[:, :D] += 1.0
+    ps = [v.view(M, *s) for v, s in zip(flat[:, :sum(sizes)].split(sizes, 1),
+                                        [(D,), (D,), (Fh, D), (Fh,), (D, Fh), (D,)])]
+    gy = torch.randn(B, M, T, D, generator=g)
+    x, ps, gy = x.to(DEVICE), [p.to(DEVICE) for p in ps], gy.to(DEVICE)
+    xr, pr = x.clone().requires_grad_(), [p.clone().requires_grad_() for p in ps]
+    ref = _reference(xr, *pr, names)
+    ref_grads = torch.autograd.grad(ref, [xr, *pr], gy)
+    xk = x.clone().requires_grad_()
+    pk = [p.detach().requires_grad_() for p in ps]  # strided views (member stride = the flat row)
+    y = _mlp.residual_mlp(xk, *pk, _mlp.codes(names, DEVICE), 1e-5, False)
+    grads = torch.autograd.grad(y, [xk, *pk], gy)
+    assert y.stride() == x.stride()
+    assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+    for name, a, r in zip(["x", "ln_w", "ln_b", "w1", "b1", "w2", "b2"], grads, ref_grads):
+        assert torch.allclose(a, r, atol=1e-4, rtol=1e-5), (name, float((a - r).abs().max()))
+
+
+def test_fused_mlp_refuses_what_it_cannot_run():
+    """Activations without a code give no codes (the engine then runs the layers); widths outside 16..128 or
+    not powers of two are not supported; a wrong fc1 shape is named."""
+    assert _mlp.codes(["tanh", "elu"], "cpu") is None
+    assert _mlp.supports(32, 64) and not _mlp.supports(24, 64) and not _mlp.supports(32, 256)
+    x = torch.zeros(2, 3, 4, 16)
+    with pytest.raises(ValueError, match=r"fc1 weight must be \(M, F, D\) = \(3, F, 16\), got \(3, 32, 8\)"):
+        _mlp.residual_mlp(x, *[torch.zeros(3, 16)] * 2, torch.zeros(3, 32, 8), torch.zeros(3, 32),
+                          torch.zeros(3, 16, 32), torch.zeros(3, 16), torch.zeros(3, dtype=torch.int32), 1e-5, False)

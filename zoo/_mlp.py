@@ -1,0 +1,256 @@
+"""A pre-norm transformer MLP block, y = x + fc2(act(fc1(LayerNorm(x)))), for every member of a population in
+one Triton kernel each way (vit_t's and gpt_t's `Residual(LayerNorm, Linear, Activation, Dropout, Linear, Dropout)`
+without dropout).
+
+Unfused, the block is five passes over the (B, M, T, D) residual stream and its 2x wider hidden layer (layer norm,
+two batched matmuls with the permuted copies around them, the activation, the residual add) and more backward;
+on one H100 the layer norms and per-member GEMMs of vit_t took ~12 of its 31.6 ms a step (benchmarks/NOTES.md).
+Here one program holds a member's (D, F) and (F, D) weights and runs its rows (image, token) in blocks of
+BLOCK rows: the hidden layer never leaves the chip. The backward recomputes the forward from x (only x is saved)
+and accumulates the member's weight gradients in registers over its rows; rows are split over programs only
+where the members alone do not fill the GPU (partial sums added in a fixed order).
+
+Count for vit_t (D 32, F 64, bf16 products, fp32 residual stream; 4,096 members x 64 images x 17 tokens =
+4.46M rows a step): forward reads x and writes y, 2 x 570 MB; backward reads x and dy and writes dx, 3 x 570 MB:
+~2.9 GB a step for both MLP blocks together ... per block, ~0.6 ms at an H200's 4.8 TB/s. MACs: 3 x 2 x 4.46M x
+2 x 32 x 64 ~ 110 GFLOP per block with the recompute, ~0.15 ms on tensor cores.
+
+Numerics follow torch under bf16 autocast: the layer norm in fp32, products from bf16 operands accumulated in fp32
+and rounded to bf16 as cuBLAS returns them, the bias added and the activation taken in bf16 (rounded as torch
+rounds bf16 elementwise results), the residual sum in x's dtype. fp32 populations run exact fp32 products.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
+
+BLOCK = 64  # rows (image, token) per step of a program
+# activations by code; each derivative is taken from the pre-activation z, which the backward recomputes
+CODES = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "leaky_relu": 4, "gelu": 5, "silu": 6}
+
+
+def supports(D: int, F: int) -> bool:
+    """Widths one program's tiles hold: powers of two from tl.dot's 16 to 128."""
+    return all(16 <= n <= 128 and n == pow2(n) for n in (D, F))
+
+
+def codes(names, device: torch.device | str) -> torch.Tensor | None:
+    """(M,) int32 activation codes, or None when one of `names` has no code here."""
+    if any(n not in CODES for n in names):
+        return None
+    return torch.tensor([CODES[n] for n in names], dtype=torch.int32, device=device)
+
+
+if triton is not None:
+    @triton.jit
+    def _round(v, DT: tl.constexpr):
+        """v (fp32) rounded to the products' dtype and back: where torch would hold a bf16 tensor."""
+        return v.to(DT).to(tl.float32)
+
+    @triton.jit
+    def _act(z, code):
+        """Activation `code` (CODES) of fp32 z; tanh(z) = 2 sigmoid(2 z) - 1."""
+        s = tl.sigmoid(z * tl.where(code == 2, 2.0, 1.0))
+        y = tl.where(code == 1, tl.maximum(z, 0.0), z)
+        y = tl.where(code == 2, 2.0 * s - 1.0, y)
+        y = tl.where(code == 3, s, y)
+        y = tl.where((code == 4) & (z < 0), z * 0.01, y)  # F.leaky_relu's default slope (the registry's)
+        y = tl.where(code == 5, 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476)), y)  # exact (erf) gelu
+        return tl.where(code == 6, z * s, y)
+
+    @triton.jit
+    def _act_grad(z, code):
+        """d act(z) / dz, fp32."""
+        s = tl.sigmoid(z * tl.where(code == 2, 2.0, 1.0))
+        t = 2.0 * s - 1.0
+        d = tl.where(code == 1, tl.where(z > 0, 1.0, 0.0), 1.0)
+        d = tl.where(code == 2, 1.0 - t * t, d)
+        d = tl.where(code == 3, s * (1.0 - s), d)
+        d = tl.where((code == 4) & (z < 0), 0.01, d)
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        d = tl.where(code == 5, cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z), d)
+        return tl.where(code == 6, s * (1.0 + z * (1.0 - s)), d)
+
+    @triton.jit
+    def _rows(r0, n_rows, m, T, sB, sM, sT, BLOCK: tl.constexpr):
+        """(in range, element offset of the row's first entry) for the BLOCK rows r0.. of member m; row = image * T
+        + token."""
+        r = r0 + tl.arange(0, BLOCK)
+        return r < n_rows, (r // T).to(tl.int64) * sB + m.to(tl.int64) * sM + (r % T) * sT
+
+    @triton.jit
+    def _norm(x, lnw, lnb, eps, D: tl.constexpr):
+        """Layer norm of the (R, D) rows x: (xhat, rstd, xhat * lnw + lnb)."""
+        mean = tl.sum(x, 1) / D
+        xc = x - mean[:, None]
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
+        xhat = xc * rstd[:, None]
+        return xhat, rstd, xhat * lnw[None, :] + lnb[None, :]
+
+    @triton.jit
+    def _hidden(ln, w1t, b1, code, DT: tl.constexpr, PREC: tl.constexpr):
+        """(z, act(z)), (R, F) fp32 holding bf16-rounded values under bf16: fc1 of the normed rows."""
+        z = _round(_round(tl.dot(ln.to(DT), w1t, input_precision=PREC), DT) + b1[None, :], DT)
+        return z, _round(_act(z, code), DT)
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, code_ptr, y_ptr, n_rows, per_split,
+                    T, sB, sM, sT, yB, yM, yT, p_lnw, p_lnb, p_w1, p_b1, p_w2, p_b2, eps,
+                    D: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr,
+                    DT: tl.constexpr, PREC: tl.constexpr):
+        m, split = tl.program_id(0), tl.program_id(1)
+        d, f = tl.arange(0, D), tl.arange(0, F)
+        code = tl.load(code_ptr + m)
+        lnw, lnb = tl.load(lnw_ptr + m * p_lnw + d), tl.load(lnb_ptr + m * p_lnb + d)
+        w1t = tl.load(w1_ptr + m * p_w1 + f[None, :] * D + d[:, None]).to(DT)  # (D, F) = w1[m]^T
+        w2t = tl.load(w2_ptr + m * p_w2 + d[None, :] * F + f[:, None]).to(DT)  # (F, D) = w2[m]^T
+        b1 = _round(tl.load(b1_ptr + m * p_b1 + f), DT)
+        b2 = _round(tl.load(b2_ptr + m * p_b2 + d), DT)
+        for r0 in range(split * per_split, tl.minimum(n_rows, (split + 1) * per_split), BLOCK):
+            ok, xo = _rows(r0, n_rows, m, T, sB, sM, sT, BLOCK)
+            _, yo = _rows(r0, n_rows, m, T, yB, yM, yT, BLOCK)
+            x = tl.load(x_ptr + xo[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # (R, D)
+            _, _, ln = _norm(x, lnw, lnb, eps, D)
+            _, h = _hidden(ln, w1t, b1, code, DT, PREC)
+            out = _round(_round(tl.dot(h.to(DT), w2t, input_precision=PREC), DT) + b2[None, :], DT)
+            tl.store(y_ptr + yo[:, None] + d[None, :], (x + out).to(y_ptr.dtype.element_ty), mask=ok[:, None])
+
+    @triton.jit
+    def _bwd_kernel(x_ptr, gy_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, code_ptr, gx_ptr, glnw_ptr,
+                    glnb_ptr, gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr, M, n_rows, per_split, T, sB, sM, sT, gB, gM, gT,
+                    oB, oM, oT, p_lnw, p_lnb, p_w1, p_b1, p_w2, eps, D: tl.constexpr, F: tl.constexpr,
+                    BLOCK: tl.constexpr, DT: tl.constexpr,
+                    PREC: tl.constexpr):
+        m, split = tl.program_id(0), tl.program_id(1)
+        d, f = tl.arange(0, D), tl.arange(0, F)
+        code = tl.load(code_ptr + m)
+        lnw, lnb = tl.load(lnw_ptr + m * p_lnw + d), tl.load(lnb_ptr + m * p_lnb + d)
+        w1 = tl.load(w1_ptr + m * p_w1 + f[:, None] * D + d[None, :]).to(DT)  # (F, D)
+        w2 = tl.load(w2_ptr + m * p_w2 + d[:, None] * F + f[None, :]).to(DT)  # (D, F)
+        b1 = _round(tl.load(b1_ptr + m * p_b1 + f), DT)
+        acc_w1, acc_w2 = tl.zeros((F, D), tl.float32), tl.zeros((D, F), tl.float32)
+        acc_b1, acc_b2 = tl.zeros((F,), tl.float32), tl.zeros((D,), tl.float32)
+        acc_lnw, acc_lnb = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
+        for r0 in range(split * per_split, tl.minimum(n_rows, (split + 1) * per_split), BLOCK):
+            ok, xo = _rows(r0, n_rows, m, T, sB, sM, sT, BLOCK)
+            _, go = _rows(r0, n_rows, m, T, gB, gM, gT, BLOCK)
+            _, oo = _rows(r0, n_rows, m, T, oB, oM, oT, BLOCK)
+            x = tl.load(x_ptr + xo[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            xhat, rstd, ln = _norm(x, lnw, lnb, eps, D)
+            z, h = _hidden(ln, tl.trans(w1), b1, code, DT, PREC)  # (R, F) each
+            g = tl.load(gy_ptr + go[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # (R, D)
+            g2 = g.to(DT)  # the gradient at fc2's output, as its bf16 product receives it; 0 in masked rows
+            acc_w2 += tl.dot(tl.trans(g2), h.to(DT), input_precision=PREC)  # (D, F)
+            acc_b2 += tl.sum(g2.to(tl.float32), 0)
+            gh = _round(tl.dot(g2, w2, input_precision=PREC), DT)  # (R, F) at act's output
+            gz = _round(gh * _act_grad(z, code), DT).to(DT)  # (R, F) at fc1's output
+            acc_w1 += tl.dot(tl.trans(gz), ln.to(DT), input_precision=PREC)  # (F, D)
+            acc_b1 += tl.sum(gz.to(tl.float32), 0)
+            gln = _round(tl.dot(gz, w1, input_precision=PREC), DT)  # (R, D) at the layer norm's output
+            acc_lnw += tl.sum(gln * xhat, 0)
+            acc_lnb += tl.sum(gln, 0)
+            gxh = gln * lnw[None, :]
+            gx = rstd[:, None] * (gxh - (tl.sum(gxh, 1) / D)[:, None] - xhat * (tl.sum(gxh * xhat, 1) / D)[:, None])
+            tl.store(gx_ptr + oo[:, None] + d[None, :], (g + gx).to(gx_ptr.dtype.element_ty), mask=ok[:, None])
+        p = split * M + m  # this program's partial sums
+        tl.store(gw1_ptr + p * (F * D) + f[:, None] * D + d[None, :], acc_w1)
+        tl.store(gw2_ptr + p * (D * F) + d[:, None] * F + f[None, :], acc_w2)
+        tl.store(gb1_ptr + p * F + f, acc_b1)
+        tl.store(gb2_ptr + p * D + d, acc_b2)
+        tl.store(glnw_ptr + p * D + d, acc_lnw)
+        tl.store(glnb_ptr + p * D + d, acc_lnb)
+
+
+def _check(x: torch.Tensor, w1: torch.Tensor, *params: torch.Tensor) -> tuple[int, int, int, int, int]:
+    if x.dim() != 4 or x.stride(-1) != 1:
+        raise ValueError(f"residual mlp: x must be (B, M, T, D) with unit last stride, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    B, M, T, D = x.shape
+    if tuple(w1.shape[::2]) != (M, D):
+        raise ValueError(f"residual mlp: fc1 weight must be (M, F, D) = ({M}, F, {D}), got {tuple(w1.shape)}")
+    for p in (w1, *params):  # per-member tensors, e.g. views of the (M, P) flat buffer: any member stride
+        if len(p) != M or not p[0].is_contiguous():
+            raise ValueError(f"residual mlp: parameters must be (M={M}, ...) with each member's entries contiguous, "
+                             f"got shape {tuple(p.shape)} strides {p.stride()}")
+    return B, M, T, D, w1.shape[1]
+
+
+def _splits(M: int, n_rows: int) -> tuple[int, int]:
+    """(programs per member, rows each, a multiple of BLOCK): enough programs to fill the GPU (~2,048)."""
+    n_split = max(1, min(triton.cdiv(n_rows, BLOCK), triton.cdiv(2048, M)))
+    per = triton.cdiv(triton.cdiv(n_rows, n_split), BLOCK) * BLOCK
+    return triton.cdiv(n_rows, per), per
+
+
+@torch.library.custom_op("weightzoo::residual_mlp", mutates_args=())
+def _mlp_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+            w2: torch.Tensor, b2: torch.Tensor, codes: torch.Tensor, eps: float, bf16: bool) -> torch.Tensor:
+    B, M, T, D, F = _check(x, w1, ln_w, ln_b, b1, w2, b2)
+    y = torch.empty_like(x)
+    n_rows = B * T
+    n_split, per = _splits(M, n_rows)
+    DT, PREC = dot_dtype(torch.bfloat16 if bf16 else torch.float32)
+    with on_device(x.device):
+        launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, w1, b1, w2, b2, codes, y, n_rows, per, T,
+               *x.stride()[:3], *y.stride()[:3],
+               *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2, b2)), eps, D=D, F=F, BLOCK=BLOCK, DT=DT, PREC=PREC)
+    return y
+
+
+@_mlp_op.register_fake
+def _(x, ln_w, ln_b, w1, b1, w2, b2, codes, eps, bf16):
+    _check(x, w1)
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("weightzoo::residual_mlp_backward", mutates_args=())
+def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor,
+                 b1: torch.Tensor, w2: torch.Tensor, codes: torch.Tensor, eps: float, bf16: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor]:
+    """(dx laid out as x, d ln_w, d ln_b, d w1, d b1, d w2, d b2), the parameter gradients fp32."""
+    B, M, T, D, F = _check(x, w1, ln_w, ln_b, b1, w2)
+    gy = gy if gy.stride(-1) == 1 else gy.contiguous()
+    gx = torch.empty_like(x)
+    n_rows = B * T
+    n_split, per = _splits(M, n_rows)
+    part = lambda *shape: torch.empty(n_split, M, *shape, device=x.device, dtype=torch.float32)
+    glnw, glnb, gw1, gb1, gw2, gb2 = part(D), part(D), part(F, D), part(F), part(D, F), part(D)
+    DT, PREC = dot_dtype(torch.bfloat16 if bf16 else torch.float32)
+    with on_device(x.device):
+        launch(_bwd_kernel, (M, n_split), x, gy, ln_w, ln_b, w1, b1, w2, codes, gx, glnw, glnb, gw1, gb1, gw2, gb2,
+               M, n_rows, per, T, *x.stride()[:3], *gy.stride()[:3], *gx.stride()[:3],
+               *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2)), eps, D=D, F=F, BLOCK=BLOCK,
+               DT=DT, PREC=PREC)
+    return (gx, *(t.sum(0) for t in (glnw, glnb, gw1, gb1, gw2, gb2)))
+
+
+@_backward_op.register_fake
+def _(gy, x, ln_w, ln_b, w1, b1, w2, codes, eps, bf16):
+    B, M, T, D, F = _check(x, w1)
+    e = lambda *shape: x.new_empty(M, *shape, dtype=torch.float32)
+    return torch.empty_like(x), e(D), e(D), e(F, D), e(F), e(D, F), e(D)
+
+
+def _setup(ctx, inputs, output):
+    x, ln_w, ln_b, w1, b1, w2, b2, codes, eps, bf16 = inputs
+    ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2, codes)  # the backward recomputes the block from x
+    ctx.eps, ctx.bf16 = eps, bf16
+
+
+def _backward(ctx, gy):
+    x, ln_w, ln_b, w1, b1, w2, codes = ctx.saved_tensors
+    gx, *grads = _backward_op(gy, x, ln_w, ln_b, w1, b1, w2, codes, ctx.eps, ctx.bf16)
+    return (gx, *grads, None, None, None)
+
+
+_mlp_op.register_autograd(_backward, setup_context=_setup)
+
+
+def residual_mlp(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                 w2: torch.Tensor, b2: torch.Tensor, codes: torch.Tensor, eps: float, bf16: bool) -> torch.Tensor:
+    """x (B, M, T, D) -> x + fc2(act(fc1(LayerNorm(x)))) per member, in x's dtype and layout. ln_w, ln_b (M, D),
+    w1 (M, F, D), b1 (M, F), w2 (M, D, F), b2 (M, D) float32; codes (M,) int32 (`codes`); `bf16`: products in bf16
+    as under autocast. The caller checks `_triton.available(x.device)` and `supports(D, F)`."""
+    return _mlp_op(x, ln_w, ln_b, w1, b1, w2, b2, codes, eps, bf16)
