@@ -299,13 +299,16 @@ def test_cuda_graph_steps_match_eager_steps(digits):
 
 def test_attention_forms_train_the_same_members(digits, monkeypatch):
     """vit_t members trained with attention as batched matmuls, as broadcast products summed (the form
-    inductor fuses), as torch's fused attention and as our Triton kernel (interpreted on CPU) reach the same
-    weights and logits; an unknown form is refused by name."""
+    inductor fuses), as torch's fused attention, as our Triton kernel and as the whole pre-norm block in one
+    kernel each way (both interpreted on CPU) reach the same weights and logits; an unknown form is refused by
+    name."""
     import zoo.engine as engine
 
     monkeypatch.setattr(engine, "attention_form", engine.attention_form)
-    calls = []
+    calls, blocks = [], []
     monkeypatch.setattr(engine, "triton_attention", lambda *a, f=engine.triton_attention: calls.append(1) or f(*a))
+    monkeypatch.setattr(engine._attnblock, "attention_block",
+                        lambda *a, f=engine._attnblock.attention_block: blocks.append(1) or f(*a))
     kw = {"patch": 4, "dim": 16, "depth": 1}
     out = {}
     for form in engine.ATTENTION_FORMS:
@@ -318,10 +321,10 @@ def test_attention_forms_train_the_same_members(digits, monkeypatch):
     # steps (as against the plain loop, test_sequences.py): it is left out of the weight comparison
     key_bias = pop.net.layout["1.body.1.qkv.bias"].offset + torch.arange(16, 32)
     keep = torch.ones(w_bmm.shape[1], dtype=torch.bool).index_fill_(0, key_bias, False)
-    for form in ("reduce", "sdpa", "triton"):
+    for form in ("reduce", "sdpa", "triton", "block"):
         w, y = out[form]
         assert _rel(w[:, keep], w_bmm[:, keep]) < 1e-6 and _rel(y, y_bmm) < 1e-5, form
-    assert len(calls) == 7  # the kernel ran in the triton form's 6 steps and its evaluation, and only there
+    assert len(calls) == len(blocks) == 7  # each kernel ran in its form's 6 steps and evaluation, and only there
     assert not torch.equal(w_bmm, _flat(create_model("vit_t", in_channels=1, input_size=8, **kw)))
-    with pytest.raises(ValueError, match="unknown attention form 'flash'.*bmm, reduce, sdpa, triton"):
+    with pytest.raises(ValueError, match="unknown attention form 'flash'.*bmm, reduce, sdpa, triton, block"):
         engine.set_attention_form("flash")

@@ -89,7 +89,8 @@ def test_causal_attention_does_not_see_the_future():
 
 def test_causal_attention_forms_agree(monkeypatch):
     """gpt_t members' logits are the same with attention as batched matmuls, as summed broadcast products and
-    as torch's fused attention and our Triton kernel (zoo.engine.ATTENTION_FORMS), causal mask included."""
+    as torch's fused attention, our Triton kernel and the whole pre-norm block in one kernel
+    (zoo.engine.ATTENTION_FORMS), causal mask included."""
     import zoo.engine as engine
 
     monkeypatch.setattr(engine, "attention_form", engine.attention_form)
@@ -99,7 +100,7 @@ def test_causal_attention_forms_agree(monkeypatch):
     for form in engine.ATTENTION_FORMS:
         engine.set_attention_form(form)
         logits[form] = pop.forward(data.x_test[:16, None], train=False)  # (B, M, T, V)
-    for form in ("reduce", "sdpa", "triton"):
+    for form in ("reduce", "sdpa", "triton", "block"):
         assert float((logits[form] - logits["bmm"]).norm() / logits["bmm"].norm()) < 1e-5, form
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _directconv, _mlp
+from . import _attnblock, _directconv, _mlp
 from ._attention import attention as triton_attention
 from ._attention import supports as triton_attention_fits
 from ._convpool import available as triton_available
@@ -53,8 +53,10 @@ CONV_PATHS = ("auto", "grouped", "unfold", "fused")
 # (`_attention.py`): whole sequences per program, q, k, v read from the qkv projection in place, the scores never
 # leave the chip. It runs where the population runs its Triton kernels (conv "fused", CUDA by default) and a
 # sequence fits one program; elsewhere "bmm" does. On one H100 vit_t's step went 53.0 -> 34.1 ms with it
-# (bmm -> triton; sdpa's kernels were slower than bmm there; benchmarks/NOTES.md).
-ATTENTION_FORMS = ("bmm", "reduce", "sdpa", "triton")
+# (bmm -> triton; sdpa's kernels were slower than bmm there; benchmarks/NOTES.md). "block": a whole pre-norm block,
+# Residual(LayerNorm, SelfAttention, Dropout), in one Triton kernel each way (`_attnblock.py`) where no member has
+# dropout and the block fits one program; elsewhere as "triton".
+ATTENTION_FORMS = ("bmm", "reduce", "sdpa", "triton", "block")
 attention_form = "triton"
 # vit_t's patch embedding (stride = kernel): "conv", the conv rule (direct Triton kernels on CUDA), or "matmul",
 # patches cut by a reshape and one per-member matmul (`set_patch_form`)
@@ -262,7 +264,7 @@ def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
     B, M, T, D = x.shape
     if attention_form == "sdpa":
         return _attention_sdpa(m, p, x, ctx)
-    if attention_form == "triton" and ctx.conv == "fused" and triton_attention_fits(T, D // m.heads):
+    if attention_form in ("triton", "block") and ctx.conv == "fused" and triton_attention_fits(T, D // m.heads):
         y = triton_attention(_linear(m.qkv, p + "qkv.", x, ctx), m.heads, m.causal)  # (B, M, T, D)
         return _linear(m.out, p + "out.", y, ctx)
     q, k, v = _linear(m.qkv, p + "qkv.", x, ctx).reshape(B * M, T, 3, m.heads, D // m.heads).permute(2, 0, 3, 1, 4)
@@ -365,29 +367,45 @@ rule(TetheredLinear)(_linear)
 rule(nn.Flatten)(lambda m, p, x, ctx: x.flatten(2))
 rule(GlobalAvgPool)(lambda m, p, x, ctx: x.mean(dim=(-2, -1)))
 MLP_BODY = (nn.LayerNorm, nn.Linear, Activation, nn.Dropout, nn.Linear, nn.Dropout)
+ATTENTION_BODY = (nn.LayerNorm, SelfAttention, nn.Dropout)
+
+
+def _fusable_block(m: Residual, kinds: tuple, x: torch.Tensor, ctx: _Ctx) -> bool:
+    """A pre-norm block of layer types `kinds` on (B, M, T, D), the population on its Triton kernels, no dropout
+    this pass, an affine layer norm over D."""
+    body = list(m.body)
+    return (ctx.conv == "fused" and ctx.dropout is None and x.dim() == 4 and len(body) == len(kinds)
+            and all(type(a) is b for a, b in zip(body, kinds)) and body[0].elementwise_affine
+            and body[0].bias is not None and tuple(body[0].normalized_shape) == (x.shape[-1],))
 
 
 def _fuses_mlp(m: Residual, x: torch.Tensor, ctx: _Ctx) -> bool:
-    """A pre-norm MLP block the fused kernels run: `mlp_form` "fused", the population on its Triton kernels, no
-    dropout this pass, every member's activation coded, affine layer norm over the last dim, biased linears
-    D -> F -> D of widths one program holds."""
-    body = list(m.body)
-    if not (mlp_form == "fused" and ctx.conv == "fused" and ctx.dropout is None and ctx.mlp_codes is not None
-            and x.dim() == 4 and len(body) == len(MLP_BODY) and all(type(a) is b for a, b in zip(body, MLP_BODY))):
+    """A pre-norm MLP block the fused kernels run (`mlp_form` "fused"): every member's activation coded, biased
+    linears D -> F -> D of widths one program holds."""
+    if not (mlp_form == "fused" and ctx.mlp_codes is not None and _fusable_block(m, MLP_BODY, x, ctx)):
         return False
-    ln, fc1, _, _, fc2, _ = body
-    D = x.shape[-1]
-    return (ln.elementwise_affine and ln.bias is not None and tuple(ln.normalized_shape) == (D,)
-            and fc1.bias is not None and fc2.bias is not None and fc1.in_features == fc2.out_features == D
+    fc1, fc2, D = m.body[1], m.body[4], x.shape[-1]
+    return (fc1.bias is not None and fc2.bias is not None and fc1.in_features == fc2.out_features == D
             and x.shape[1] == len(ctx.mlp_codes) and _mlp.supports(D, fc1.out_features))
+
+
+def _fuses_attention(m: Residual, x: torch.Tensor, ctx: _Ctx) -> bool:
+    """A pre-norm attention block the fused kernels run (`attention_form` "block")."""
+    return (attention_form == "block" and _fusable_block(m, ATTENTION_BODY, x, ctx)
+            and _attnblock.supports(x.shape[2], x.shape[3], m.body[1].heads))
 
 
 @rule(Residual)
 def _residual(m: Residual, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+    q = lambda name: ctx.params[f"{p}body.{name}"]
     if _fuses_mlp(m, x, ctx):
-        q = lambda name: ctx.params[f"{p}body.{name}"]
         return _mlp.residual_mlp(x, q("0.weight"), q("0.bias"), q("1.weight"), q("1.bias"), q("4.weight"),
                                  q("4.bias"), ctx.mlp_codes, m.body[0].eps, ctx.bf16)
+    if _fuses_attention(m, x, ctx):
+        att = m.body[1]
+        return _attnblock.attention_block(x, q("0.weight"), q("0.bias"), q("1.qkv.weight"), q("1.qkv.bias"),
+                                          q("1.out.weight"), q("1.out.bias"), att.heads, att.causal, m.body[0].eps,
+                                          ctx.bf16)
     return x + _sequential(m.body, p + "body.", x, ctx)
 
 

@@ -1,0 +1,264 @@
+"""A pre-norm attention block, y = x + out(attention(qkv(LayerNorm(x)))), for every member of a population in one
+Triton kernel each way (vit_t's and gpt_t's `Residual(LayerNorm, SelfAttention, Dropout)` without dropout).
+
+Layer by layer the block is the layer norm, the qkv projection (a (B, M, T, 3 D) tensor written and read again),
+the attention kernel of `_attention.py`, the output projection and the residual add, each a pass over memory, and
+more backward. Here one program holds one member's four (D, D) projections and runs its sequences (image) one
+after another: the sequence's T tokens padded to TP rows, the layer norm, q, k and v for all heads at once, each
+head's scores from q with the other heads' columns zeroed (so no register tensor is ever sliced), the softmax,
+and the output projection; only x is read and y written. The backward recomputes the block from x and
+accumulates the member's weight gradients in registers over its sequences; sequences are split over programs only
+where the members alone do not fill the GPU (partial sums added in a fixed order).
+
+Count for vit_t (T 17 -> TP 32, D 32, 2 heads, fp32 residual stream, 4,096 members x 64 images a step): forward
+reads x and writes y, 2 x 570 MB; backward reads x and dy and writes dx, 3 x 570 MB: ~2.9 GB a block, ~0.6 ms
+at an H200's 4.8 TB/s; products on the padded rows ~2 x 6 x 2 x 262k x 32 x 32 x 32 x 3 ~ 0.3 TFLOP a block
+with the recompute, ~0.4 ms of bf16 tensor-core time.
+
+Numerics follow torch under bf16 autocast as `_attention.py` and `_mlp.py` do: layer norm in fp32, products from
+bf16 operands accumulated in fp32 and rounded to bf16 where torch holds a bf16 tensor (q, k, v, the attention
+output, the projections' outputs and input gradients), softmax and its backward in fp32 (rowsum(p dp)).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._attention import _scores
+from ._mlp import _norm, _round
+from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
+
+MAX_T = 64  # longest sequence one program holds: scores (TP, TP) and eight (TP, D) tiles in registers
+
+
+def supports(T: int, D: int, heads: int) -> bool:
+    """Sequences and widths one program's tiles hold: T <= MAX_T, D a power of two in 16..64."""
+    return T <= MAX_T and 16 <= D <= 64 and D == pow2(D) and D % heads == 0
+
+
+if triton is not None:
+    @triton.jit
+    def _proj(a16, w_ptr, row0, dd, b_ptr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+        """a (TP, D) @ w[row0: row0 + D]^T + b[row0: row0 + D] of a member's (n D, D) weight: (TP, D) fp32
+        holding bf16-rounded values under bf16."""
+        wt = tl.load(w_ptr + (row0 + dd)[None, :] * D + dd[:, None]).to(DT)  # (D in, D out)
+        b = _round(tl.load(b_ptr + row0 + dd), DT)
+        return _round(_round(tl.dot(a16, wt, input_precision=PREC), DT) + b[None, :], DT)
+
+    @triton.jit
+    def _heads_forward(q, k, v, t, dd, T, scale, H: tl.constexpr, d: tl.constexpr, CAUSAL: tl.constexpr,
+                       DT: tl.constexpr, PREC: tl.constexpr):
+        """softmax(q_h k_h^T scale) v_h for every head h, side by side in one (TP, D) tile (fp32)."""
+        o = tl.zeros(q.shape, tl.float32)
+        for h in tl.static_range(H):
+            mh = (dd // d == h)[None, :]
+            s = _scores(tl.where(mh, q, 0.0), k, t, T, scale, CAUSAL, DT, PREC)  # (TP, TP)
+            p = tl.exp(s - tl.max(s, 1)[:, None])
+            p = p / tl.sum(p, 1)[:, None]
+            o += tl.dot(p.to(DT), tl.where(mh, v, 0.0).to(DT), input_precision=PREC)
+        return o
+
+    @triton.jit
+    def _seq(s, n_img, T, m, sB, sM, sT, t):
+        """(TP,) element offsets of image s's tokens of member m, and the (TP,) mask of real tokens."""
+        si = (t * 0 + s).to(tl.int64)  # (TP,): the loop index is a plain int in the interpreter
+        return si * sB + m.to(tl.int64) * sM + t * sT, (t < T) & (si < n_img)
+
+    @triton.jit
+    def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, bo_ptr, y_ptr, n_img, per_split, T,
+                    sB, sM, sT, yB, yM, yT, p_lnw, p_lnb, p_wqkv, p_bqkv, p_wo, p_bo, eps, scale, D: tl.constexpr,
+                    H: tl.constexpr, TP: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+        m, split = tl.program_id(0), tl.program_id(1)
+        t, dd = tl.arange(0, TP), tl.arange(0, D)
+        lnw, lnb = tl.load(lnw_ptr + m * p_lnw + dd), tl.load(lnb_ptr + m * p_lnb + dd)
+        wqkv, bqkv = wqkv_ptr + m * p_wqkv, bqkv_ptr + m * p_bqkv
+        wot = tl.load(wo_ptr + m * p_wo + dd[None, :] * D + dd[:, None]).to(DT)  # (D in, D out) = wo[m]^T
+        bo = _round(tl.load(bo_ptr + m * p_bo + dd), DT)
+        for s in range(split * per_split, tl.minimum(n_img, (split + 1) * per_split)):
+            xo, ok = _seq(s, n_img, T, m, sB, sM, sT, t)
+            yo, _ = _seq(s, n_img, T, m, yB, yM, yT, t)
+            x = tl.load(x_ptr + xo[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # (TP, D)
+            ln = _norm(x, lnw, lnb, eps, D)[2].to(DT)
+            q = _proj(ln, wqkv, 0, dd, bqkv, D, DT, PREC)
+            k = _proj(ln, wqkv, D, dd, bqkv, D, DT, PREC)
+            v = _proj(ln, wqkv, 2 * D, dd, bqkv, D, DT, PREC)
+            o = _round(_heads_forward(q, k, v, t, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT)
+            out = _round(_round(tl.dot(o.to(DT), wot, input_precision=PREC), DT) + bo[None, :], DT)
+            tl.store(y_ptr + yo[:, None] + dd[None, :], (x + out).to(y_ptr.dtype.element_ty), mask=ok[:, None])
+
+    @triton.jit
+    def _heads_backward(q, k, v, go, t, dd, T, scale, H: tl.constexpr, d: tl.constexpr, CAUSAL: tl.constexpr,
+                        DT: tl.constexpr, PREC: tl.constexpr):
+        """(dq, dk, dv), each (TP, D) fp32, from the gradient go (TP, D) at the heads' output: per head, p
+        recomputed, dv = p^T go_h, dp = go_h v^T, ds = p (dp - rowsum(p dp)) scale, dq = ds k_h, dk = ds^T q_h,
+        where x_h is x with the other heads' columns zeroed."""
+        gq, gk, gv = tl.zeros(q.shape, tl.float32), tl.zeros(q.shape, tl.float32), tl.zeros(q.shape, tl.float32)
+        for h in tl.static_range(H):
+            mh = (dd // d == h)[None, :]
+            qh, kh, goh = tl.where(mh, q, 0.0).to(DT), tl.where(mh, k, 0.0).to(DT), tl.where(mh, go, 0.0).to(DT)
+            s = _scores(qh, k, t, T, scale, CAUSAL, DT, PREC)
+            p = tl.exp(s - tl.max(s, 1)[:, None])
+            p = p / tl.sum(p, 1)[:, None]  # (TP, TP)
+            gv += tl.dot(tl.trans(p.to(DT)), goh, input_precision=PREC)
+            gp = tl.dot(goh, tl.trans(v.to(DT)), input_precision=PREC)
+            gs = (p * (gp - tl.sum(p * gp, 1)[:, None]) * scale).to(DT)
+            gq += tl.dot(gs, kh, input_precision=PREC)
+            gk += tl.dot(tl.trans(gs), qh, input_precision=PREC)
+        return gq, gk, gv
+
+    @triton.jit
+    def _bwd_kernel(x_ptr, gy_ptr, lnw_ptr, lnb_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, gx_ptr, glnw_ptr, glnb_ptr,
+                    gwqkv_ptr, gbqkv_ptr, gwo_ptr, gbo_ptr, M, n_img, per_split, T, sB, sM, sT, gB, gM, gT, oB, oM,
+                    oT, p_lnw, p_lnb, p_wqkv, p_bqkv, p_wo, eps, scale, D: tl.constexpr, H: tl.constexpr,
+                    TP: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+        m, split = tl.program_id(0), tl.program_id(1)
+        t, dd = tl.arange(0, TP), tl.arange(0, D)
+        lnw, lnb = tl.load(lnw_ptr + m * p_lnw + dd), tl.load(lnb_ptr + m * p_lnb + dd)
+        wqkv, bqkv = wqkv_ptr + m * p_wqkv, bqkv_ptr + m * p_bqkv
+        w2d = dd[:, None] * D + dd[None, :]  # (D out, D in) entries of a (D, D) block
+        wq, wk = tl.load(wqkv + w2d).to(DT), tl.load(wqkv + D * D + w2d).to(DT)
+        wv = tl.load(wqkv + 2 * D * D + w2d).to(DT)
+        wo = tl.load(wo_ptr + m * p_wo + w2d).to(DT)
+        acc_q, acc_k = tl.zeros((D, D), tl.float32), tl.zeros((D, D), tl.float32)
+        acc_v, acc_o = tl.zeros((D, D), tl.float32), tl.zeros((D, D), tl.float32)
+        acc_bq, acc_bk = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
+        acc_bv, acc_bo = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
+        acc_lnw, acc_lnb = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
+        for s in range(split * per_split, tl.minimum(n_img, (split + 1) * per_split)):
+            xo, ok = _seq(s, n_img, T, m, sB, sM, sT, t)
+            go, _ = _seq(s, n_img, T, m, gB, gM, gT, t)
+            oo, _ = _seq(s, n_img, T, m, oB, oM, oT, t)
+            x = tl.load(x_ptr + xo[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            xhat, rstd, ln = _norm(x, lnw, lnb, eps, D)
+            ln = ln.to(DT)
+            q = _proj(ln, wqkv, 0, dd, bqkv, D, DT, PREC)
+            k = _proj(ln, wqkv, D, dd, bqkv, D, DT, PREC)
+            v = _proj(ln, wqkv, 2 * D, dd, bqkv, D, DT, PREC)
+            o = _round(_heads_forward(q, k, v, t, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT).to(DT)
+            gres = tl.load(gy_ptr + go[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            g = gres.to(DT)  # the gradient at the output projection, as its bf16 product receives it
+            acc_o += tl.dot(tl.trans(g), o, input_precision=PREC)  # (D out, D in)
+            acc_bo += tl.sum(g.to(tl.float32), 0)
+            gattn = _round(tl.dot(g, wo, input_precision=PREC), DT)  # (TP, D) at the heads' output
+            gq, gk, gv = _heads_backward(q, k, v, gattn, t, dd, T, scale, H, D // H, CAUSAL, DT, PREC)
+            gq, gk, gv = gq.to(DT), gk.to(DT), gv.to(DT)  # torch's attention backward returns bf16
+            acc_q += tl.dot(tl.trans(gq), ln, input_precision=PREC)
+            acc_k += tl.dot(tl.trans(gk), ln, input_precision=PREC)
+            acc_v += tl.dot(tl.trans(gv), ln, input_precision=PREC)
+            acc_bq += tl.sum(gq.to(tl.float32), 0)
+            acc_bk += tl.sum(gk.to(tl.float32), 0)
+            acc_bv += tl.sum(gv.to(tl.float32), 0)
+            gln = tl.dot(gq, wq, input_precision=PREC)  # one (TP, 3 D) x (3 D, D) product in torch: one rounding
+            gln = _round(tl.dot(gv, wv, input_precision=PREC, acc=tl.dot(gk, wk, input_precision=PREC, acc=gln)), DT)
+            acc_lnw += tl.sum(gln * xhat, 0)
+            acc_lnb += tl.sum(gln, 0)
+            gxh = gln * lnw[None, :]
+            gx = rstd[:, None] * (gxh - (tl.sum(gxh, 1) / D)[:, None] - xhat * (tl.sum(gxh * xhat, 1) / D)[:, None])
+            tl.store(gx_ptr + oo[:, None] + dd[None, :], (gres + gx).to(gx_ptr.dtype.element_ty), mask=ok[:, None])
+        p = split * M + m  # this program's partial sums
+        tl.store(gwqkv_ptr + p * (3 * D * D) + w2d, acc_q)
+        tl.store(gwqkv_ptr + p * (3 * D * D) + D * D + w2d, acc_k)
+        tl.store(gwqkv_ptr + p * (3 * D * D) + 2 * D * D + w2d, acc_v)
+        tl.store(gbqkv_ptr + p * (3 * D) + dd, acc_bq)
+        tl.store(gbqkv_ptr + p * (3 * D) + D + dd, acc_bk)
+        tl.store(gbqkv_ptr + p * (3 * D) + 2 * D + dd, acc_bv)
+        tl.store(gwo_ptr + p * (D * D) + w2d, acc_o)
+        tl.store(gbo_ptr + p * D + dd, acc_bo)
+        tl.store(glnw_ptr + p * D + dd, acc_lnw)
+        tl.store(glnb_ptr + p * D + dd, acc_lnb)
+
+
+def _check(x: torch.Tensor, wqkv: torch.Tensor, heads: int, *params: torch.Tensor) -> tuple[int, int, int, int]:
+    if x.dim() != 4 or x.stride(-1) != 1:
+        raise ValueError(f"attention block: x must be (B, M, T, D) with unit last stride, got shape "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+    B, M, T, D = x.shape
+    if tuple(wqkv.shape) != (M, 3 * D, D) or D % heads:
+        raise ValueError(f"attention block: qkv weight must be (M, 3 D, D) = ({M}, {3 * D}, {D}) with D divisible "
+                         f"by {heads} heads, got {tuple(wqkv.shape)}")
+    for p in (wqkv, *params):  # per-member tensors, e.g. views of the (M, P) flat buffer: any member stride
+        if len(p) != M or not p[0].is_contiguous():
+            raise ValueError(f"attention block: parameters must be (M={M}, ...) with each member's entries "
+                             f"contiguous, got shape {tuple(p.shape)} strides {p.stride()}")
+    return B, M, T, D
+
+
+def _splits(M: int, n_img: int) -> tuple[int, int]:
+    """(programs per member, images each): enough programs to fill the GPU (~2,048)."""
+    n_split = max(1, min(n_img, triton.cdiv(2048, M)))
+    per = triton.cdiv(n_img, n_split)
+    return triton.cdiv(n_img, per), per
+
+
+def _meta(T: int, D: int, heads: int, causal: bool, bf16: bool) -> dict:
+    DT, PREC = dot_dtype(torch.bfloat16 if bf16 else torch.float32)
+    return dict(D=D, H=heads, TP=max(16, pow2(T)), CAUSAL=causal, DT=DT, PREC=PREC)
+
+
+@torch.library.custom_op("weightzoo::attention_block", mutates_args=())
+def _block_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor,
+              wo: torch.Tensor, bo: torch.Tensor, heads: int, causal: bool, eps: float, bf16: bool) -> torch.Tensor:
+    B, M, T, D = _check(x, wqkv, heads, ln_w, ln_b, bqkv, wo, bo)
+    y = torch.empty_like(x)
+    n_split, per = _splits(M, B)
+    with on_device(x.device):
+        launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, wqkv, bqkv, wo, bo, y, B, per, T, *x.stride()[:3],
+               *y.stride()[:3], *(p.stride(0) for p in (ln_w, ln_b, wqkv, bqkv, wo, bo)), eps, (D // heads) ** -0.5,
+               **_meta(T, D, heads, causal, bf16))
+    return y
+
+
+@_block_op.register_fake
+def _(x, ln_w, ln_b, wqkv, bqkv, wo, bo, heads, causal, eps, bf16):
+    _check(x, wqkv, heads)
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("weightzoo::attention_block_backward", mutates_args=())
+def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, wqkv: torch.Tensor,
+                 bqkv: torch.Tensor, wo: torch.Tensor, heads: int, causal: bool, eps: float, bf16: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor]:
+    """(dx laid out as x, d ln_w, d ln_b, d wqkv, d bqkv, d wo, d bo), the parameter gradients fp32."""
+    B, M, T, D = _check(x, wqkv, heads, ln_w, ln_b, bqkv, wo)
+    gy = gy if gy.stride(-1) == 1 else gy.contiguous()
+    gx = torch.empty_like(x)
+    n_split, per = _splits(M, B)
+    part = lambda *shape: torch.empty(n_split, M, *shape, device=x.device, dtype=torch.float32)
+    glnw, glnb, gwqkv, gbqkv, gwo, gbo = part(D), part(D), part(3 * D, D), part(3 * D), part(D, D), part(D)
+    with on_device(x.device):
+        launch(_bwd_kernel, (M, n_split), x, gy, ln_w, ln_b, wqkv, bqkv, wo, gx, glnw, glnb, gwqkv, gbqkv, gwo, gbo,
+               M, B, per, T, *x.stride()[:3], *gy.stride()[:3], *gx.stride()[:3],
+               *(p.stride(0) for p in (ln_w, ln_b, wqkv, bqkv, wo)), eps, (D // heads) ** -0.5,
+               **_meta(T, D, heads, causal, bf16))
+    return (gx, *(t.sum(0) for t in (glnw, glnb, gwqkv, gbqkv, gwo, gbo)))
+
+
+@_backward_op.register_fake
+def _(gy, x, ln_w, ln_b, wqkv, bqkv, wo, heads, causal, eps, bf16):
+    B, M, T, D = _check(x, wqkv, heads)
+    e = lambda *shape: x.new_empty(M, *shape, dtype=torch.float32)
+    return torch.empty_like(x), e(D), e(D), e(3 * D, D), e(3 * D), e(D, D), e(D)
+
+
+def _setup(ctx, inputs, output):
+    x, ln_w, ln_b, wqkv, bqkv, wo, bo, heads, causal, eps, bf16 = inputs
+    ctx.save_for_backward(x, ln_w, ln_b, wqkv, bqkv, wo)  # the backward recomputes the block from x
+    ctx.args = heads, causal, eps, bf16
+
+
+def _backward(ctx, gy):
+    gx, *grads = _backward_op(gy, *ctx.saved_tensors, *ctx.args)
+    return (gx, *grads, None, None, None, None)
+
+
+_block_op.register_autograd(_backward, setup_context=_setup)
+
+
+def attention_block(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor,
+                    wo: torch.Tensor, bo: torch.Tensor, heads: int, causal: bool, eps: float, bf16: bool
+                    ) -> torch.Tensor:
+    """x (B, M, T, D) -> x + out(attention(qkv(LayerNorm(x)))) per member (scale d ** -0.5, causal: position t
+    attends to positions <= t), in x's dtype and layout. ln_w, ln_b (M, D), wqkv (M, 3 D, D), bqkv (M, 3 D),
+    wo (M, D, D), bo (M, D) float32; `bf16`: products in bf16 as under autocast. The caller checks
+    `_triton.available(x.device)` and `supports(T, D, heads)`."""
+    return _block_op(x, ln_w, ln_b, wqkv, bqkv, wo, bo, heads, causal, eps, bf16)
