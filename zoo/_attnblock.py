@@ -37,11 +37,13 @@ def supports(T: int, D: int, heads: int) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _proj(a16, w_ptr, row0, dd, b_ptr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-        """a (TP, D) @ w[row0: row0 + D]^T + b[row0: row0 + D] of a member's (n D, D) weight: (TP, D) fp32
-        holding bf16-rounded values under bf16."""
-        wt = tl.load(w_ptr + (row0 + dd)[None, :] * D + dd[:, None]).to(DT)  # (D in, D out)
-        b = _round(tl.load(b_ptr + row0 + dd), DT)
+    def _weight_t(w_ptr, b_ptr, row0, dd, D: tl.constexpr, DT: tl.constexpr):
+        """Rows row0 .. row0 + D of a member's (n D, D) weight, transposed to (D in, D out), and their bias."""
+        return tl.load(w_ptr + (row0 + dd)[None, :] * D + dd[:, None]).to(DT), _round(tl.load(b_ptr + row0 + dd), DT)
+
+    @triton.jit
+    def _proj(a16, wt, b, DT: tl.constexpr, PREC: tl.constexpr):
+        """a (TP, D) @ wt + b: (TP, D) fp32 holding bf16-rounded values under bf16."""
         return _round(_round(tl.dot(a16, wt, input_precision=PREC), DT) + b[None, :], DT)
 
     @triton.jit
@@ -71,18 +73,18 @@ if triton is not None:
         t, dd = tl.arange(0, TP), tl.arange(0, D)
         lnw, lnb = tl.load(lnw_ptr + m * p_lnw + dd), tl.load(lnb_ptr + m * p_lnb + dd)
         wqkv, bqkv = wqkv_ptr + m * p_wqkv, bqkv_ptr + m * p_bqkv
-        wot = tl.load(wo_ptr + m * p_wo + dd[None, :] * D + dd[:, None]).to(DT)  # (D in, D out) = wo[m]^T
-        bo = _round(tl.load(bo_ptr + m * p_bo + dd), DT)
+        wqt, bq = _weight_t(wqkv, bqkv, 0, dd, D, DT)
+        wkt, bk = _weight_t(wqkv, bqkv, D, dd, D, DT)
+        wvt, bv = _weight_t(wqkv, bqkv, 2 * D, dd, D, DT)
+        wot, bo = _weight_t(wo_ptr + m * p_wo, bo_ptr + m * p_bo, 0, dd, D, DT)
         for s in range(split * per_split, tl.minimum(n_img, (split + 1) * per_split)):
             xo, ok = _seq(s, n_img, T, m, sB, sM, sT, t)
             yo, _ = _seq(s, n_img, T, m, yB, yM, yT, t)
             x = tl.load(x_ptr + xo[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # (TP, D)
             ln = _norm(x, lnw, lnb, eps, D)[2].to(DT)
-            q = _proj(ln, wqkv, 0, dd, bqkv, D, DT, PREC)
-            k = _proj(ln, wqkv, D, dd, bqkv, D, DT, PREC)
-            v = _proj(ln, wqkv, 2 * D, dd, bqkv, D, DT, PREC)
+            q, k, v = _proj(ln, wqt, bq, DT, PREC), _proj(ln, wkt, bk, DT, PREC), _proj(ln, wvt, bv, DT, PREC)
             o = _round(_heads_forward(q, k, v, t, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT)
-            out = _round(_round(tl.dot(o.to(DT), wot, input_precision=PREC), DT) + bo[None, :], DT)
+            out = _proj(o.to(DT), wot, bo, DT, PREC)
             tl.store(y_ptr + yo[:, None] + dd[None, :], (x + out).to(y_ptr.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
@@ -118,6 +120,8 @@ if triton is not None:
         wq, wk = tl.load(wqkv + w2d).to(DT), tl.load(wqkv + D * D + w2d).to(DT)
         wv = tl.load(wqkv + 2 * D * D + w2d).to(DT)
         wo = tl.load(wo_ptr + m * p_wo + w2d).to(DT)
+        bq, bk = _round(tl.load(bqkv + dd), DT), _round(tl.load(bqkv + D + dd), DT)
+        bv = _round(tl.load(bqkv + 2 * D + dd), DT)
         acc_q, acc_k = tl.zeros((D, D), tl.float32), tl.zeros((D, D), tl.float32)
         acc_v, acc_o = tl.zeros((D, D), tl.float32), tl.zeros((D, D), tl.float32)
         acc_bq, acc_bk = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
@@ -130,9 +134,9 @@ if triton is not None:
             x = tl.load(x_ptr + xo[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             xhat, rstd, ln = _norm(x, lnw, lnb, eps, D)
             ln = ln.to(DT)
-            q = _proj(ln, wqkv, 0, dd, bqkv, D, DT, PREC)
-            k = _proj(ln, wqkv, D, dd, bqkv, D, DT, PREC)
-            v = _proj(ln, wqkv, 2 * D, dd, bqkv, D, DT, PREC)
+            q = _proj(ln, tl.trans(wq), bq, DT, PREC)
+            k = _proj(ln, tl.trans(wk), bk, DT, PREC)
+            v = _proj(ln, tl.trans(wv), bv, DT, PREC)
             o = _round(_heads_forward(q, k, v, t, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT).to(DT)
             gres = tl.load(gy_ptr + go[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             g = gres.to(DT)  # the gradient at the output projection, as its bf16 product receives it
