@@ -56,7 +56,7 @@ if triton is not None:
         y = tl.where(code == 2, 2.0 * s - 1.0, y)
         y = tl.where(code == 3, s, y)
         y = tl.where((code == 4) & (z < 0), z * 0.01, y)  # F.leaky_relu's default slope (the registry's)
-        y = tl.where(code == 5, 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476)), y)  # exact (erf) gelu
+        y = tl.where(code == 5, 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), y)  # exact (erf) gelu
         return tl.where(code == 6, z * s, y)
 
     @triton.jit
@@ -68,7 +68,7 @@ if triton is not None:
         d = tl.where(code == 2, 1.0 - t * t, d)
         d = tl.where(code == 3, s * (1.0 - s), d)
         d = tl.where((code == 4) & (z < 0), 0.01, d)
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         d = tl.where(code == 5, cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z), d)
         return tl.where(code == 6, s * (1.0 + z * (1.0 - s)), d)
 
