@@ -258,31 +258,33 @@ def test_patch_forms_train_the_same_members(digits, monkeypatch):
         engine.set_patch_form("unfold")
 
 
-def test_mlp_forms_train_the_same_members(digits, monkeypatch):
-    """vit_t's MLP blocks layer by layer and as one Triton kernel each way (interpreted on CPU) reach the same
-    weights and logits for members of two activations (each with its own code in the kernel; every code:
-    test_mlp.py); members with dropout run the layers; an unknown form is refused by name."""
+def test_fused_blocks_train_the_same_members(digits, monkeypatch):
+    """vit_t's blocks layer by layer and as one Triton kernel each way (MLP form "fused", attention form "block";
+    interpreted on CPU) reach the same weights and logits, for members of two activations (each with its own code
+    in the kernel; every code: test_mlp.py) and two dropout rates (the kernels draw the engine's hashed masks);
+    an unknown form is refused by name."""
     import zoo.engine as engine
 
     monkeypatch.setattr(engine, "mlp_form", engine.mlp_form)
+    monkeypatch.setattr(engine, "attention_form", engine.attention_form)
     calls = []
-    monkeypatch.setattr(engine._mlp, "residual_mlp", lambda *a, f=engine._mlp.residual_mlp: calls.append(1) or f(*a))
+    for mod, name in [(engine._mlp, "residual_mlp"), (engine._attnblock, "attention_block")]:
+        monkeypatch.setattr(mod, name, lambda *a, f=getattr(mod, name): calls.append(1) or f(*a))
     kw = {"patch": 4, "dim": 16, "depth": 1}
-    members = [m for a in ("tanh", "gelu") for m in _members("adam", 1, a)]
+    members = [MemberSpec(**{**vars(m), "dropout": d}) for a, d in [("tanh", 0.0), ("gelu", 0.3)]
+               for m in _members("adam", 1, a)]
     out = {}
-    for form in engine.MLP_FORMS:
-        engine.set_mlp_form(form)
+    for mlp, att in [("layers", "triton"), ("fused", "block")]:
+        engine.set_mlp_form(mlp)
+        engine.set_attention_form(att)
         pop = Population("vit_t", kw, members, digits, conv="fused")
         pop.train_epoch(1, max_steps=4)
-        out[form] = pop.flat_weights(), pop.forward(digits.normalize(digits.x_test[:32])[:, None], train=False)
+        out[mlp] = pop.flat_weights(), pop.forward(digits.normalize(digits.x_test[:32])[:, None], train=False)
     (w_l, y_l), (w_f, y_f) = out["layers"], out["fused"]
     key_bias = pop.net.layout["1.body.1.qkv.bias"].offset + torch.arange(16, 32)  # zero true gradient (above)
     keep = torch.ones(w_l.shape[1], dtype=torch.bool).index_fill_(0, key_bias, False)
     assert _rel(w_f[:, keep], w_l[:, keep]) < 1e-6 and _rel(y_f, y_l) < 1e-5
-    assert len(calls) == 5  # the kernels ran in the fused form's 4 steps and its evaluation, and only there
-    calls.clear()
-    Population("vit_t", kw, _members("adam", 2, dropout=0.1), digits, conv="fused").train_epoch(1, max_steps=1)
-    assert not calls
+    assert len(calls) == 10  # both kernels in the fused forms' 4 steps and evaluation, and only there
     with pytest.raises(ValueError, match="unknown mlp form 'mlp'.*layers, fused"):
         engine.set_mlp_form("mlp")
 

@@ -21,10 +21,12 @@ output, the projections' outputs and input gradients), softmax and its backward 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._attention import _scores
-from ._mlp import _norm, _round
+from ._mlp import Dropout, _drop_args, _kept, _norm, _round
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
 MAX_T = 64  # longest sequence one program holds: scores (TP, TP) and eight (TP, D) tiles in registers
@@ -66,9 +68,10 @@ if triton is not None:
         return si * sB + m.to(tl.int64) * sM + t * sT, (t < T) & (si < n_img)
 
     @triton.jit
-    def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, bo_ptr, y_ptr, n_img, per_split, T,
-                    sB, sM, sT, yB, yM, yT, p_lnw, p_lnb, p_wqkv, p_bqkv, p_wo, p_bo, eps, scale, D: tl.constexpr,
-                    H: tl.constexpr, TP: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, bo_ptr, key_ptr, thr_ptr, keep_ptr, y_ptr,
+                    n_img, per_split, T, sB, sM, sT, yB, yM, yT, p_lnw, p_lnb, p_wqkv, p_bqkv, p_wo, p_bo, eps, scale,
+                    D: tl.constexpr, H: tl.constexpr, TP: tl.constexpr, CAUSAL: tl.constexpr, DROP: tl.constexpr,
+                    DT: tl.constexpr, PREC: tl.constexpr):
         m, split = tl.program_id(0), tl.program_id(1)
         t, dd = tl.arange(0, TP), tl.arange(0, D)
         lnw, lnb = tl.load(lnw_ptr + m * p_lnw + dd), tl.load(lnb_ptr + m * p_lnb + dd)
@@ -77,6 +80,8 @@ if triton is not None:
         wkt, bk = _weight_t(wqkv, bqkv, D, dd, D, DT)
         wvt, bv = _weight_t(wqkv, bqkv, 2 * D, dd, D, DT)
         wot, bo = _weight_t(wo_ptr + m * p_wo, bo_ptr + m * p_bo, 0, dd, D, DT)
+        if DROP:  # the dropout layer's key, the member's threshold and keep probability
+            key, thr, keep = tl.load(key_ptr + m), tl.load(thr_ptr + m), tl.load(keep_ptr + m)
         for s in range(split * per_split, tl.minimum(n_img, (split + 1) * per_split)):
             xo, ok = _seq(s, n_img, T, m, sB, sM, sT, t)
             yo, _ = _seq(s, n_img, T, m, yB, yM, yT, t)
@@ -85,6 +90,8 @@ if triton is not None:
             q, k, v = _proj(ln, wqt, bq, DT, PREC), _proj(ln, wkt, bk, DT, PREC), _proj(ln, wvt, bv, DT, PREC)
             o = _round(_heads_forward(q, k, v, t, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT)
             out = _proj(o.to(DT), wot, bo, DT, PREC)
+            if DROP:  # x * mask / keep in fp32 into the residual sum; rows image * T + token
+                out = tl.where(_kept(key, thr, s * T + t, D, dd), out / keep, 0.0)
             tl.store(y_ptr + yo[:, None] + dd[None, :], (x + out).to(y_ptr.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
@@ -108,10 +115,11 @@ if triton is not None:
         return gq, gk, gv
 
     @triton.jit
-    def _bwd_kernel(x_ptr, gy_ptr, lnw_ptr, lnb_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, gx_ptr, glnw_ptr, glnb_ptr,
-                    gwqkv_ptr, gbqkv_ptr, gwo_ptr, gbo_ptr, M, n_img, per_split, T, sB, sM, sT, gB, gM, gT, oB, oM,
-                    oT, p_lnw, p_lnb, p_wqkv, p_bqkv, p_wo, eps, scale, D: tl.constexpr, H: tl.constexpr,
-                    TP: tl.constexpr, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    def _bwd_kernel(x_ptr, gy_ptr, lnw_ptr, lnb_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, key_ptr, thr_ptr, keep_ptr, gx_ptr,
+                    glnw_ptr, glnb_ptr, gwqkv_ptr, gbqkv_ptr, gwo_ptr, gbo_ptr, M, n_img, per_split, T, sB, sM, sT,
+                    gB, gM, gT, oB, oM, oT, p_lnw, p_lnb, p_wqkv, p_bqkv, p_wo, eps, scale, D: tl.constexpr,
+                    H: tl.constexpr, TP: tl.constexpr, CAUSAL: tl.constexpr, DROP: tl.constexpr, DT: tl.constexpr,
+                    PREC: tl.constexpr):
         m, split = tl.program_id(0), tl.program_id(1)
         t, dd = tl.arange(0, TP), tl.arange(0, D)
         lnw, lnb = tl.load(lnw_ptr + m * p_lnw + dd), tl.load(lnb_ptr + m * p_lnb + dd)
@@ -127,6 +135,8 @@ if triton is not None:
         acc_bq, acc_bk = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
         acc_bv, acc_bo = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
         acc_lnw, acc_lnb = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
+        if DROP:
+            key, thr, keep = tl.load(key_ptr + m), tl.load(thr_ptr + m), tl.load(keep_ptr + m)
         for s in range(split * per_split, tl.minimum(n_img, (split + 1) * per_split)):
             xo, ok = _seq(s, n_img, T, m, sB, sM, sT, t)
             go, _ = _seq(s, n_img, T, m, gB, gM, gT, t)
@@ -139,7 +149,10 @@ if triton is not None:
             v = _proj(ln, tl.trans(wv), bv, DT, PREC)
             o = _round(_heads_forward(q, k, v, t, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT).to(DT)
             gres = tl.load(gy_ptr + go[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            g = gres.to(DT)  # the gradient at the output projection, as its bf16 product receives it
+            g = gres
+            if DROP:
+                g = tl.where(_kept(key, thr, s * T + t, D, dd), gres / keep, 0.0)
+            g = g.to(DT)  # the gradient at the output projection, as its bf16 product receives it
             acc_o += tl.dot(tl.trans(g), o, input_precision=PREC)  # (D out, D in)
             acc_bo += tl.sum(g.to(tl.float32), 0)
             gattn = _round(tl.dot(g, wo, input_precision=PREC), DT)  # (TP, D) at the heads' output
@@ -200,26 +213,29 @@ def _meta(T: int, D: int, heads: int, causal: bool, bf16: bool) -> dict:
 
 @torch.library.custom_op("weightzoo::attention_block", mutates_args=())
 def _block_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor,
-              wo: torch.Tensor, bo: torch.Tensor, heads: int, causal: bool, eps: float, bf16: bool) -> torch.Tensor:
+              wo: torch.Tensor, bo: torch.Tensor, keys: Optional[torch.Tensor], thr: Optional[torch.Tensor],
+              keep: Optional[torch.Tensor], heads: int, causal: bool, eps: float, bf16: bool) -> torch.Tensor:
     B, M, T, D = _check(x, wqkv, heads, ln_w, ln_b, bqkv, wo, bo)
     y = torch.empty_like(x)
     n_split, per = _splits(M, B)
+    *drop, DROP = _drop_args(bo, keys, thr, keep)
     with on_device(x.device):
-        launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, wqkv, bqkv, wo, bo, y, B, per, T, *x.stride()[:3],
+        launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, wqkv, bqkv, wo, bo, *drop, y, B, per, T, *x.stride()[:3],
                *y.stride()[:3], *(p.stride(0) for p in (ln_w, ln_b, wqkv, bqkv, wo, bo)), eps, (D // heads) ** -0.5,
-               **_meta(T, D, heads, causal, bf16))
+               DROP=DROP, **_meta(T, D, heads, causal, bf16))
     return y
 
 
 @_block_op.register_fake
-def _(x, ln_w, ln_b, wqkv, bqkv, wo, bo, heads, causal, eps, bf16):
+def _(x, ln_w, ln_b, wqkv, bqkv, wo, bo, keys, thr, keep, heads, causal, eps, bf16):
     _check(x, wqkv, heads)
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("weightzoo::attention_block_backward", mutates_args=())
 def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, wqkv: torch.Tensor,
-                 bqkv: torch.Tensor, wo: torch.Tensor, heads: int, causal: bool, eps: float, bf16: bool
+                 bqkv: torch.Tensor, wo: torch.Tensor, keys: Optional[torch.Tensor], thr: Optional[torch.Tensor],
+                 keep: Optional[torch.Tensor], heads: int, causal: bool, eps: float, bf16: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                             torch.Tensor]:
     """(dx laid out as x, d ln_w, d ln_b, d wqkv, d bqkv, d wo, d bo), the parameter gradients fp32."""
@@ -229,40 +245,43 @@ def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: to
     n_split, per = _splits(M, B)
     part = lambda *shape: torch.empty(n_split, M, *shape, device=x.device, dtype=torch.float32)
     glnw, glnb, gwqkv, gbqkv, gwo, gbo = part(D), part(D), part(3 * D, D), part(3 * D), part(D, D), part(D)
+    *drop, DROP = _drop_args(wo, keys, thr, keep)
     with on_device(x.device):
-        launch(_bwd_kernel, (M, n_split), x, gy, ln_w, ln_b, wqkv, bqkv, wo, gx, glnw, glnb, gwqkv, gbqkv, gwo, gbo,
-               M, B, per, T, *x.stride()[:3], *gy.stride()[:3], *gx.stride()[:3],
+        launch(_bwd_kernel, (M, n_split), x, gy, ln_w, ln_b, wqkv, bqkv, wo, *drop, gx, glnw, glnb, gwqkv, gbqkv,
+               gwo, gbo, M, B, per, T, *x.stride()[:3], *gy.stride()[:3], *gx.stride()[:3],
                *(p.stride(0) for p in (ln_w, ln_b, wqkv, bqkv, wo)), eps, (D // heads) ** -0.5,
-               **_meta(T, D, heads, causal, bf16))
+               DROP=DROP, **_meta(T, D, heads, causal, bf16))
     return (gx, *(t.sum(0) for t in (glnw, glnb, gwqkv, gbqkv, gwo, gbo)))
 
 
 @_backward_op.register_fake
-def _(gy, x, ln_w, ln_b, wqkv, bqkv, wo, heads, causal, eps, bf16):
+def _(gy, x, ln_w, ln_b, wqkv, bqkv, wo, keys, thr, keep, heads, causal, eps, bf16):
     B, M, T, D = _check(x, wqkv, heads)
     e = lambda *shape: x.new_empty(M, *shape, dtype=torch.float32)
     return torch.empty_like(x), e(D), e(D), e(3 * D, D), e(3 * D), e(D, D), e(D)
 
 
 def _setup(ctx, inputs, output):
-    x, ln_w, ln_b, wqkv, bqkv, wo, bo, heads, causal, eps, bf16 = inputs
-    ctx.save_for_backward(x, ln_w, ln_b, wqkv, bqkv, wo)  # the backward recomputes the block from x
+    x, ln_w, ln_b, wqkv, bqkv, wo, bo, keys, thr, keep, heads, causal, eps, bf16 = inputs
+    ctx.save_for_backward(x, ln_w, ln_b, wqkv, bqkv, wo, keys, thr, keep)  # the backward recomputes from x
     ctx.args = heads, causal, eps, bf16
 
 
 def _backward(ctx, gy):
     gx, *grads = _backward_op(gy, *ctx.saved_tensors, *ctx.args)
-    return (gx, *grads, None, None, None, None)
+    return (gx, *grads, None, None, None, None, None, None, None)
 
 
 _block_op.register_autograd(_backward, setup_context=_setup)
 
 
 def attention_block(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor,
-                    wo: torch.Tensor, bo: torch.Tensor, heads: int, causal: bool, eps: float, bf16: bool
-                    ) -> torch.Tensor:
-    """x (B, M, T, D) -> x + out(attention(qkv(LayerNorm(x)))) per member (scale d ** -0.5, causal: position t
-    attends to positions <= t), in x's dtype and layout. ln_w, ln_b (M, D), wqkv (M, 3 D, D), bqkv (M, 3 D),
-    wo (M, D, D), bo (M, D) float32; `bf16`: products in bf16 as under autocast. The caller checks
-    `_triton.available(x.device)` and `supports(T, D, heads)`."""
-    return _block_op(x, ln_w, ln_b, wqkv, bqkv, wo, bo, heads, causal, eps, bf16)
+                    wo: torch.Tensor, bo: torch.Tensor, heads: int, causal: bool, eps: float, bf16: bool,
+                    dropout: Dropout | None = None) -> torch.Tensor:
+    """x (B, M, T, D) -> x + drop(out(attention(qkv(LayerNorm(x))))) per member (scale d ** -0.5, causal: position
+    t attends to positions <= t), in x's dtype and layout. ln_w, ln_b (M, D), wqkv (M, 3 D, D), bqkv (M, 3 D),
+    wo (M, D, D), bo (M, D) float32; `bf16`: products in bf16 as under autocast; `dropout`: the dropout layer's
+    masks (`_mlp.Dropout`, one key row), none without. The caller checks `_triton.available(x.device)` and
+    `supports(T, D, heads)`."""
+    keys, thr, keep = (None, None, None) if dropout is None else dropout
+    return _block_op(x, ln_w, ln_b, wqkv, bqkv, wo, bo, keys, thr, keep, heads, causal, eps, bf16)

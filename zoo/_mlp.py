@@ -21,6 +21,8 @@ rounds bf16 elementwise results), the residual sum in x's dtype. fp32 population
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
@@ -35,6 +37,15 @@ def supports(D: int, F: int) -> bool:
     return all(16 <= n <= 128 and n == pow2(n) for n in (D, F))
 
 
+class Dropout(NamedTuple):
+    """The engine's hashed dropout (`zoo.engine._dropout`) for the kernels: per dropout layer of the block its
+    members' keys, keys (n layers, M) int64; each member's threshold ceil(rate 2^32) (M,) int64 (an element is kept
+    where its hash reaches it) and keep probability 1 - rate (M,) float32."""
+    keys: torch.Tensor
+    thr: torch.Tensor
+    keep: torch.Tensor
+
+
 def codes(names, device: torch.device | str) -> torch.Tensor | None:
     """(M,) int32 activation codes, or None when one of `names` has no code here."""
     if any(n not in CODES for n in names):
@@ -47,6 +58,22 @@ if triton is not None:
     def _round(v, DT: tl.constexpr):
         """v (fp32) rounded to the products' dtype and back: where torch would hold a bf16 tensor."""
         return v.to(DT).to(tl.float32)
+
+    @triton.jit
+    def _hash32(seed, tag: tl.constexpr, idx):
+        """`zoo._rng.hash32` on int64 tensors: the same integers as the engine's dropout masks."""
+        c = tl.full((1,), 0, tl.int64)  # int64 constants: the literals would type as (u)int32
+        h = (seed * (c + 0x9E3779B1) + (c + (tag + 16) * 0x85EBCA77) + idx * (c + 0x2545F491)) & (c + 0xFFFFFFFF)
+        h = (((h >> 16) ^ h) * (c + 0x45D9F3B)) & (c + 0xFFFFFFFF)
+        h = (((h >> 16) ^ h) * (c + 0x45D9F3B)) & (c + 0xFFFFFFFF)
+        return (h >> 16) ^ h
+
+    @triton.jit
+    def _kept(key, thr, r, n_cols, col):
+        """(R, C) the engine's dropout mask (`zoo.engine._dropout`) of rows r (image * T + token) and columns col of
+        a member's (B, T, n_cols) activation: element index r * n_cols + col, hash >= thr = ceil(rate 2^32)."""
+        elem = r.to(tl.int64)[:, None] * n_cols + col[None, :]
+        return _hash32(key, 0, elem ^ 0x5BD1E995) >= thr
 
     @triton.jit
     def _act(z, code):
@@ -95,9 +122,9 @@ if triton is not None:
         return z, _round(_act(z, code), DT)
 
     @triton.jit
-    def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, code_ptr, y_ptr, n_rows, per_split,
-                    T, sB, sM, sT, yB, yM, yT, p_lnw, p_lnb, p_w1, p_b1, p_w2, p_b2, eps,
-                    D: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr,
+    def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, code_ptr, key_ptr, thr_ptr, keep_ptr,
+                    y_ptr, M, n_rows, per_split, T, sB, sM, sT, yB, yM, yT, p_lnw, p_lnb, p_w1, p_b1, p_w2, p_b2, eps,
+                    D: tl.constexpr, F: tl.constexpr, BLOCK: tl.constexpr, DROP: tl.constexpr,
                     DT: tl.constexpr, PREC: tl.constexpr):
         m, split = tl.program_id(0), tl.program_id(1)
         d, f = tl.arange(0, D), tl.arange(0, F)
@@ -107,21 +134,28 @@ if triton is not None:
         w2t = tl.load(w2_ptr + m * p_w2 + d[None, :] * F + f[:, None]).to(DT)  # (F, D) = w2[m]^T
         b1 = _round(tl.load(b1_ptr + m * p_b1 + f), DT)
         b2 = _round(tl.load(b2_ptr + m * p_b2 + d), DT)
+        if DROP:  # the two dropout layers' keys, the member's threshold and keep probability
+            k1, k2 = tl.load(key_ptr + m), tl.load(key_ptr + M + m)
+            thr, keep = tl.load(thr_ptr + m), tl.load(keep_ptr + m)
         for r0 in range(split * per_split, tl.minimum(n_rows, (split + 1) * per_split), BLOCK):
             ok, xo = _rows(r0, n_rows, m, T, sB, sM, sT, BLOCK)
             _, yo = _rows(r0, n_rows, m, T, yB, yM, yT, BLOCK)
             x = tl.load(x_ptr + xo[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # (R, D)
             _, _, ln = _norm(x, lnw, lnb, eps, D)
             _, h = _hidden(ln, w1t, b1, code, DT, PREC)
+            if DROP:  # x * mask / keep in fp32, rounded as fc2's bf16 input
+                h = _round(tl.where(_kept(k1, thr, r0 + tl.arange(0, BLOCK), F, f), h / keep, 0.0), DT)
             out = _round(_round(tl.dot(h.to(DT), w2t, input_precision=PREC), DT) + b2[None, :], DT)
+            if DROP:  # fp32 into the residual sum
+                out = tl.where(_kept(k2, thr, r0 + tl.arange(0, BLOCK), D, d), out / keep, 0.0)
             tl.store(y_ptr + yo[:, None] + d[None, :], (x + out).to(y_ptr.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
-    def _bwd_kernel(x_ptr, gy_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, code_ptr, gx_ptr, glnw_ptr,
+    def _bwd_kernel(x_ptr, gy_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, code_ptr, key_ptr, thr_ptr, keep_ptr,
+                    gx_ptr, glnw_ptr,
                     glnb_ptr, gw1_ptr, gb1_ptr, gw2_ptr, gb2_ptr, M, n_rows, per_split, T, sB, sM, sT, gB, gM, gT,
                     oB, oM, oT, p_lnw, p_lnb, p_w1, p_b1, p_w2, eps, D: tl.constexpr, F: tl.constexpr,
-                    BLOCK: tl.constexpr, DT: tl.constexpr,
-                    PREC: tl.constexpr):
+                    BLOCK: tl.constexpr, DROP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
         m, split = tl.program_id(0), tl.program_id(1)
         d, f = tl.arange(0, D), tl.arange(0, F)
         code = tl.load(code_ptr + m)
@@ -132,6 +166,9 @@ if triton is not None:
         acc_w1, acc_w2 = tl.zeros((F, D), tl.float32), tl.zeros((D, F), tl.float32)
         acc_b1, acc_b2 = tl.zeros((F,), tl.float32), tl.zeros((D,), tl.float32)
         acc_lnw, acc_lnb = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
+        if DROP:
+            k1, k2 = tl.load(key_ptr + m), tl.load(key_ptr + M + m)
+            thr, keep = tl.load(thr_ptr + m), tl.load(keep_ptr + m)
         for r0 in range(split * per_split, tl.minimum(n_rows, (split + 1) * per_split), BLOCK):
             ok, xo = _rows(r0, n_rows, m, T, sB, sM, sT, BLOCK)
             _, go = _rows(r0, n_rows, m, T, gB, gM, gT, BLOCK)
@@ -140,10 +177,17 @@ if triton is not None:
             xhat, rstd, ln = _norm(x, lnw, lnb, eps, D)
             z, h = _hidden(ln, tl.trans(w1), b1, code, DT, PREC)  # (R, F) each
             g = tl.load(gy_ptr + go[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # (R, D)
-            g2 = g.to(DT)  # the gradient at fc2's output, as its bf16 product receives it; 0 in masked rows
+            g2 = g
+            if DROP:
+                r = r0 + tl.arange(0, BLOCK)
+                h = _round(tl.where(_kept(k1, thr, r, F, f), h / keep, 0.0), DT)  # fc2's input
+                g2 = tl.where(_kept(k2, thr, r, D, d), g / keep, 0.0)
+            g2 = g2.to(DT)  # the gradient at fc2's output, as its bf16 product receives it; 0 in masked rows
             acc_w2 += tl.dot(tl.trans(g2), h.to(DT), input_precision=PREC)  # (D, F)
             acc_b2 += tl.sum(g2.to(tl.float32), 0)
-            gh = _round(tl.dot(g2, w2, input_precision=PREC), DT)  # (R, F) at act's output
+            gh = _round(tl.dot(g2, w2, input_precision=PREC), DT)  # (R, F) at fc2's input
+            if DROP:
+                gh = _round(tl.where(_kept(k1, thr, r, F, f), gh / keep, 0.0), DT)  # at act's output
             gz = _round(gh * _act_grad(z, code), DT).to(DT)  # (R, F) at fc1's output
             acc_w1 += tl.dot(tl.trans(gz), ln.to(DT), input_precision=PREC)  # (F, D)
             acc_b1 += tl.sum(gz.to(tl.float32), 0)
@@ -183,30 +227,40 @@ def _splits(M: int, n_rows: int) -> tuple[int, int]:
     return triton.cdiv(n_rows, per), per
 
 
+def _drop_args(codes: torch.Tensor, keys: Optional[torch.Tensor], thr: Optional[torch.Tensor],
+               keep: Optional[torch.Tensor]) -> tuple:
+    """The kernels' (key, threshold, keep) pointers and DROP flag; without dropout, placeholders never read."""
+    return (keys, thr, keep, True) if keys is not None else (codes, codes, codes, False)
+
+
 @torch.library.custom_op("weightzoo::residual_mlp", mutates_args=())
 def _mlp_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
-            w2: torch.Tensor, b2: torch.Tensor, codes: torch.Tensor, eps: float, bf16: bool) -> torch.Tensor:
+            w2: torch.Tensor, b2: torch.Tensor, codes: torch.Tensor, keys: Optional[torch.Tensor],
+            thr: Optional[torch.Tensor], keep: Optional[torch.Tensor], eps: float, bf16: bool) -> torch.Tensor:
     B, M, T, D, F = _check(x, w1, ln_w, ln_b, b1, w2, b2)
     y = torch.empty_like(x)
     n_rows = B * T
     n_split, per = _splits(M, n_rows)
     DT, PREC = dot_dtype(torch.bfloat16 if bf16 else torch.float32)
+    *drop, DROP = _drop_args(codes, keys, thr, keep)
     with on_device(x.device):
-        launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, w1, b1, w2, b2, codes, y, n_rows, per, T,
+        launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, w1, b1, w2, b2, codes, *drop, y, M, n_rows, per, T,
                *x.stride()[:3], *y.stride()[:3],
-               *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2, b2)), eps, D=D, F=F, BLOCK=BLOCK, DT=DT, PREC=PREC)
+               *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2, b2)), eps, D=D, F=F, BLOCK=BLOCK, DROP=DROP, DT=DT,
+               PREC=PREC)
     return y
 
 
 @_mlp_op.register_fake
-def _(x, ln_w, ln_b, w1, b1, w2, b2, codes, eps, bf16):
+def _(x, ln_w, ln_b, w1, b1, w2, b2, codes, keys, thr, keep, eps, bf16):
     _check(x, w1)
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("weightzoo::residual_mlp_backward", mutates_args=())
 def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor,
-                 b1: torch.Tensor, w2: torch.Tensor, codes: torch.Tensor, eps: float, bf16: bool
+                 b1: torch.Tensor, w2: torch.Tensor, codes: torch.Tensor, keys: Optional[torch.Tensor],
+                 thr: Optional[torch.Tensor], keep: Optional[torch.Tensor], eps: float, bf16: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                             torch.Tensor]:
     """(dx laid out as x, d ln_w, d ln_b, d w1, d b1, d w2, d b2), the parameter gradients fp32."""
@@ -218,39 +272,42 @@ def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: to
     part = lambda *shape: torch.empty(n_split, M, *shape, device=x.device, dtype=torch.float32)
     glnw, glnb, gw1, gb1, gw2, gb2 = part(D), part(D), part(F, D), part(F), part(D, F), part(D)
     DT, PREC = dot_dtype(torch.bfloat16 if bf16 else torch.float32)
+    *drop, DROP = _drop_args(codes, keys, thr, keep)
     with on_device(x.device):
-        launch(_bwd_kernel, (M, n_split), x, gy, ln_w, ln_b, w1, b1, w2, codes, gx, glnw, glnb, gw1, gb1, gw2, gb2,
-               M, n_rows, per, T, *x.stride()[:3], *gy.stride()[:3], *gx.stride()[:3],
+        launch(_bwd_kernel, (M, n_split), x, gy, ln_w, ln_b, w1, b1, w2, codes, *drop, gx, glnw, glnb, gw1, gb1,
+               gw2, gb2, M, n_rows, per, T, *x.stride()[:3], *gy.stride()[:3], *gx.stride()[:3],
                *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2)), eps, D=D, F=F, BLOCK=BLOCK,
-               DT=DT, PREC=PREC)
+               DROP=DROP, DT=DT, PREC=PREC)
     return (gx, *(t.sum(0) for t in (glnw, glnb, gw1, gb1, gw2, gb2)))
 
 
 @_backward_op.register_fake
-def _(gy, x, ln_w, ln_b, w1, b1, w2, codes, eps, bf16):
+def _(gy, x, ln_w, ln_b, w1, b1, w2, codes, keys, thr, keep, eps, bf16):
     B, M, T, D, F = _check(x, w1)
     e = lambda *shape: x.new_empty(M, *shape, dtype=torch.float32)
     return torch.empty_like(x), e(D), e(D), e(F, D), e(F), e(D, F), e(D)
 
 
 def _setup(ctx, inputs, output):
-    x, ln_w, ln_b, w1, b1, w2, b2, codes, eps, bf16 = inputs
-    ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2, codes)  # the backward recomputes the block from x
+    x, ln_w, ln_b, w1, b1, w2, b2, codes, keys, thr, keep, eps, bf16 = inputs
+    ctx.save_for_backward(x, ln_w, ln_b, w1, b1, w2, codes, keys, thr, keep)  # the backward recomputes from x
     ctx.eps, ctx.bf16 = eps, bf16
 
 
 def _backward(ctx, gy):
-    x, ln_w, ln_b, w1, b1, w2, codes = ctx.saved_tensors
-    gx, *grads = _backward_op(gy, x, ln_w, ln_b, w1, b1, w2, codes, ctx.eps, ctx.bf16)
-    return (gx, *grads, None, None, None)
+    gx, *grads = _backward_op(gy, *ctx.saved_tensors, ctx.eps, ctx.bf16)
+    return (gx, *grads, None, None, None, None, None, None)
 
 
 _mlp_op.register_autograd(_backward, setup_context=_setup)
 
 
 def residual_mlp(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
-                 w2: torch.Tensor, b2: torch.Tensor, codes: torch.Tensor, eps: float, bf16: bool) -> torch.Tensor:
-    """x (B, M, T, D) -> x + fc2(act(fc1(LayerNorm(x)))) per member, in x's dtype and layout. ln_w, ln_b (M, D),
-    w1 (M, F, D), b1 (M, F), w2 (M, D, F), b2 (M, D) float32; codes (M,) int32 (`codes`); `bf16`: products in bf16
-    as under autocast. The caller checks `_triton.available(x.device)` and `supports(D, F)`."""
-    return _mlp_op(x, ln_w, ln_b, w1, b1, w2, b2, codes, eps, bf16)
+                 w2: torch.Tensor, b2: torch.Tensor, codes: torch.Tensor, eps: float, bf16: bool,
+                 dropout: Dropout | None = None) -> torch.Tensor:
+    """x (B, M, T, D) -> x + drop(fc2(drop(act(fc1(LayerNorm(x)))))) per member, in x's dtype and layout. ln_w,
+    ln_b (M, D), w1 (M, F, D), b1 (M, F), w2 (M, D, F), b2 (M, D) float32; codes (M,) int32 (`codes`); `bf16`:
+    products in bf16 as under autocast; `dropout`: the two dropout layers' masks (`Dropout`), none without. The
+    caller checks `_triton.available(x.device)` and `supports(D, F)`."""
+    keys, thr, keep = (None, None, None) if dropout is None else dropout
+    return _mlp_op(x, ln_w, ln_b, w1, b1, w2, b2, codes, keys, thr, keep, eps, bf16)

@@ -54,8 +54,8 @@ CONV_PATHS = ("auto", "grouped", "unfold", "fused")
 # leave the chip. It runs where the population runs its Triton kernels (conv "fused", CUDA by default) and a
 # sequence fits one program; elsewhere "bmm" does. On one H100 vit_t's step went 53.0 -> 34.1 ms with it
 # (bmm -> triton; sdpa's kernels were slower than bmm there; benchmarks/NOTES.md). "block": a whole pre-norm block,
-# Residual(LayerNorm, SelfAttention, Dropout), in one Triton kernel each way (`_attnblock.py`) where no member has
-# dropout and the block fits one program; elsewhere as "triton".
+# Residual(LayerNorm, SelfAttention, Dropout), in one Triton kernel each way (`_attnblock.py`) where
+# the block fits one program (the engine's hashed dropout masks in the kernels); elsewhere as "triton".
 ATTENTION_FORMS = ("bmm", "reduce", "sdpa", "triton", "block")
 attention_form = "triton"
 # vit_t's patch embedding (stride = kernel): "conv", the conv rule (direct Triton kernels on CUDA), or "matmul",
@@ -63,8 +63,9 @@ attention_form = "triton"
 PATCH_FORMS = ("conv", "matmul")
 patch_form = "matmul"
 # a pre-norm MLP block, Residual(LayerNorm, Linear, Activation, Dropout, Linear, Dropout): "layers", each layer's
-# rule; "fused" (default), one Triton kernel each way (`_mlp.py`) where the population runs its Triton kernels,
-# no member has dropout, every member's activation has a code there, and the widths fit one program (`set_mlp_form`)
+# rule; "fused" (default), one Triton kernel each way (`_mlp.py`, the engine's hashed dropout masks included) where
+# the population runs its Triton kernels, every member's activation has a code there, and the widths fit one
+# program (`set_mlp_form`)
 MLP_FORMS = ("layers", "fused")
 mlp_form = "fused"
 RULES: dict[type, Callable] = {}
@@ -371,10 +372,10 @@ ATTENTION_BODY = (nn.LayerNorm, SelfAttention, nn.Dropout)
 
 
 def _fusable_block(m: Residual, kinds: tuple, x: torch.Tensor, ctx: _Ctx) -> bool:
-    """A pre-norm block of layer types `kinds` on (B, M, T, D), the population on its Triton kernels, no dropout
-    this pass, an affine layer norm over D."""
+    """A pre-norm block of layer types `kinds` on (B, M, T, D), the population on its Triton kernels, an affine
+    layer norm over D."""
     body = list(m.body)
-    return (ctx.conv == "fused" and ctx.dropout is None and x.dim() == 4 and len(body) == len(kinds)
+    return (ctx.conv == "fused" and x.dim() == 4 and len(body) == len(kinds)
             and all(type(a) is b for a, b in zip(body, kinds)) and body[0].elementwise_affine
             and body[0].bias is not None and tuple(body[0].normalized_shape) == (x.shape[-1],))
 
@@ -395,17 +396,30 @@ def _fuses_attention(m: Residual, x: torch.Tensor, ctx: _Ctx) -> bool:
             and _attnblock.supports(x.shape[2], x.shape[3], m.body[1].heads))
 
 
+def _block_dropout(ctx: _Ctx, n: int) -> _mlp.Dropout | None:
+    """The masks of the n dropout layers a fused block stands for, keyed as `_dropout` keys them (the count of
+    dropout layers advances as if they ran); None while dropout is off."""
+    if ctx.dropout is None:
+        return None
+    keys = []
+    for _ in range(n):
+        ctx.n_dropout += 1
+        keys.append(hash32(ctx.step_key, ctx.n_dropout, torch.zeros_like(ctx.step_key)) & 0x7FFFFFFF)
+    # u >= rate 2^32 for integer hashes u is u >= ceil(rate 2^32)
+    return _mlp.Dropout(torch.stack(keys), torch.ceil(ctx.dropout.double() * 2**32).long(), 1.0 - ctx.dropout)
+
+
 @rule(Residual)
 def _residual(m: Residual, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     q = lambda name: ctx.params[f"{p}body.{name}"]
     if _fuses_mlp(m, x, ctx):
         return _mlp.residual_mlp(x, q("0.weight"), q("0.bias"), q("1.weight"), q("1.bias"), q("4.weight"),
-                                 q("4.bias"), ctx.mlp_codes, m.body[0].eps, ctx.bf16)
+                                 q("4.bias"), ctx.mlp_codes, m.body[0].eps, ctx.bf16, _block_dropout(ctx, 2))
     if _fuses_attention(m, x, ctx):
         att = m.body[1]
         return _attnblock.attention_block(x, q("0.weight"), q("0.bias"), q("1.qkv.weight"), q("1.qkv.bias"),
                                           q("1.out.weight"), q("1.out.bias"), att.heads, att.causal, m.body[0].eps,
-                                          ctx.bf16)
+                                          ctx.bf16, _block_dropout(ctx, 1))
     return x + _sequential(m.body, p + "body.", x, ctx)
 
 
