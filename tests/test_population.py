@@ -268,8 +268,9 @@ def test_fused_blocks_train_the_same_members(digits, monkeypatch):
     monkeypatch.setattr(engine, "mlp_form", engine.mlp_form)
     monkeypatch.setattr(engine, "attention_form", engine.attention_form)
     calls = []
-    for mod, name in [(engine._mlp, "residual_mlp"), (engine._attnblock, "attention_block")]:
-        monkeypatch.setattr(mod, name, lambda *a, f=getattr(mod, name): calls.append(1) or f(*a))
+    counted = lambda f: lambda *a: calls.append(1) or f(*a)
+    monkeypatch.setattr(engine._mlp, "residual_mlp", counted(engine._mlp.residual_mlp))
+    monkeypatch.setattr(engine._attnblock, "attention_block", counted(engine._attnblock.attention_block))
     kw = {"patch": 4, "dim": 16, "depth": 1}
     members = [MemberSpec(**{**vars(m), "dropout": d}) for a, d in [("tanh", 0.0), ("gelu", 0.3)]
                for m in _members("adam", 1, a)]
