@@ -49,7 +49,7 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zoo import MemberSpec, Population, ZooConfig, _convpool, _directconv, engine, load_dataset  # noqa: E402
+from zoo import MemberSpec, Population, ZooConfig, _convpool, _directconv, _mlp, engine, load_dataset  # noqa: E402
 from zoo.build import eval_bytes, run_order  # noqa: E402
 from zoo.cli import load_config  # noqa: E402
 from zoo.config import expand_members  # noqa: E402
@@ -286,6 +286,10 @@ def main():
                     help="vit_t patch-embedding forms to time (zoo.engine.PATCH_FORMS), comma-separated")
     ap.add_argument("--mlp", default=engine.mlp_form,
                     help="pre-norm MLP block forms to time (zoo.engine.MLP_FORMS), comma-separated (checks: the last)")
+    ap.add_argument("--block-programs", default=str(_mlp.PROGRAMS),
+                    help="programs the fused transformer blocks aim for per launch (zoo._mlp.PROGRAMS: rows split "
+                         "over programs where members are fewer; weight-gradient partial sums per split), "
+                         "comma-separated (checks: the last)")
     ap.add_argument("--inductor", default="default",
                     help=f"inductor settings to compile under ({', '.join(INDUCTOR)}), comma-separated (checks and "
                          "profile: the last)")
@@ -308,6 +312,7 @@ def main():
     patch_forms = _choices(ap, "--patch", "form", args.patch, engine.PATCH_FORMS)
     inductor = _choices(ap, "--inductor", "setting", args.inductor, INDUCTOR)
     mlp_forms = _choices(ap, "--mlp", "form", args.mlp, engine.MLP_FORMS)
+    programs = [int(v) for v in args.block_programs.split(",")]
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -320,20 +325,23 @@ def main():
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for form, lay, act, att, patch, mlp, ind, variant in itertools.product(
-                dx_forms, layouts, act_modes, att_forms, patch_forms, mlp_forms, inductor, args.variants.split(",")):
+        for form, lay, act, att, patch, mlp, progs, ind, variant in itertools.product(
+                dx_forms, layouts, act_modes, att_forms, patch_forms, mlp_forms, programs, inductor,
+                args.variants.split(",")):
             _directconv.set_dx_form(form)
             _directconv.set_layout(lay)
             _directconv.set_activation_fusion(act == "fused")
             engine.set_attention_form(att)
             engine.set_patch_form(patch)
             engine.set_mlp_form(mlp)
+            _mlp.PROGRAMS = progs
             path = (variant + (f" dx={form}" if len(dx_forms) > 1 else "")
                     + (f" layout={lay}" if len(layouts) > 1 else "")
                     + (f" act={act}" if len(act_modes) > 1 else "")
                     + (f" attn={att}" if len(att_forms) > 1 else "")
                     + (f" patch={patch}" if len(patch_forms) > 1 else "")
                     + (f" mlp={mlp}" if len(mlp_forms) > 1 else "")
+                    + (f" programs={progs}" if len(programs) > 1 else "")
                     + (f" inductor={ind}" if len(inductor) > 1 else ""))
             for m in (int(v) for v in args.members.split(",")):
                 try:

@@ -28,15 +28,15 @@ def test_zoo_throughput_reports_rates_and_agreement(tmp_path):
 
 
 def test_zoo_throughput_times_each_attention_form(tmp_path):
-    """--attention bmm,triton --mlp layers,fused times vit_t once per pair of forms, each row named by them (the
-    forms, the attention block's too, train the same members: test_population.py)."""
+    """--attention bmm,triton --block-programs 1,2048 times vit_t (MLP blocks fused) once per pair, each row named by
+    them (the forms train the same members: test_population.py)."""
     _run("benchmarks/zoo_throughput.py", "--dataset", "digits", "--resize", "28", "--archs", "vit_t", "--members",
          "2", "--steps", "1", "--solo-steps", "3", "--variants", "fp32+fused", "--check", "0", "--attention",
-         "bmm,triton", "--patch", "matmul", "--mlp", "layers,fused", "--batch", "8", "--json",
+         "bmm,triton", "--patch", "matmul", "--mlp", "fused", "--block-programs", "1,2048", "--batch", "8", "--json",
          str(tmp_path / "r.json"))
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [r["path"] for r in rows] == ["plain loop"] + [f"fp32+fused attn={f} mlp={m}" for f in ("bmm", "triton")
-                                                          for m in ("layers", "fused")]
+    assert [r["path"] for r in rows] == ["plain loop"] + [f"fp32+fused attn={f} programs={p}" for f in ("bmm", "triton")
+                                                          for p in (1, 2048)]
     assert all(r["rate"] > 0 for r in rows)
 
 

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from . import _mlp
 from ._attention import _scores
 from ._mlp import Dropout, _drop_args, _kept, _norm, _round
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
@@ -200,8 +201,8 @@ def _check(x: torch.Tensor, wqkv: torch.Tensor, heads: int, *params: torch.Tenso
 
 
 def _splits(M: int, n_img: int) -> tuple[int, int]:
-    """(programs per member, images each): enough programs to fill the GPU (~2,048)."""
-    n_split = max(1, min(n_img, triton.cdiv(2048, M)))
+    """(programs per member, images each): about `_mlp.PROGRAMS` programs where members are fewer."""
+    n_split = max(1, min(n_img, triton.cdiv(_mlp.PROGRAMS, M)))
     per = triton.cdiv(n_img, n_split)
     return triton.cdiv(n_img, per), per
 

@@ -9,13 +9,14 @@ input (zero padding by masks, so no padded copy exists) and multiplies it by the
 matrix on tensor cores. Backward:
 - dw[m] (O, K) = sum over rows of gz (rows, O)^T @ patch (rows, K), and db[m] (O,) = the sum of those gz rows
   in the same kernel, partial sums over row splits added in a fixed order (deterministic);
-- dx, two forms (`DX_FORMS`, chosen by `set_dx_form`; default "polyphase": on one H200 it takes 1.0x / 0.27x
-  the masked form's time on smallcnn conv2 / conv3 and 0.23x / 1.25x on cnn_gap conv2 / conv3,
-  benchmarks/NOTES.md). "masked": a row is one input pixel, K is (o, ky, kx):
-  the output gradient at (iy + pad - ky) / S where that is a whole output pixel (masked elsewhere: with
-  stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx]. "polyphase": pixels are grouped by
-  phase (iy % S, ix % S), and K is only the ceil(k / S)^2 taps per output channel that reach that phase
-  (3x3 stride 2: 4 of 9), so the MACs and the gathers of the masked taps are not spent.
+- dx, three forms (`DX_FORMS`, chosen by `set_dx_form`; default "polyphase_joint"). "masked": a row is one input
+  pixel, K is (o, ky, kx): the output gradient at (iy + pad - ky) / S where that is a whole output pixel (masked
+  elsewhere: with stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx]. "polyphase": pixels are
+  grouped by phase (iy % S, ix % S), and K is only the ceil(k / S)^2 taps per output channel that reach that
+  phase (3x3 stride 2: 4 of 9), so the MACs and the gathers of the masked taps are not spent; one program per
+  phase (on one H200 1.0x / 0.27x the masked form's time on smallcnn conv2 / conv3, 0.23x / 1.25x on cnn_gap's).
+  "polyphase_joint": the same taps, one program writing all S^2 phases of its pixels, so every line of dx leaves
+  whole (a cnn_gap training step 13.0 -> 11.4 ms, smallcnn 9.8 -> 8.7 ms on one H100; benchmarks/NOTES.md).
 Layouts (`LAYOUTS`, chosen by `set_layout`): the outputs (z, dx) are stored (B, M, C, H, W) contiguous ("nchw") or
 channels-last ("channels_last", the default: a pixel's C channels side by side, for C in `CL_CHANNELS`). Every
 kernel reads either layout; a channels-last input is read one tap at a time, (rows, C) with one contiguous
@@ -35,7 +36,7 @@ from ._triton import MAX_GRID_Y, NUM_WARPS, dot_dtype, launch, on_device, pow2, 
 
 BLOCK_R, BLOCK_R_DW = 128, 128  # GEMM rows per program (forward / input gradient, weight gradient)
 DX_FORMS = ("masked", "polyphase", "polyphase_joint")
-dx_form = "polyphase"  # the input gradient's form (module docstring); `set_dx_form` changes it
+dx_form = "polyphase_joint"  # the input gradient's form (module docstring); `set_dx_form` changes it
 LAYOUTS = ("nchw", "channels_last")
 layout = "channels_last"  # how the kernels store what they write (module docstring); `set_layout` changes it
 CL_CHANNELS = (16, 32, 64)  # channel counts a channels-last tensor may have: one tile width of the tap GEMMs

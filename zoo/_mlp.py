@@ -28,6 +28,7 @@ import torch
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
 BLOCK = 64  # rows (image, token) per step of a program
+PROGRAMS = 2048  # programs a launch aims for: rows are split over programs while members alone are fewer
 # activations by code; each derivative is taken from the pre-activation z, which the backward recomputes
 CODES = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "leaky_relu": 4, "gelu": 5, "silu": 6}
 
@@ -221,8 +222,8 @@ def _check(x: torch.Tensor, w1: torch.Tensor, *params: torch.Tensor) -> tuple[in
 
 
 def _splits(M: int, n_rows: int) -> tuple[int, int]:
-    """(programs per member, rows each, a multiple of BLOCK): enough programs to fill the GPU (~2,048)."""
-    n_split = max(1, min(triton.cdiv(n_rows, BLOCK), triton.cdiv(2048, M)))
+    """(programs per member, rows each, a multiple of BLOCK): about PROGRAMS programs where members are fewer."""
+    n_split = max(1, min(triton.cdiv(n_rows, BLOCK), triton.cdiv(PROGRAMS, M)))
     per = triton.cdiv(triton.cdiv(n_rows, n_split), BLOCK) * BLOCK
     return triton.cdiv(n_rows, per), per
 
