@@ -1,5 +1,6 @@
-"""A pre-norm attention block, y = x + out(attention(qkv(LayerNorm(x)))), for every member of a population in one
-Triton kernel each way (vit_t's and gpt_t's `Residual(LayerNorm, SelfAttention, Dropout)` without dropout).
+"""A pre-norm attention block, y = x + drop(out(attention(qkv(LayerNorm(x))))), for every member of a population
+in one Triton kernel each way (vit_t's and gpt_t's `Residual(LayerNorm, SelfAttention, Dropout)`; the dropout masks
+are the engine's hashed ones, drawn in the kernels).
 
 Layer by layer the block is the layer norm, the qkv projection (a (B, M, T, 3 D) tensor written and read again),
 the attention kernel of `_attention.py`, the output projection and the residual add, each a pass over memory, and
@@ -13,7 +14,9 @@ where the members alone do not fill the GPU (partial sums added in a fixed order
 Count for vit_t (T 17 -> TP 32, D 32, 2 heads, fp32 residual stream, 4,096 members x 64 images a step): forward
 reads x and writes y, 2 x 570 MB; backward reads x and dy and writes dx, 3 x 570 MB: ~2.9 GB a block, ~0.6 ms
 at an H200's 4.8 TB/s; products on the padded rows ~2 x 6 x 2 x 262k x 32 x 32 x 32 x 3 ~ 0.3 TFLOP a block
-with the recompute, ~0.4 ms of bf16 tensor-core time.
+with the recompute, ~0.4 ms of bf16 tensor-core time. Measured on one H100, vit_t's step took 36.2 ms with these
+kernels against 31.6 with the attention kernel and inductor's layers around it (benchmarks/NOTES.md): the engine's
+attention form "block" is opt-in until it measures faster (the same launch-shape lever as `_mlp.py`'s).
 
 Numerics follow torch under bf16 autocast as `_attention.py` and `_mlp.py` do: layer norm in fp32, products from
 bf16 operands accumulated in fp32 and rounded to bf16 where torch holds a bf16 tensor (q, k, v, the attention

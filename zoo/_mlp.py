@@ -1,6 +1,6 @@
-"""A pre-norm transformer MLP block, y = x + fc2(act(fc1(LayerNorm(x)))), for every member of a population in
-one Triton kernel each way (vit_t's and gpt_t's `Residual(LayerNorm, Linear, Activation, Dropout, Linear, Dropout)`
-without dropout).
+"""A pre-norm transformer MLP block, y = x + drop(fc2(drop(act(fc1(LayerNorm(x)))))), for every member of a
+population in one Triton kernel each way (vit_t's `Residual(LayerNorm, Linear, Activation, Dropout, Linear,
+Dropout)`; the dropout masks are the engine's hashed ones, drawn in the kernels).
 
 Unfused, the block is five passes over the (B, M, T, D) residual stream and its 2x wider hidden layer (layer norm,
 two batched matmuls with the permuted copies around them, the activation, the residual add) and more backward;
@@ -12,8 +12,10 @@ where the members alone do not fill the GPU (partial sums added in a fixed order
 
 Count for vit_t (D 32, F 64, bf16 products, fp32 residual stream; 4,096 members x 64 images x 17 tokens =
 4.46M rows a step): forward reads x and writes y, 2 x 570 MB; backward reads x and dy and writes dx, 3 x 570 MB:
-~2.9 GB a step for both MLP blocks together ... per block, ~0.6 ms at an H200's 4.8 TB/s. MACs: 3 x 2 x 4.46M x
-2 x 32 x 64 ~ 110 GFLOP per block with the recompute, ~0.15 ms on tensor cores.
+~2.9 GB per block, ~0.6 ms at an H200's 4.8 TB/s. MACs: 3 x 2 x 4.46M x 2 x 32 x 64 ~ 110 GFLOP per block with
+the recompute, ~0.15 ms on tensor cores. Measured on one H100: ~1.6 ms forward and ~4.5 ms backward per block,
+~10x off those bytes (one program per member walking its rows in dependent steps: too little in flight per SM);
+vit_t's step 31.6 -> 30.9 ms against the layers (benchmarks/NOTES.md). `PROGRAMS` is the knob to sweep.
 
 Numerics follow torch under bf16 autocast: the layer norm in fp32, products from bf16 operands accumulated in fp32
 and rounded to bf16 as cuBLAS returns them, the bias added and the activation taken in bf16 (rounded as torch
