@@ -27,12 +27,14 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._directconv import ACTIVATION_CODES
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
 BLOCK = 64  # rows (image, token) per step of a program
 PROGRAMS = 2048  # programs a launch aims for: rows are split over programs while members alone are fewer
-# activations by code; each derivative is taken from the pre-activation z, which the backward recomputes
-CODES = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "leaky_relu": 4, "gelu": 5, "silu": 6}
+# activations by code: the direct convs' (relu, tanh, sigmoid, leaky relu) and two whose derivative needs the
+# pre-activation z, which the backward recomputes here
+CODES = {**ACTIVATION_CODES, "gelu": 5, "silu": 6}
 
 
 def supports(D: int, F: int) -> bool:
@@ -57,6 +59,8 @@ def codes(names, device: torch.device | str) -> torch.Tensor | None:
 
 
 if triton is not None:
+    from ._directconv import _act as _conv_act
+
     @triton.jit
     def _round(v, DT: tl.constexpr):
         """v (fp32) rounded to the products' dtype and back: where torch would hold a bf16 tensor."""
@@ -80,14 +84,10 @@ if triton is not None:
 
     @triton.jit
     def _act(z, code):
-        """Activation `code` (CODES) of fp32 z; tanh(z) = 2 sigmoid(2 z) - 1."""
-        s = tl.sigmoid(z * tl.where(code == 2, 2.0, 1.0))
-        y = tl.where(code == 1, tl.maximum(z, 0.0), z)
-        y = tl.where(code == 2, 2.0 * s - 1.0, y)
-        y = tl.where(code == 3, s, y)
-        y = tl.where((code == 4) & (z < 0), z * 0.01, y)  # F.leaky_relu's default slope (the registry's)
-        y = tl.where(code == 5, 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), y)  # exact (erf) gelu
-        return tl.where(code == 6, z * s, y)
+        """Activation `code` (CODES) of fp32 z: the direct convs' codes, then exact (erf) gelu and silu."""
+        y = _conv_act(z, code)
+        y = tl.where(code == 5, 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), y)
+        return tl.where(code == 6, z * tl.sigmoid(z), y)
 
     @triton.jit
     def _act_grad(z, code):
