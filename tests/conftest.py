@@ -55,3 +55,18 @@ def default_pipeline(tmp_path_factory):
     zoo_path = build(load_config(ZooConfig, None, [], DEFAULT_ZOO), root / "digits_default.h5", progress=False)
     run = fit_run(load_config(FitConfig, "configs/hyperrep/default.yaml", [f"zoo={zoo_path}", f"out={root / 'hr'}"]))
     return zoo_path, embed_zoo(zoo_path, run, progress=False)
+
+
+def block_inputs(B: int, M: int, T: int, D: int, shapes: list[tuple[int, ...]], member_major: bool, device):
+    """(x (B, M, T, D), per-member parameters of `shapes` as strided views of one flat (M, P) buffer, the first a
+    layer-norm weight near 1, an output gradient like x) for the fused-block tests; member_major stores x as
+    (M, B, T, D)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, B, T, D, generator=g).permute(1, 0, 2, 3) if member_major else torch.randn(B, M, T, D,
+                                                                                                  generator=g)
+    sizes = [torch.Size(s).numel() for s in shapes]
+    flat = torch.randn(M, sum(sizes) + 3, generator=g) * 0.3  # 3 spare columns: member stride != member size
+    flat[:, :D] += 1.0
+    ps = [v.view(M, *s) for v, s in zip(flat[:, :sum(sizes)].split(sizes, 1), shapes)]
+    gy = torch.randn(B, M, T, D, generator=g)
+    return x.to(device), [p.to(device) for p in ps], gy.to(device)

@@ -4,6 +4,7 @@ parameters as views of a flat (M, P) buffer, sequences split over programs (on C
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import block_inputs
 
 from zoo import _attnblock
 from zoo._triton import available
@@ -27,16 +28,7 @@ def _reference(x, lnw, lnb, wqkv, bqkv, wo, bo, heads, causal):
                                                            (2, 9, 1, True, False), (40, 3, 4, False, True)])
 def test_fused_attention_block_matches_torch(B, T, heads, causal, member_major):
     M, D = 3, 16
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(M, B, T, D, generator=g).permute(1, 0, 2, 3) if member_major else torch.randn(B, M, T, D,
-                                                                                                  generator=g)
-    shapes = [(D,), (D,), (3 * D, D), (3 * D,), (D, D), (D,)]
-    sizes = [torch.Size(s).numel() for s in shapes]
-    flat = torch.randn(M, sum(sizes) + 5, generator=g) * 0.3  # parameters as views of one flat buffer
-    flat[:, :D] += 1.0
-    ps = [v.view(M, *s) for v, s in zip(flat[:, :sum(sizes)].split(sizes, 1), shapes)]
-    gy = torch.randn(B, M, T, D, generator=g)
-    x, ps, gy = x.to(DEVICE), [p.to(DEVICE) for p in ps], gy.to(DEVICE)
+    x, ps, gy = block_inputs(B, M, T, D, [(D,), (D,), (3 * D, D), (3 * D,), (D, D), (D,)], member_major, DEVICE)
     xr, pr = x.clone().requires_grad_(), [p.clone().requires_grad_() for p in ps]
     ref = _reference(xr, *pr, heads, causal)
     ref_grads = torch.autograd.grad(ref, [xr, *pr], gy)

@@ -4,6 +4,7 @@ over several programs or not (on CPU through Triton's interpreter)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import block_inputs
 
 from zoo import _mlp
 from zoo._triton import available
@@ -24,16 +25,7 @@ def _reference(x, lnw, lnb, w1, b1, w2, b2, acts):
 def test_fused_mlp_matches_torch(B, T, member_major):
     names = list(_mlp.CODES)
     M, D, Fh = len(names), 16, 32
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(M, B, T, D, generator=g).permute(1, 0, 2, 3) if member_major else torch.randn(B, M, T, D,
-                                                                                                  generator=g)
-    sizes = [D, D, Fh * D, Fh, D * Fh, D]
-    flat = torch.randn(M, sum(sizes) + 3, generator=g) * 0.3  # parameters as views of one flat buffer
-    flat[:, :D] += 1.0
-    ps = [v.view(M, *s) for v, s in zip(flat[:, :sum(sizes)].split(sizes, 1),
-                                        [(D,), (D,), (Fh, D), (Fh,), (D, Fh), (D,)])]
-    gy = torch.randn(B, M, T, D, generator=g)
-    x, ps, gy = x.to(DEVICE), [p.to(DEVICE) for p in ps], gy.to(DEVICE)
+    x, ps, gy = block_inputs(B, M, T, D, [(D,), (D,), (Fh, D), (Fh,), (D, Fh), (D,)], member_major, DEVICE)
     xr, pr = x.clone().requires_grad_(), [p.clone().requires_grad_() for p in ps]
     ref = _reference(xr, *pr, names)
     ref_grads = torch.autograd.grad(ref, [xr, *pr], gy)

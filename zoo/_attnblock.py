@@ -28,9 +28,7 @@ from typing import Optional
 
 import torch
 
-from . import _mlp
-from ._attention import _scores
-from ._mlp import Dropout, _drop_args, _kept, _norm, _round
+from ._mlp import Dropout, _check_members, _drop_args, _splits
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
 MAX_T = 64  # longest sequence one program holds: scores (TP, TP) and eight (TP, D) tiles in registers
@@ -42,6 +40,9 @@ def supports(T: int, D: int, heads: int) -> bool:
 
 
 if triton is not None:
+    from ._attention import _scores
+    from ._mlp import _kept, _norm, _norm_backward, _round
+
     @triton.jit
     def _weight_t(w_ptr, b_ptr, row0, dd, D: tl.constexpr, DT: tl.constexpr):
         """Rows row0 .. row0 + D of a member's (n D, D) weight, transposed to (D in, D out), and their bias."""
@@ -172,9 +173,8 @@ if triton is not None:
             gln = _round(tl.dot(gv, wv, input_precision=PREC, acc=tl.dot(gk, wk, input_precision=PREC, acc=gln)), DT)
             acc_lnw += tl.sum(gln * xhat, 0)
             acc_lnb += tl.sum(gln, 0)
-            gxh = gln * lnw[None, :]
-            gx = rstd[:, None] * (gxh - (tl.sum(gxh, 1) / D)[:, None] - xhat * (tl.sum(gxh * xhat, 1) / D)[:, None])
-            tl.store(gx_ptr + oo[:, None] + dd[None, :], (gres + gx).to(gx_ptr.dtype.element_ty), mask=ok[:, None])
+            gx = gres + _norm_backward(gln, xhat, rstd, lnw, D)
+            tl.store(gx_ptr + oo[:, None] + dd[None, :], gx.to(gx_ptr.dtype.element_ty), mask=ok[:, None])
         p = split * M + m  # this program's partial sums
         tl.store(gwqkv_ptr + p * (3 * D * D) + w2d, acc_q)
         tl.store(gwqkv_ptr + p * (3 * D * D) + D * D + w2d, acc_k)
@@ -196,18 +196,8 @@ def _check(x: torch.Tensor, wqkv: torch.Tensor, heads: int, *params: torch.Tenso
     if tuple(wqkv.shape) != (M, 3 * D, D) or D % heads:
         raise ValueError(f"attention block: qkv weight must be (M, 3 D, D) = ({M}, {3 * D}, {D}) with D divisible "
                          f"by {heads} heads, got {tuple(wqkv.shape)}")
-    for p in (wqkv, *params):  # per-member tensors, e.g. views of the (M, P) flat buffer: any member stride
-        if len(p) != M or not p[0].is_contiguous():
-            raise ValueError(f"attention block: parameters must be (M={M}, ...) with each member's entries "
-                             f"contiguous, got shape {tuple(p.shape)} strides {p.stride()}")
+    _check_members("attention block", M, wqkv, *params)
     return B, M, T, D
-
-
-def _splits(M: int, n_img: int) -> tuple[int, int]:
-    """(programs per member, images each): about `_mlp.PROGRAMS` programs where members are fewer."""
-    n_split = max(1, min(n_img, triton.cdiv(_mlp.PROGRAMS, M)))
-    per = triton.cdiv(n_img, n_split)
-    return triton.cdiv(n_img, per), per
 
 
 def _meta(T: int, D: int, heads: int, causal: bool, bf16: bool) -> dict:
@@ -221,7 +211,7 @@ def _block_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, wqkv: tor
               keep: Optional[torch.Tensor], heads: int, causal: bool, eps: float, bf16: bool) -> torch.Tensor:
     B, M, T, D = _check(x, wqkv, heads, ln_w, ln_b, bqkv, wo, bo)
     y = torch.empty_like(x)
-    n_split, per = _splits(M, B)
+    n_split, per = _splits(M, B, 1)
     *drop, DROP = _drop_args(bo, keys, thr, keep)
     with on_device(x.device):
         launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, wqkv, bqkv, wo, bo, *drop, y, B, per, T, *x.stride()[:3],
@@ -246,7 +236,7 @@ def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: to
     B, M, T, D = _check(x, wqkv, heads, ln_w, ln_b, bqkv, wo)
     gy = gy if gy.stride(-1) == 1 else gy.contiguous()
     gx = torch.empty_like(x)
-    n_split, per = _splits(M, B)
+    n_split, per = _splits(M, B, 1)
     part = lambda *shape: torch.empty(n_split, M, *shape, device=x.device, dtype=torch.float32)
     glnw, glnb, gwqkv, gbqkv, gwo, gbo = part(D), part(D), part(3 * D, D), part(3 * D), part(D, D), part(D)
     *drop, DROP = _drop_args(wo, keys, thr, keep)

@@ -70,11 +70,12 @@ def set_activation_fusion(on: bool) -> None:
     fuse_activation = bool(on)
 
 
-def activation_codes(names, device: torch.device | str) -> torch.Tensor | None:
-    """(M,) int32 codes of the members' activations (ACTIVATION_CODES), or None when one has no fused form."""
-    if any(n not in ACTIVATION_CODES for n in names):
+def activation_codes(names, device: torch.device | str, table: dict[str, int] = ACTIVATION_CODES
+                     ) -> torch.Tensor | None:
+    """(M,) int32 codes of the members' activations in `table`, or None when one has no fused form there."""
+    if any(n not in table for n in names):
         return None
-    return torch.tensor([ACTIVATION_CODES[n] for n in names], dtype=torch.int32, device=device)
+    return torch.tensor([table[n] for n in names], dtype=torch.int32, device=device)
 
 
 def _alloc(like: torch.Tensor, B: int, M: int, C: int, H: int, W: int, cl: bool) -> torch.Tensor:

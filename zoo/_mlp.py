@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._directconv import ACTIVATION_CODES
+from ._directconv import ACTIVATION_CODES, activation_codes
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
 BLOCK = 64  # rows (image, token) per step of a program
@@ -52,10 +52,8 @@ class Dropout(NamedTuple):
 
 
 def codes(names, device: torch.device | str) -> torch.Tensor | None:
-    """(M,) int32 activation codes, or None when one of `names` has no code here."""
-    if any(n not in CODES for n in names):
-        return None
-    return torch.tensor([CODES[n] for n in names], dtype=torch.int32, device=device)
+    """(M,) int32 activation codes (CODES), or None when one of `names` has no code here."""
+    return activation_codes(names, device, CODES)
 
 
 if triton is not None:
@@ -117,6 +115,12 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
         xhat = xc * rstd[:, None]
         return xhat, rstd, xhat * lnw[None, :] + lnb[None, :]
+
+    @triton.jit
+    def _norm_backward(gln, xhat, rstd, lnw, D: tl.constexpr):
+        """The gradient at the layer norm's input from gln (R, D) at its output, with xhat and rstd of `_norm`."""
+        gxh = gln * lnw[None, :]
+        return rstd[:, None] * (gxh - (tl.sum(gxh, 1) / D)[:, None] - xhat * (tl.sum(gxh * xhat, 1) / D)[:, None])
 
     @triton.jit
     def _hidden(ln, w1t, b1, code, DT: tl.constexpr, PREC: tl.constexpr):
@@ -197,9 +201,8 @@ if triton is not None:
             gln = _round(tl.dot(gz, w1, input_precision=PREC), DT)  # (R, D) at the layer norm's output
             acc_lnw += tl.sum(gln * xhat, 0)
             acc_lnb += tl.sum(gln, 0)
-            gxh = gln * lnw[None, :]
-            gx = rstd[:, None] * (gxh - (tl.sum(gxh, 1) / D)[:, None] - xhat * (tl.sum(gxh * xhat, 1) / D)[:, None])
-            tl.store(gx_ptr + oo[:, None] + d[None, :], (g + gx).to(gx_ptr.dtype.element_ty), mask=ok[:, None])
+            gx = g + _norm_backward(gln, xhat, rstd, lnw, D)
+            tl.store(gx_ptr + oo[:, None] + d[None, :], gx.to(gx_ptr.dtype.element_ty), mask=ok[:, None])
         p = split * M + m  # this program's partial sums
         tl.store(gw1_ptr + p * (F * D) + f[:, None] * D + d[None, :], acc_w1)
         tl.store(gw2_ptr + p * (D * F) + d[:, None] * F + f[None, :], acc_w2)
@@ -216,18 +219,25 @@ def _check(x: torch.Tensor, w1: torch.Tensor, *params: torch.Tensor) -> tuple[in
     B, M, T, D = x.shape
     if tuple(w1.shape[::2]) != (M, D):
         raise ValueError(f"residual mlp: fc1 weight must be (M, F, D) = ({M}, F, {D}), got {tuple(w1.shape)}")
-    for p in (w1, *params):  # per-member tensors, e.g. views of the (M, P) flat buffer: any member stride
-        if len(p) != M or not p[0].is_contiguous():
-            raise ValueError(f"residual mlp: parameters must be (M={M}, ...) with each member's entries contiguous, "
-                             f"got shape {tuple(p.shape)} strides {p.stride()}")
+    _check_members("residual mlp", M, w1, *params)
     return B, M, T, D, w1.shape[1]
 
 
-def _splits(M: int, n_rows: int) -> tuple[int, int]:
-    """(programs per member, rows each, a multiple of BLOCK): about PROGRAMS programs where members are fewer."""
-    n_split = max(1, min(triton.cdiv(n_rows, BLOCK), triton.cdiv(PROGRAMS, M)))
-    per = triton.cdiv(triton.cdiv(n_rows, n_split), BLOCK) * BLOCK
-    return triton.cdiv(n_rows, per), per
+def _check_members(what: str, M: int, *params: torch.Tensor) -> None:
+    """Per-member parameters (M, ...), e.g. views of the (M, P) flat buffer: any member stride, each member's
+    entries contiguous (the kernels index them so)."""
+    for p in params:
+        if len(p) != M or not p[0].is_contiguous():
+            raise ValueError(f"{what}: parameters must be (M={M}, ...) with each member's entries contiguous, got "
+                             f"shape {tuple(p.shape)} strides {p.stride()}")
+
+
+def _splits(M: int, n: int, unit: int) -> tuple[int, int]:
+    """(programs per member, work items each, a multiple of `unit`) for n items a member (rows, images): about
+    PROGRAMS programs where members alone are fewer."""
+    n_split = max(1, min(triton.cdiv(n, unit), triton.cdiv(PROGRAMS, M)))
+    per = triton.cdiv(triton.cdiv(n, n_split), unit) * unit
+    return triton.cdiv(n, per), per
 
 
 def _drop_args(codes: torch.Tensor, keys: Optional[torch.Tensor], thr: Optional[torch.Tensor],
@@ -243,7 +253,7 @@ def _mlp_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.T
     B, M, T, D, F = _check(x, w1, ln_w, ln_b, b1, w2, b2)
     y = torch.empty_like(x)
     n_rows = B * T
-    n_split, per = _splits(M, n_rows)
+    n_split, per = _splits(M, n_rows, BLOCK)
     DT, PREC = dot_dtype(torch.bfloat16 if bf16 else torch.float32)
     *drop, DROP = _drop_args(codes, keys, thr, keep)
     with on_device(x.device):
@@ -271,7 +281,7 @@ def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: to
     gy = gy if gy.stride(-1) == 1 else gy.contiguous()
     gx = torch.empty_like(x)
     n_rows = B * T
-    n_split, per = _splits(M, n_rows)
+    n_split, per = _splits(M, n_rows, BLOCK)
     part = lambda *shape: torch.empty(n_split, M, *shape, device=x.device, dtype=torch.float32)
     glnw, glnb, gw1, gb1, gw2, gb2 = part(D), part(D), part(F, D), part(F), part(D, F), part(D)
     DT, PREC = dot_dtype(torch.bfloat16 if bf16 else torch.float32)

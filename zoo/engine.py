@@ -210,15 +210,20 @@ def _pool(m: nn.MaxPool2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     return y.view(*x.shape[:3], *y.shape[-2:])
 
 
+def _next_dropout_key(ctx: _Ctx) -> torch.Tensor:
+    """(M,) the members' keys for the next dropout layer of this forward pass (the layer count advances)."""
+    ctx.n_dropout += 1
+    return hash32(ctx.step_key, ctx.n_dropout, torch.zeros_like(ctx.step_key)) & 0x7FFFFFFF
+
+
 @rule(nn.Dropout)
 def _dropout(m: nn.Dropout, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     """Inverted dropout with per-member rates. Masks hash (member key, layer, element): a member's
     masks do not depend on which other members share its population."""
     if ctx.dropout is None:
         return x
-    ctx.n_dropout += 1
     B, M = x.shape[:2]
-    key = hash32(ctx.step_key, ctx.n_dropout, torch.zeros_like(ctx.step_key)) & 0x7FFFFFFF  # (M,)
+    key = _next_dropout_key(ctx)  # (M,)
     elem = torch.arange(B * x[0, 0].numel(), device=x.device).view(B, 1, *x.shape[2:])
     # the xor keeps inductor from folding arange * constant into an int32 index expression, which
     # overflows for ~10^7-element activations (torch 2.11: "Scalar ... is out of range for type int32")
@@ -401,12 +406,9 @@ def _block_dropout(ctx: _Ctx, n: int) -> _mlp.Dropout | None:
     dropout layers advances as if they ran); None while dropout is off."""
     if ctx.dropout is None:
         return None
-    keys = []
-    for _ in range(n):
-        ctx.n_dropout += 1
-        keys.append(hash32(ctx.step_key, ctx.n_dropout, torch.zeros_like(ctx.step_key)) & 0x7FFFFFFF)
+    keys = torch.stack([_next_dropout_key(ctx) for _ in range(n)])
     # u >= rate 2^32 for integer hashes u is u >= ceil(rate 2^32)
-    return _mlp.Dropout(torch.stack(keys), torch.ceil(ctx.dropout.double() * 2**32).long(), 1.0 - ctx.dropout)
+    return _mlp.Dropout(keys, torch.ceil(ctx.dropout.double() * 2**32).long(), 1.0 - ctx.dropout)
 
 
 @rule(Residual)
