@@ -32,6 +32,7 @@ from ._mlp import Dropout, _check_members, _drop_args, _splits
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
 MAX_T = 64  # longest sequence one program holds: scores (TP, TP) and eight (TP, D) tiles in registers
+WARPS = (4, 4)  # warps a program, (forward, backward)
 
 
 def supports(T: int, D: int, heads: int) -> bool:
@@ -216,7 +217,7 @@ def _block_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, wqkv: tor
     with on_device(x.device):
         launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, wqkv, bqkv, wo, bo, *drop, y, B, per, T, *x.stride()[:3],
                *y.stride()[:3], *(p.stride(0) for p in (ln_w, ln_b, wqkv, bqkv, wo, bo)), eps, (D // heads) ** -0.5,
-               DROP=DROP, **_meta(T, D, heads, causal, bf16))
+               DROP=DROP, num_warps=WARPS[0], **_meta(T, D, heads, causal, bf16))
     return y
 
 
@@ -244,7 +245,7 @@ def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: to
         launch(_bwd_kernel, (M, n_split), x, gy, ln_w, ln_b, wqkv, bqkv, wo, *drop, gx, glnw, glnb, gwqkv, gbqkv,
                gwo, gbo, M, B, per, T, *x.stride()[:3], *gy.stride()[:3], *gx.stride()[:3],
                *(p.stride(0) for p in (ln_w, ln_b, wqkv, bqkv, wo)), eps, (D // heads) ** -0.5,
-               DROP=DROP, **_meta(T, D, heads, causal, bf16))
+               DROP=DROP, num_warps=WARPS[1], **_meta(T, D, heads, causal, bf16))
     return (gx, *(t.sum(0) for t in (glnw, glnb, gwqkv, gbqkv, gwo, gbo)))
 
 

@@ -32,6 +32,9 @@ from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
 BLOCK = 64  # rows (image, token) per step of a program
 PROGRAMS = 2048  # programs a launch aims for: rows are split over programs while members alone are fewer
+# warps a program, (forward, backward). Registers a thread for vit_t on sm_90 (ptxas): forward 168 at 4 warps
+# (three programs an SM), backward 246 at 8 (at 4 it reaches 255 and spills)
+WARPS = (4, 8)
 # activations by code: the direct convs' (relu, tanh, sigmoid, leaky relu) and two whose derivative needs the
 # pre-activation z, which the backward recomputes here
 CODES = {**ACTIVATION_CODES, "gelu": 5, "silu": 6}
@@ -82,23 +85,37 @@ if triton is not None:
 
     @triton.jit
     def _act(z, code):
-        """Activation `code` (CODES) of fp32 z: the direct convs' codes, then exact (erf) gelu and silu."""
-        y = _conv_act(z, code)
-        y = tl.where(code == 5, 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476)), y)
-        return tl.where(code == 6, z * tl.sigmoid(z), y)
+        """Activation `code` (CODES) of fp32 z: the direct convs' codes, then exact (erf) gelu and silu; one branch
+        per program (its member's code)."""
+        if code == 5:
+            y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        elif code == 6:
+            y = z * tl.sigmoid(z)
+        else:
+            y = _conv_act(z, code)
+        return y
 
     @triton.jit
     def _act_grad(z, code):
         """d act(z) / dz, fp32."""
-        s = tl.sigmoid(z * tl.where(code == 2, 2.0, 1.0))
-        t = 2.0 * s - 1.0
-        d = tl.where(code == 1, tl.where(z > 0, 1.0, 0.0), 1.0)
-        d = tl.where(code == 2, 1.0 - t * t, d)
-        d = tl.where(code == 3, s * (1.0 - s), d)
-        d = tl.where((code == 4) & (z < 0), 0.01, d)
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        d = tl.where(code == 5, cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z), d)
-        return tl.where(code == 6, s * (1.0 + z * (1.0 - s)), d)
+        if code == 1:
+            d = tl.where(z > 0, 1.0, 0.0)
+        elif code == 2:
+            t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+            d = 1.0 - t * t
+        elif code == 3:
+            s = tl.sigmoid(z)
+            d = s * (1.0 - s)
+        elif code == 4:
+            d = tl.where(z < 0, 0.01, 1.0)
+        elif code == 5:
+            d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+        elif code == 6:
+            s = tl.sigmoid(z)
+            d = s * (1.0 + z * (1.0 - s))
+        else:
+            d = tl.full(z.shape, 1.0, tl.float32)
+        return d
 
     @triton.jit
     def _rows(r0, n_rows, m, T, sB, sM, sT, BLOCK: tl.constexpr):
@@ -170,7 +187,7 @@ if triton is not None:
         w1 = tl.load(w1_ptr + m * p_w1 + f[:, None] * D + d[None, :]).to(DT)  # (F, D)
         w2 = tl.load(w2_ptr + m * p_w2 + d[:, None] * F + f[None, :]).to(DT)  # (D, F)
         b1 = _round(tl.load(b1_ptr + m * p_b1 + f), DT)
-        acc_w1, acc_w2 = tl.zeros((F, D), tl.float32), tl.zeros((D, F), tl.float32)
+        acc_w1, acc_w2t = tl.zeros((F, D), tl.float32), tl.zeros((F, D), tl.float32)
         acc_b1, acc_b2 = tl.zeros((F,), tl.float32), tl.zeros((D,), tl.float32)
         acc_lnw, acc_lnb = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
         if DROP:
@@ -190,7 +207,8 @@ if triton is not None:
                 h = _round(tl.where(_kept(k1, thr, r, F, f), h / keep, 0.0), DT)  # fc2's input
                 g2 = tl.where(_kept(k2, thr, r, D, d), g / keep, 0.0)
             g2 = g2.to(DT)  # the gradient at fc2's output, as its bf16 product receives it; 0 in masked rows
-            acc_w2 += tl.dot(tl.trans(g2), h.to(DT), input_precision=PREC)  # (D, F)
+            # (F, D) = d w2^T: F rows fill a 64-row tensor-core product (D rows would not, and run slower)
+            acc_w2t += tl.dot(tl.trans(h.to(DT)), g2, input_precision=PREC)
             acc_b2 += tl.sum(g2.to(tl.float32), 0)
             gh = _round(tl.dot(g2, w2, input_precision=PREC), DT)  # (R, F) at fc2's input
             if DROP:
@@ -205,7 +223,7 @@ if triton is not None:
             tl.store(gx_ptr + oo[:, None] + d[None, :], gx.to(gx_ptr.dtype.element_ty), mask=ok[:, None])
         p = split * M + m  # this program's partial sums
         tl.store(gw1_ptr + p * (F * D) + f[:, None] * D + d[None, :], acc_w1)
-        tl.store(gw2_ptr + p * (D * F) + d[:, None] * F + f[None, :], acc_w2)
+        tl.store(gw2_ptr + p * (D * F) + d[None, :] * F + f[:, None], acc_w2t)
         tl.store(gb1_ptr + p * F + f, acc_b1)
         tl.store(gb2_ptr + p * D + d, acc_b2)
         tl.store(glnw_ptr + p * D + d, acc_lnw)
@@ -260,7 +278,7 @@ def _mlp_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.T
         launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, w1, b1, w2, b2, codes, *drop, y, M, n_rows, per, T,
                *x.stride()[:3], *y.stride()[:3],
                *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2, b2)), eps, D=D, F=F, BLOCK=BLOCK, DROP=DROP, DT=DT,
-               PREC=PREC)
+               PREC=PREC, num_warps=WARPS[0])
     return y
 
 
@@ -290,7 +308,7 @@ def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: to
         launch(_bwd_kernel, (M, n_split), x, gy, ln_w, ln_b, w1, b1, w2, codes, *drop, gx, glnw, glnb, gw1, gb1,
                gw2, gb2, M, n_rows, per, T, *x.stride()[:3], *gy.stride()[:3], *gx.stride()[:3],
                *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2)), eps, D=D, F=F, BLOCK=BLOCK,
-               DROP=DROP, DT=DT, PREC=PREC)
+               DROP=DROP, DT=DT, PREC=PREC, num_warps=WARPS[1])
     return (gx, *(t.sum(0) for t in (glnw, glnb, gw1, gb1, gw2, gb2)))
 
 
