@@ -5,7 +5,7 @@ from the fp32 layers.
 
 Device run:  python benchmarks/block_kernels.py                  # vit_t: batch 64, 4,096 members, bf16 products
 CPU smoke:   TRITON_INTERPRET=1 python benchmarks/block_kernels.py --members 2 --batch 2 --iters 1 --fp32 \
-                 --mlp-grid 4/16/1 --attn-grid 4/1
+                 --mlp-grid 4/16/1 --attn-grid 4/1/64
 
 Count first (vit_t: D 32, F 64, T 17 tokens, 2 heads; the residual stream fp32): x is 64 x 4,096 x 17 x 32 x 4 B =
 570 MB. Either block's forward must read x and write y (1.14 GB, 0.24 ms at an H200's 4.8 TB/s, 0.34 ms at an H100's
@@ -14,7 +14,7 @@ forward and ~73 backward with the recompute (0.1 ms of tensor-core time); its el
 activation and their gradients, ~100 instructions a row and hidden unit) is of the same order as the bytes, so a
 kernel at ~2x its bytes is at the machine's limit here.
 
-Grids: `--mlp-grid warps/BLOCK/programs-per-member,...` and `--attn-grid warps/programs-per-member,...`; the same
+Grids: `--mlp-grid warps/BLOCK/programs-per-member,...` and `--attn-grid warps/programs-per-member/rows,...`; the same
 warps serve forward and backward (each column is its own launch, so the best of each is read off separately).
 """
 from __future__ import annotations
@@ -112,11 +112,11 @@ def run_attention(x, gy, grid, heads, bf16, iters, dev):
     y_ref, dx_ref = _reference(layers, x, ps, gy)
     _row("layers (torch, sdpa)", *_time_layers(layers, x, ps, gy, bf16, iters, dev), x.numel() * 4, "-", "-")
     for cfg in grid:
-        warps, per_member = (int(v) for v in cfg.split("/"))
-        _attnblock.WARPS, _mlp.PROGRAMS = (warps, warps), per_member * M
+        warps, per_member, rows = (int(v) for v in cfg.split("/"))
+        _attnblock.WARPS, _mlp.PROGRAMS, _attnblock.ROWS = (warps, warps), per_member * M, rows
         fwd = lambda: _attnblock._block_op(x, *ps, None, None, None, heads, False, EPS, bf16)  # noqa: E731
         bwd = lambda: _attnblock._backward_op(gy, x, *ps[:5], None, None, None, heads, False, EPS, bf16)  # noqa: E731
-        _row(f"fused warps={warps} programs={per_member}/member", timed(fwd, iters, dev), timed(bwd, iters, dev),
+        _row(f"fused warps={warps} programs={per_member}/member rows={rows}", timed(fwd, iters, dev), timed(bwd, iters, dev),
              x.numel() * 4, _err(fwd(), y_ref), _err(bwd()[0], dx_ref))
 
 
@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--fp32", action="store_true", help="fp32 products (default: bf16, as under autocast)")
     ap.add_argument("--mlp-grid", default="4/64/1,8/64/1,4/32/1,8/32/1,8/128/1,4/64/4,8/64/4,8/32/4")
-    ap.add_argument("--attn-grid", default="4/1,8/1,2/1,4/4")
+    ap.add_argument("--attn-grid", default="4/1/64,8/1/64,4/1/32,8/1/128,4/4/64")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":

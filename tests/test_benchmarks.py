@@ -53,11 +53,11 @@ def test_block_kernels_time_each_launch_shape():
     """The fused blocks' timings (interpreter smoke run): the torch layers, then one row per grid entry, the fused
     kernels' y and dx within rounding of the fp32 layers."""
     out = _run("benchmarks/block_kernels.py", "--members", "2", "--batch", "2", "--iters", "1", "--fp32",
-               "--mlp-grid", "4/16/1,8/32/2", "--attn-grid", "4/2")
+               "--mlp-grid", "4/16/1,8/32/2", "--attn-grid", "4/2/32")
     rows = [ln.split(" | ") for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| form")]
     assert [r[0][2:] for r in rows] == ["layers (torch)", "fused warps=4 BLOCK=16 programs=1/member",
                                         "fused warps=8 BLOCK=32 programs=2/member", "layers (torch, sdpa)",
-                                        "fused warps=4 programs=2/member"]
+                                        "fused warps=4 programs=2/member rows=32"]
     fused = [r for r in rows if r[0].startswith("| fused")]
     assert all(float(r[-2]) < 1e-4 and float(r[-1].rstrip(" |")) < 1e-4 for r in fused)
 

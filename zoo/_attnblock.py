@@ -31,7 +31,8 @@ import torch
 from ._mlp import Dropout, _check_members, _drop_args, _splits
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
-MAX_T = 64  # longest sequence one program holds: scores (TP, TP) and eight (TP, D) tiles in registers
+MAX_T = 64  # longest sequence one program holds: scores (R, R) and eight (R, D) tiles in registers
+ROWS = 64  # rows (image, token) a step holds: R // T whole images side by side (vit_t: 3 images of 17 tokens)
 WARPS = (4, 4)  # warps a program, (forward, backward)
 
 
@@ -41,7 +42,6 @@ def supports(T: int, D: int, heads: int) -> bool:
 
 
 if triton is not None:
-    from ._attention import _scores
     from ._mlp import _kept, _norm, _norm_backward, _round
 
     @triton.jit
@@ -51,35 +51,48 @@ if triton is not None:
 
     @triton.jit
     def _proj(a16, wt, b, DT: tl.constexpr, PREC: tl.constexpr):
-        """a (TP, D) @ wt + b: (TP, D) fp32 holding bf16-rounded values under bf16."""
+        """a (R, D) @ wt + b: (R, D) fp32 holding bf16-rounded values under bf16."""
         return _round(_round(tl.dot(a16, wt, input_precision=PREC), DT) + b[None, :], DT)
 
     @triton.jit
-    def _heads_forward(q, k, v, t, dd, T, scale, H: tl.constexpr, d: tl.constexpr, CAUSAL: tl.constexpr,
+    def _scores(q, k, r, T, scale, CAUSAL: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+        """(R, R) fp32 scaled scores q k^T, -inf where query row and key column (r = image T + token) are of
+        different images (or the key is in the query's future). Padding rows past the last image form a group of
+        their own, so no row is masked whole."""
+        s = tl.dot(q.to(DT), tl.trans(k.to(DT)), input_precision=PREC) * scale
+        ok = (r // T)[:, None] == (r // T)[None, :]
+        if CAUSAL:
+            ok = ok & (r[None, :] <= r[:, None])
+        return tl.where(ok, s, float("-inf"))
+
+    @triton.jit
+    def _heads_forward(q, k, v, r, dd, T, scale, H: tl.constexpr, d: tl.constexpr, CAUSAL: tl.constexpr,
                        DT: tl.constexpr, PREC: tl.constexpr):
-        """softmax(q_h k_h^T scale) v_h for every head h, side by side in one (TP, D) tile (fp32)."""
+        """softmax(q_h k_h^T scale) v_h for every head h, side by side in one (R, D) tile (fp32)."""
         o = tl.zeros(q.shape, tl.float32)
         for h in tl.static_range(H):
             mh = (dd // d == h)[None, :]
-            s = _scores(tl.where(mh, q, 0.0), k, t, T, scale, CAUSAL, DT, PREC)  # (TP, TP)
+            s = _scores(tl.where(mh, q, 0.0), k, r, T, scale, CAUSAL, DT, PREC)  # (R, R)
             p = tl.exp(s - tl.max(s, 1)[:, None])
             p = p / tl.sum(p, 1)[:, None]
             o += tl.dot(p.to(DT), tl.where(mh, v, 0.0).to(DT), input_precision=PREC)
         return o
 
     @triton.jit
-    def _seq(s, n_img, T, m, sB, sM, sT, t):
-        """(TP,) element offsets of image s's tokens of member m, and the (TP,) mask of real tokens."""
-        si = (t * 0 + s).to(tl.int64)  # (TP,): the loop index is a plain int in the interpreter
-        return si * sB + m.to(tl.int64) * sM + t * sT, (t < T) & (si < n_img)
+    def _images(s0, n_img, T, m, sB, sM, sT, r, IMG: tl.constexpr):
+        """(R,) element offsets of the tokens of member m's images s0 .. s0 + IMG, row r = (image - s0) T + token,
+        the (R,) mask of real rows, and the rows' (image, token) index image T + token (the dropout masks')."""
+        i = r // T
+        img = (s0 + i).to(tl.int64)
+        return img * sB + m.to(tl.int64) * sM + (r % T) * sT, (i < IMG) & (img < n_img), img * T + r % T
 
     @triton.jit
     def _fwd_kernel(x_ptr, lnw_ptr, lnb_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, bo_ptr, key_ptr, thr_ptr, keep_ptr, y_ptr,
                     n_img, per_split, T, sB, sM, sT, yB, yM, yT, p_lnw, p_lnb, p_wqkv, p_bqkv, p_wo, p_bo, eps, scale,
-                    D: tl.constexpr, H: tl.constexpr, TP: tl.constexpr, CAUSAL: tl.constexpr, DROP: tl.constexpr,
-                    DT: tl.constexpr, PREC: tl.constexpr):
+                    D: tl.constexpr, H: tl.constexpr, R: tl.constexpr, IMG: tl.constexpr, CAUSAL: tl.constexpr,
+                    DROP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
         m, split = tl.program_id(0), tl.program_id(1)
-        t, dd = tl.arange(0, TP), tl.arange(0, D)
+        r, dd = tl.arange(0, R), tl.arange(0, D)
         lnw, lnb = tl.load(lnw_ptr + m * p_lnw + dd), tl.load(lnb_ptr + m * p_lnb + dd)
         wqkv, bqkv = wqkv_ptr + m * p_wqkv, bqkv_ptr + m * p_bqkv
         wqt, bq = _weight_t(wqkv, bqkv, 0, dd, D, DT)
@@ -88,31 +101,31 @@ if triton is not None:
         wot, bo = _weight_t(wo_ptr + m * p_wo, bo_ptr + m * p_bo, 0, dd, D, DT)
         if DROP:  # the dropout layer's key, the member's threshold and keep probability
             key, thr, keep = tl.load(key_ptr + m), tl.load(thr_ptr + m), tl.load(keep_ptr + m)
-        for s in range(split * per_split, tl.minimum(n_img, (split + 1) * per_split)):
-            xo, ok = _seq(s, n_img, T, m, sB, sM, sT, t)
-            yo, _ = _seq(s, n_img, T, m, yB, yM, yT, t)
-            x = tl.load(x_ptr + xo[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # (TP, D)
+        for s0 in range(split * per_split, tl.minimum(n_img, (split + 1) * per_split), IMG):
+            xo, ok, row = _images(s0, n_img, T, m, sB, sM, sT, r, IMG)
+            yo, _, _ = _images(s0, n_img, T, m, yB, yM, yT, r, IMG)
+            x = tl.load(x_ptr + xo[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)  # (R, D)
             ln = _norm(x, lnw, lnb, eps, D)[2].to(DT)
             q, k, v = _proj(ln, wqt, bq, DT, PREC), _proj(ln, wkt, bk, DT, PREC), _proj(ln, wvt, bv, DT, PREC)
-            o = _round(_heads_forward(q, k, v, t, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT)
+            o = _round(_heads_forward(q, k, v, r, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT)
             out = _proj(o.to(DT), wot, bo, DT, PREC)
-            if DROP:  # x * mask / keep in fp32 into the residual sum; rows image * T + token
-                out = tl.where(_kept(key, thr, s * T + t, D, dd), out / keep, 0.0)
+            if DROP:  # x * mask / keep in fp32 into the residual sum
+                out = tl.where(_kept(key, thr, row, D, dd), out / keep, 0.0)
             tl.store(y_ptr + yo[:, None] + dd[None, :], (x + out).to(y_ptr.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
-    def _heads_backward(q, k, v, go, t, dd, T, scale, H: tl.constexpr, d: tl.constexpr, CAUSAL: tl.constexpr,
+    def _heads_backward(q, k, v, go, r, dd, T, scale, H: tl.constexpr, d: tl.constexpr, CAUSAL: tl.constexpr,
                         DT: tl.constexpr, PREC: tl.constexpr):
-        """(dq, dk, dv), each (TP, D) fp32, from the gradient go (TP, D) at the heads' output: per head, p
+        """(dq, dk, dv), each (R, D) fp32, from the gradient go (R, D) at the heads' output: per head, p
         recomputed, dv = p^T go_h, dp = go_h v^T, ds = p (dp - rowsum(p dp)) scale, dq = ds k_h, dk = ds^T q_h,
         where x_h is x with the other heads' columns zeroed."""
         gq, gk, gv = tl.zeros(q.shape, tl.float32), tl.zeros(q.shape, tl.float32), tl.zeros(q.shape, tl.float32)
         for h in tl.static_range(H):
             mh = (dd // d == h)[None, :]
             qh, kh, goh = tl.where(mh, q, 0.0).to(DT), tl.where(mh, k, 0.0).to(DT), tl.where(mh, go, 0.0).to(DT)
-            s = _scores(qh, k, t, T, scale, CAUSAL, DT, PREC)
+            s = _scores(qh, k, r, T, scale, CAUSAL, DT, PREC)
             p = tl.exp(s - tl.max(s, 1)[:, None])
-            p = p / tl.sum(p, 1)[:, None]  # (TP, TP)
+            p = p / tl.sum(p, 1)[:, None]  # (R, R)
             gv += tl.dot(tl.trans(p.to(DT)), goh, input_precision=PREC)
             gp = tl.dot(goh, tl.trans(v.to(DT)), input_precision=PREC)
             gs = (p * (gp - tl.sum(p * gp, 1)[:, None]) * scale).to(DT)
@@ -124,10 +137,10 @@ if triton is not None:
     def _bwd_kernel(x_ptr, gy_ptr, lnw_ptr, lnb_ptr, wqkv_ptr, bqkv_ptr, wo_ptr, key_ptr, thr_ptr, keep_ptr, gx_ptr,
                     glnw_ptr, glnb_ptr, gwqkv_ptr, gbqkv_ptr, gwo_ptr, gbo_ptr, M, n_img, per_split, T, sB, sM, sT,
                     gB, gM, gT, oB, oM, oT, p_lnw, p_lnb, p_wqkv, p_bqkv, p_wo, eps, scale, D: tl.constexpr,
-                    H: tl.constexpr, TP: tl.constexpr, CAUSAL: tl.constexpr, DROP: tl.constexpr, DT: tl.constexpr,
-                    PREC: tl.constexpr):
+                    H: tl.constexpr, R: tl.constexpr, IMG: tl.constexpr, CAUSAL: tl.constexpr, DROP: tl.constexpr,
+                    DT: tl.constexpr, PREC: tl.constexpr):
         m, split = tl.program_id(0), tl.program_id(1)
-        t, dd = tl.arange(0, TP), tl.arange(0, D)
+        r, dd = tl.arange(0, R), tl.arange(0, D)
         lnw, lnb = tl.load(lnw_ptr + m * p_lnw + dd), tl.load(lnb_ptr + m * p_lnb + dd)
         wqkv, bqkv = wqkv_ptr + m * p_wqkv, bqkv_ptr + m * p_bqkv
         w2d = dd[:, None] * D + dd[None, :]  # (D out, D in) entries of a (D, D) block
@@ -143,26 +156,26 @@ if triton is not None:
         acc_lnw, acc_lnb = tl.zeros((D,), tl.float32), tl.zeros((D,), tl.float32)
         if DROP:
             key, thr, keep = tl.load(key_ptr + m), tl.load(thr_ptr + m), tl.load(keep_ptr + m)
-        for s in range(split * per_split, tl.minimum(n_img, (split + 1) * per_split)):
-            xo, ok = _seq(s, n_img, T, m, sB, sM, sT, t)
-            go, _ = _seq(s, n_img, T, m, gB, gM, gT, t)
-            oo, _ = _seq(s, n_img, T, m, oB, oM, oT, t)
+        for s0 in range(split * per_split, tl.minimum(n_img, (split + 1) * per_split), IMG):
+            xo, ok, row = _images(s0, n_img, T, m, sB, sM, sT, r, IMG)
+            go, _, _ = _images(s0, n_img, T, m, gB, gM, gT, r, IMG)
+            oo, _, _ = _images(s0, n_img, T, m, oB, oM, oT, r, IMG)
             x = tl.load(x_ptr + xo[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             xhat, rstd, ln = _norm(x, lnw, lnb, eps, D)
             ln = ln.to(DT)
             q = _proj(ln, tl.trans(wq), bq, DT, PREC)
             k = _proj(ln, tl.trans(wk), bk, DT, PREC)
             v = _proj(ln, tl.trans(wv), bv, DT, PREC)
-            o = _round(_heads_forward(q, k, v, t, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT).to(DT)
+            o = _round(_heads_forward(q, k, v, r, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT).to(DT)
             gres = tl.load(gy_ptr + go[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             g = gres
             if DROP:
-                g = tl.where(_kept(key, thr, s * T + t, D, dd), gres / keep, 0.0)
+                g = tl.where(_kept(key, thr, row, D, dd), gres / keep, 0.0)
             g = g.to(DT)  # the gradient at the output projection, as its bf16 product receives it
             acc_o += tl.dot(tl.trans(g), o, input_precision=PREC)  # (D out, D in)
             acc_bo += tl.sum(g.to(tl.float32), 0)
-            gattn = _round(tl.dot(g, wo, input_precision=PREC), DT)  # (TP, D) at the heads' output
-            gq, gk, gv = _heads_backward(q, k, v, gattn, t, dd, T, scale, H, D // H, CAUSAL, DT, PREC)
+            gattn = _round(tl.dot(g, wo, input_precision=PREC), DT)  # (R, D) at the heads' output
+            gq, gk, gv = _heads_backward(q, k, v, gattn, r, dd, T, scale, H, D // H, CAUSAL, DT, PREC)
             gq, gk, gv = gq.to(DT), gk.to(DT), gv.to(DT)  # torch's attention backward returns bf16
             acc_q += tl.dot(tl.trans(gq), ln, input_precision=PREC)
             acc_k += tl.dot(tl.trans(gk), ln, input_precision=PREC)
@@ -170,7 +183,7 @@ if triton is not None:
             acc_bq += tl.sum(gq.to(tl.float32), 0)
             acc_bk += tl.sum(gk.to(tl.float32), 0)
             acc_bv += tl.sum(gv.to(tl.float32), 0)
-            gln = tl.dot(gq, wq, input_precision=PREC)  # one (TP, 3 D) x (3 D, D) product in torch: one rounding
+            gln = tl.dot(gq, wq, input_precision=PREC)  # one (R, 3 D) x (3 D, D) product in torch: one rounding
             gln = _round(tl.dot(gv, wv, input_precision=PREC, acc=tl.dot(gk, wk, input_precision=PREC, acc=gln)), DT)
             acc_lnw += tl.sum(gln * xhat, 0)
             acc_lnb += tl.sum(gln, 0)
@@ -202,8 +215,10 @@ def _check(x: torch.Tensor, wqkv: torch.Tensor, heads: int, *params: torch.Tenso
 
 
 def _meta(T: int, D: int, heads: int, causal: bool, bf16: bool) -> dict:
+    """The kernels' constants: R rows a step, IMG = R // T whole images in them."""
     DT, PREC = dot_dtype(torch.bfloat16 if bf16 else torch.float32)
-    return dict(D=D, H=heads, TP=max(16, pow2(T)), CAUSAL=causal, DT=DT, PREC=PREC)
+    R = max(16, pow2(T), ROWS)
+    return dict(D=D, H=heads, R=R, IMG=R // T, CAUSAL=causal, DT=DT, PREC=PREC)
 
 
 @torch.library.custom_op("weightzoo::attention_block", mutates_args=())
@@ -212,12 +227,13 @@ def _block_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, wqkv: tor
               keep: Optional[torch.Tensor], heads: int, causal: bool, eps: float, bf16: bool) -> torch.Tensor:
     B, M, T, D = _check(x, wqkv, heads, ln_w, ln_b, bqkv, wo, bo)
     y = torch.empty_like(x)
-    n_split, per = _splits(M, B, 1)
+    meta = _meta(T, D, heads, causal, bf16)
+    n_split, per = _splits(M, B, meta["IMG"])  # whole steps of IMG images a split
     *drop, DROP = _drop_args(bo, keys, thr, keep)
     with on_device(x.device):
         launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, wqkv, bqkv, wo, bo, *drop, y, B, per, T, *x.stride()[:3],
                *y.stride()[:3], *(p.stride(0) for p in (ln_w, ln_b, wqkv, bqkv, wo, bo)), eps, (D // heads) ** -0.5,
-               DROP=DROP, num_warps=WARPS[0], **_meta(T, D, heads, causal, bf16))
+               DROP=DROP, num_warps=WARPS[0], **meta)
     return y
 
 
@@ -237,7 +253,8 @@ def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: to
     B, M, T, D = _check(x, wqkv, heads, ln_w, ln_b, bqkv, wo)
     gy = gy if gy.stride(-1) == 1 else gy.contiguous()
     gx = torch.empty_like(x)
-    n_split, per = _splits(M, B, 1)
+    meta = _meta(T, D, heads, causal, bf16)
+    n_split, per = _splits(M, B, meta["IMG"])  # whole steps of IMG images a split
     part = lambda *shape: torch.empty(n_split, M, *shape, device=x.device, dtype=torch.float32)
     glnw, glnb, gwqkv, gbqkv, gwo, gbo = part(D), part(D), part(3 * D, D), part(3 * D), part(D, D), part(D)
     *drop, DROP = _drop_args(wo, keys, thr, keep)
@@ -245,7 +262,7 @@ def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: to
         launch(_bwd_kernel, (M, n_split), x, gy, ln_w, ln_b, wqkv, bqkv, wo, *drop, gx, glnw, glnb, gwqkv, gbqkv,
                gwo, gbo, M, B, per, T, *x.stride()[:3], *gy.stride()[:3], *gx.stride()[:3],
                *(p.stride(0) for p in (ln_w, ln_b, wqkv, bqkv, wo)), eps, (D // heads) ** -0.5,
-               DROP=DROP, num_warps=WARPS[1], **_meta(T, D, heads, causal, bf16))
+               DROP=DROP, num_warps=WARPS[1], **meta)
     return (gx, *(t.sum(0) for t in (glnw, glnb, gwqkv, gbqkv, gwo, gbo)))
 
 
