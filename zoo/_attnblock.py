@@ -163,9 +163,10 @@ if triton is not None:
             x = tl.load(x_ptr + xo[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             xhat, rstd, ln = _norm(x, lnw, lnb, eps, D)
             ln = ln.to(DT)
-            q = _proj(ln, tl.trans(wq), bq, DT, PREC)
-            k = _proj(ln, tl.trans(wk), bk, DT, PREC)
-            v = _proj(ln, tl.trans(wv), bv, DT, PREC)
+            # q, k, v held in the products' dtype (bf16 values already): half the registers of fp32 tiles
+            q = _proj(ln, tl.trans(wq), bq, DT, PREC).to(DT)
+            k = _proj(ln, tl.trans(wk), bk, DT, PREC).to(DT)
+            v = _proj(ln, tl.trans(wv), bv, DT, PREC).to(DT)
             o = _round(_heads_forward(q, k, v, r, dd, T, scale, H, D // H, CAUSAL, DT, PREC), DT).to(DT)
             gres = tl.load(gy_ptr + go[:, None] + dd[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             g = gres
@@ -174,7 +175,7 @@ if triton is not None:
             g = g.to(DT)  # the gradient at the output projection, as its bf16 product receives it
             acc_o += tl.dot(tl.trans(g), o, input_precision=PREC)  # (D out, D in)
             acc_bo += tl.sum(g.to(tl.float32), 0)
-            gattn = _round(tl.dot(g, wo, input_precision=PREC), DT)  # (R, D) at the heads' output
+            gattn = tl.dot(g, wo, input_precision=PREC).to(DT)  # (R, D) at the heads' output
             gq, gk, gv = _heads_backward(q, k, v, gattn, r, dd, T, scale, H, D // H, CAUSAL, DT, PREC)
             gq, gk, gv = gq.to(DT), gk.to(DT), gv.to(DT)  # torch's attention backward returns bf16
             acc_q += tl.dot(tl.trans(gq), ln, input_precision=PREC)
