@@ -62,6 +62,17 @@ def test_block_kernels_time_each_launch_shape():
     assert all(float(r[-2]) < 1e-4 and float(r[-1].rstrip(" |")) < 1e-4 for r in fused)
 
 
+def test_kernel_registers_reports_the_compiled_kernels():
+    """The fused MLP block compiled for sm_90a without a GPU: one row each way, registers within the hardware's
+    255 a thread, and the forward (after the activation became one branch per program) at most 200."""
+    out = _run("benchmarks/kernel_registers.py", "--kernels", "mlp", "--warps", "4")
+    rows = {r[0][2:].strip(): [int(v) for v in r[2:4]] for r in
+            (ln.split(" | ") for ln in out.splitlines() if ln.startswith("| mlp"))}
+    assert set(rows) == {"mlp forward BLOCK=64", "mlp backward BLOCK=64"}
+    assert all(0 < regs <= 255 for regs, _ in rows.values())
+    assert rows["mlp forward BLOCK=64"][0] <= 200 and rows["mlp forward BLOCK=64"][1] == 0
+
+
 def test_zoo_throughput_times_both_layouts_and_activation_modes(tmp_path):
     """--layout nchw,channels_last and --activation layer,fused time each combination, each row named by it;
     an unknown layout or mode exits 2."""
