@@ -4,19 +4,21 @@ are the engine's hashed ones, drawn in the kernels).
 
 Layer by layer the block is the layer norm, the qkv projection (a (B, M, T, 3 D) tensor written and read again),
 the attention kernel of `_attention.py`, the output projection and the residual add, each a pass over memory, and
-more backward. Here one program holds one member's four (D, D) projections and runs its sequences (image) one
-after another: the sequence's T tokens padded to TP rows, the layer norm, q, k and v for all heads at once, each
-head's scores from q with the other heads' columns zeroed (so no register tensor is ever sliced), the softmax,
-and the output projection; only x is read and y written. The backward recomputes the block from x and
+more backward. Here one program holds one member's four (D, D) projections and runs its images R // T at a time,
+their tokens side by side in R rows (vit_t: 3 images of 17 tokens in 64 rows): the layer norm, q, k and v for all
+heads at once, each head's (R, R) scores from q with the other heads' columns zeroed (so no register tensor is ever
+sliced) and masked to the query's own image, the softmax, and the output projection; only x is read and y
+written. The backward recomputes the block from x and
 accumulates the member's weight gradients in registers over its sequences; sequences are split over programs only
 where the members alone do not fill the GPU (partial sums added in a fixed order).
 
-Count for vit_t (T 17 -> TP 32, D 32, 2 heads, fp32 residual stream, 4,096 members x 64 images a step): forward
-reads x and writes y, 2 x 570 MB; backward reads x and dy and writes dx, 3 x 570 MB: ~2.9 GB a block, ~0.6 ms
-at an H200's 4.8 TB/s; products on the padded rows ~2 x 6 x 2 x 262k x 32 x 32 x 32 x 3 ~ 0.3 TFLOP a block
-with the recompute, ~0.4 ms of bf16 tensor-core time. Measured on one H100, vit_t's step took 36.2 ms with these
-kernels against 31.6 with the attention kernel and inductor's layers around it (benchmarks/NOTES.md): the engine's
-attention form "block" is opt-in until it measures faster (the same launch-shape lever as `_mlp.py`'s).
+Count for vit_t (T 17, D 32, 2 heads, fp32 residual stream, 4,096 members x 64 images a step): forward reads x and
+writes y, 2 x 570 MB; backward reads x and dy and writes dx, 3 x 570 MB: ~2.9 GB a block, ~0.6 ms at an H200's
+4.8 TB/s. Measured on one H100 with one image a program step (its 17 tokens padded to 32 rows, commit 6dea7eb),
+vit_t's step took 36.2 ms with these kernels against 31.6 with the attention kernel and inductor's layers around
+it (benchmarks/NOTES.md). Compiled for sm_90a (`benchmarks/kernel_registers.py`) the backward holds 255 registers
+a thread and spills ~1.8 KB (q, k, v, per-head (R, R) tiles and four (D, D) gradient accumulators on 32-row
+products): the engine's attention form "block" stays opt-in until it measures faster.
 
 Numerics follow torch under bf16 autocast as `_attention.py` and `_mlp.py` do: layer norm in fp32, products from
 bf16 operands accumulated in fp32 and rounded to bf16 where torch holds a bf16 tensor (q, k, v, the attention

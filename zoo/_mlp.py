@@ -13,9 +13,13 @@ where the members alone do not fill the GPU (partial sums added in a fixed order
 Count for vit_t (D 32, F 64, bf16 products, fp32 residual stream; 4,096 members x 64 images x 17 tokens =
 4.46M rows a step): forward reads x and writes y, 2 x 570 MB; backward reads x and dy and writes dx, 3 x 570 MB:
 ~2.9 GB per block, ~0.6 ms at an H200's 4.8 TB/s. MACs: 3 x 2 x 4.46M x 2 x 32 x 64 ~ 110 GFLOP per block with
-the recompute, ~0.15 ms on tensor cores. Measured on one H100: ~1.6 ms forward and ~4.5 ms backward per block,
-~10x off those bytes (one program per member walking its rows in dependent steps: too little in flight per SM);
-vit_t's step 31.6 -> 30.9 ms against the layers (benchmarks/NOTES.md). `PROGRAMS` is the knob to sweep.
+the recompute, ~0.15 ms on tensor cores. Measured on one H100 (commit 6dea7eb): ~1.6 ms forward and ~4.5 ms backward
+per block, ~10x off those bytes; vit_t's step 31.6 -> 30.9 ms against the layers (benchmarks/NOTES.md). Compiled
+for sm_90a (`benchmarks/kernel_registers.py`), those kernels used 255 registers a thread and the backward spilled
+1.7 KB: selecting every member's activation by `tl.where` over all codes held a (R, F) mask per code, and d w2 was a
+32-row product on the older tensor-core path. One activation branch per program and d w2 accumulated transposed
+(64 rows) bring the forward to 168 registers (3 programs an SM at 4 warps) and the backward to 246 at 8 warps
+without spills. `WARPS`, `BLOCK` and `PROGRAMS` are the launch knobs (`benchmarks/block_kernels.py` sweeps them).
 
 Numerics follow torch under bf16 autocast: the layer norm in fp32, products from bf16 operands accumulated in fp32
 and rounded to bf16 as cuBLAS returns them, the bias added and the activation taken in bf16 (rounded as torch
