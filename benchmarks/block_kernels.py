@@ -116,8 +116,8 @@ def run_attention(x, gy, grid, heads, bf16, iters, dev):
         _attnblock.WARPS, _mlp.PROGRAMS, _attnblock.ROWS = (warps, warps), per_member * M, rows
         fwd = lambda: _attnblock._block_op(x, *ps, None, None, None, heads, False, EPS, bf16)  # noqa: E731
         bwd = lambda: _attnblock._backward_op(gy, x, *ps[:5], None, None, None, heads, False, EPS, bf16)  # noqa: E731
-        _row(f"fused warps={warps} programs={per_member}/member rows={rows}", timed(fwd, iters, dev), timed(bwd, iters, dev),
-             x.numel() * 4, _err(fwd(), y_ref), _err(bwd()[0], dx_ref))
+        _row(f"fused warps={warps} programs={per_member}/member rows={rows}", timed(fwd, iters, dev),
+             timed(bwd, iters, dev), x.numel() * 4, _err(fwd(), y_ref), _err(bwd()[0], dx_ref))
 
 
 def main() -> None:
