@@ -149,33 +149,20 @@ if triton is not None:
 
     @triton.jit
     def _act(z, code):
-        """A member's activation (ACTIVATION_CODES) of fp32 pre-activations z; tanh(z) = 2 sigmoid(2 z) - 1. The
-        code is the program's (one member): one branch runs, and no (R, C) select mask per code is held in registers
-        (the selects of every code cost a fused MLP kernel ~90 registers a thread)."""
-        if code == 1:
-            y = tl.maximum(z, 0.0)
-        elif code == 2:
-            y = 2.0 * tl.sigmoid(2.0 * z) - 1.0
-        elif code == 3:
-            y = tl.sigmoid(z)
-        elif code == 4:
-            y = tl.where(z < 0, z * 0.01, z)  # F.leaky_relu's default slope (the registry's)
-        else:
-            y = z
-        return y
+        """A member's activation (ACTIVATION_CODES) of fp32 pre-activations z; tanh(z) = 2 sigmoid(2 z) - 1."""
+        s = tl.sigmoid(z * tl.where(code == 2, 2.0, 1.0))
+        y = tl.where(code == 1, tl.maximum(z, 0.0), z)
+        y = tl.where(code == 2, 2.0 * s - 1.0, y)
+        y = tl.where(code == 3, s, y)
+        return tl.where((code == 4) & (z < 0), z * 0.01, y)  # F.leaky_relu's default slope (the registry's)
 
     @triton.jit
     def _act_grad(g, y, code):
         """The gradient at the pre-activation, from the gradient g at the activation's output y (fp32)."""
-        if code == 1:
-            g = tl.where(y <= 0, 0.0, g)
-        elif code == 2:
-            g = g * (1.0 - y * y)
-        elif code == 3:
-            g = g * (y * (1.0 - y))
-        elif code == 4:
-            g = tl.where(y <= 0, g * 0.01, g)
-        return g
+        d = tl.where(code == 2, 1.0 - y * y, 1.0)
+        d = tl.where(code == 3, y * (1.0 - y), d)
+        d = tl.where((code == 1) & (y <= 0), 0.0, d)
+        return g * tl.where((code == 4) & (y <= 0), 0.01, d)
 
     @triton.jit
     def _rows(r0, n_rows, M, m, HW: tl.constexpr, BLOCK: tl.constexpr):
