@@ -284,6 +284,8 @@ def main():
                     help="attention forms to time (zoo.engine.ATTENTION_FORMS), comma-separated; reduce needs compile")
     ap.add_argument("--patch", default=engine.patch_form,
                     help="vit_t patch-embedding forms to time (zoo.engine.PATCH_FORMS), comma-separated")
+    ap.add_argument("--tokens", default=engine.token_layout,
+                    help="token-stream layouts to time (zoo.engine.TOKEN_LAYOUTS), comma-separated (checks: the last)")
     ap.add_argument("--mlp", default=engine.mlp_form,
                     help="pre-norm MLP block forms to time (zoo.engine.MLP_FORMS), comma-separated (checks: the last)")
     ap.add_argument("--block-programs", default=str(_mlp.PROGRAMS),
@@ -312,6 +314,7 @@ def main():
     patch_forms = _choices(ap, "--patch", "form", args.patch, engine.PATCH_FORMS)
     inductor = _choices(ap, "--inductor", "setting", args.inductor, INDUCTOR)
     mlp_forms = _choices(ap, "--mlp", "form", args.mlp, engine.MLP_FORMS)
+    token_layouts = _choices(ap, "--tokens", "layout", args.tokens, engine.TOKEN_LAYOUTS)
     programs = [int(v) for v in args.block_programs.split(",")]
     dev = torch.device(args.device)
     if dev.type == "cuda":
@@ -325,14 +328,15 @@ def main():
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for form, lay, act, att, patch, mlp, progs, ind, variant in itertools.product(
-                dx_forms, layouts, act_modes, att_forms, patch_forms, mlp_forms, programs, inductor,
+        for form, lay, act, att, patch, tok, mlp, progs, ind, variant in itertools.product(
+                dx_forms, layouts, act_modes, att_forms, patch_forms, token_layouts, mlp_forms, programs, inductor,
                 args.variants.split(",")):
             _directconv.set_dx_form(form)
             _directconv.set_layout(lay)
             _directconv.set_activation_fusion(act == "fused")
             engine.set_attention_form(att)
             engine.set_patch_form(patch)
+            engine.set_token_layout(tok)
             engine.set_mlp_form(mlp)
             _mlp.PROGRAMS = progs
             path = (variant + (f" dx={form}" if len(dx_forms) > 1 else "")
@@ -340,6 +344,7 @@ def main():
                     + (f" act={act}" if len(act_modes) > 1 else "")
                     + (f" attn={att}" if len(att_forms) > 1 else "")
                     + (f" patch={patch}" if len(patch_forms) > 1 else "")
+                    + (f" tokens={tok}" if len(token_layouts) > 1 else "")
                     + (f" mlp={mlp}" if len(mlp_forms) > 1 else "")
                     + (f" programs={progs}" if len(programs) > 1 else "")
                     + (f" inductor={ind}" if len(inductor) > 1 else ""))

@@ -290,6 +290,34 @@ def test_fused_blocks_train_the_same_members(digits, monkeypatch):
         engine.set_mlp_form("mlp")
 
 
+def test_token_layouts_train_the_same_members(digits, monkeypatch):
+    """vit_t's token stream image-major and member-major (a (M, B, T, D) buffer seen transposed, as the per-member
+    matmuls read it) through the fused blocks (interpreted on CPU) and with dropout: the same weights and logits;
+    the stream's strides are the layout's; an unknown layout is refused by name."""
+    import zoo.engine as engine
+    from zoo.models.layers import PatchEmbed
+
+    monkeypatch.setattr(engine, "token_layout", engine.token_layout)
+    monkeypatch.setattr(engine, "attention_form", "block")
+    strides = []
+    embed = engine.RULES[PatchEmbed]
+    monkeypatch.setitem(engine.RULES, PatchEmbed, lambda *a: (lambda t: strides.append(t.stride()) or t)(embed(*a)))
+    members = [MemberSpec(**{**vars(m), "dropout": d}) for a, d in [("tanh", 0.0), ("gelu", 0.3)]
+               for m in _members("adam", 1, a)]
+    out = {}
+    for layout in engine.TOKEN_LAYOUTS:
+        engine.set_token_layout(layout)
+        pop = Population("vit_t", {"patch": 4, "dim": 16, "depth": 1}, members, digits, conv="fused")
+        pop.train_epoch(1, max_steps=3)
+        out[layout] = pop.flat_weights(), pop.forward(digits.normalize(digits.x_test[:32])[:, None], train=False)
+    (w_i, y_i), (w_m, y_m) = out["images"], out["members"]
+    assert _rel(w_m, w_i) < 1e-6 and _rel(y_m, y_i) < 1e-6
+    first_members = next(i for i, st in enumerate(strides) if st[1] > st[0])  # the first call of the second layout
+    assert all(st[0] > st[1] for st in strides[:first_members]) and all(st[1] > st[0] for st in strides[first_members:])
+    with pytest.raises(ValueError, match="unknown token layout 'tokens'.*images, members"):
+        engine.set_token_layout("tokens")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_steps_match_eager_steps(digits):
     data = digits.to(torch.device("cuda"))

@@ -62,6 +62,11 @@ attention_form = "triton"
 # patches cut by a reshape and one per-member matmul (`set_patch_form`)
 PATCH_FORMS = ("conv", "matmul")
 patch_form = "matmul"
+# the token stream a patch embedding starts, (B, M, T, D): "images", contiguous (image outermost); "members", member
+# outermost in memory (a (M, B, T, D) buffer seen transposed), the layout of the per-member matmuls' operands and
+# results, so their inputs need no permuted copy (`set_token_layout`)
+TOKEN_LAYOUTS = ("images", "members")
+token_layout = "images"
 # a pre-norm MLP block, Residual(LayerNorm, Linear, Activation, Dropout, Linear, Dropout): "layers", each layer's
 # rule; "fused" (default), one Triton kernel each way (`_mlp.py`, the engine's hashed dropout masks included) where
 # the population runs its Triton kernels, every member's activation has a code there, and the widths fit one
@@ -101,6 +106,14 @@ def set_attention_form(name: str) -> None:
     if name not in ATTENTION_FORMS:
         raise ValueError(f"unknown attention form {name!r}; choose one of {', '.join(ATTENTION_FORMS)}")
     attention_form = name
+
+
+def set_token_layout(name: str) -> None:
+    """Choose the token stream's memory layout from now on (module comment on `TOKEN_LAYOUTS`)."""
+    global token_layout
+    if name not in TOKEN_LAYOUTS:
+        raise ValueError(f"unknown token layout {name!r}; choose one of {', '.join(TOKEN_LAYOUTS)}")
+    token_layout = name
 
 
 def set_mlp_form(name: str) -> None:
@@ -261,6 +274,8 @@ def _patch_embed(m: PatchEmbed, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Ten
     else:
         t = _conv(m.proj, p + "proj.", x, ctx).flatten(3).transpose(2, 3)  # (B, M, P, D)
     cls, pos = ctx.params[p + "cls"], ctx.params[p + "pos"]  # (M, 1, 1, D), (M, 1, P+1, D)
+    if token_layout == "members":  # built as (M, B, T, D), handed on transposed
+        return (torch.cat([cls.expand(-1, len(t), -1, -1), t.transpose(0, 1)], dim=2) + pos).transpose(0, 1)
     t = torch.cat([cls.transpose(0, 1).expand(len(t), -1, -1, -1), t], dim=2)
     return t + pos.transpose(0, 1)
 
