@@ -15,11 +15,13 @@ Count for vit_t (D 32, F 64, bf16 products, fp32 residual stream; 4,096 members 
 ~2.9 GB per block, ~0.6 ms at an H200's 4.8 TB/s. MACs: 3 x 2 x 4.46M x 2 x 32 x 64 ~ 110 GFLOP per block with
 the recompute, ~0.15 ms on tensor cores. Measured on one H100 (commit 6dea7eb): ~1.6 ms forward and ~4.5 ms backward
 per block, ~10x off those bytes; vit_t's step 31.6 -> 30.9 ms against the layers (benchmarks/NOTES.md). Compiled
-for sm_90a (`benchmarks/kernel_registers.py`), those kernels used 255 registers a thread and the backward spilled
-1.7 KB: selecting every member's activation by `tl.where` over all codes held a (R, F) mask per code, and d w2 was a
-32-row product on the older tensor-core path. One activation branch per program and d w2 accumulated transposed
-(64 rows) bring the forward to 168 registers (3 programs an SM at 4 warps) and the backward to 246 at 8 warps
-without spills. `WARPS`, `BLOCK` and `PROGRAMS` are the launch knobs (`benchmarks/block_kernels.py` sweeps them).
+for sm_90a (`benchmarks/kernel_registers.py`), those kernels used 255 registers a thread at 4 warps and the backward
+spilled 772 bytes: selecting every member's activation by `tl.where` over all codes held a (R, F) mask per code,
+and d w2 was a 32-row product on the older tensor-core path. One activation branch per program and d w2
+accumulated transposed (64 rows) bring the forward to 168 registers (3 programs an SM) and the backward's spills to
+332 bytes (247 registers and none at 8 warps, which measured slower). Measured on one H100 at vit_t's shapes
+(`benchmarks/block_kernels.py`): forward 0.61 ms (1.86 TB/s of its bytes), backward 2.51 ms (0.68 TB/s; 3.75 at 8
+warps); vit_t's step 30.9 -> 26.6 ms. `WARPS`, `BLOCK` and `PROGRAMS` are the launch knobs the script sweeps.
 
 Numerics follow torch under bf16 autocast: the layer norm in fp32, products from bf16 operands accumulated in fp32
 and rounded to bf16 as cuBLAS returns them, the bias added and the activation taken in bf16 (rounded as torch
@@ -36,8 +38,8 @@ from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
 BLOCK = 64  # rows (image, token) per step of a program
 PROGRAMS = 2048  # programs a launch aims for: rows are split over programs while members alone are fewer
-# warps a program, (forward, backward). Registers a thread for vit_t on sm_90 (ptxas): forward 168 at 4 warps
-# (three programs an SM), backward 246 at 8 (at 4 it reaches 255 and spills)
+# warps a program, (forward, backward): 4 each measured fastest on an H100 (backward 2.51 ms against 3.75 at 8,
+# where it has no spills; benchmarks/NOTES.md)
 WARPS = (4, 4)
 # activations by code: the direct convs' (relu, tanh, sigmoid, leaky relu) and two whose derivative needs the
 # pre-activation z, which the backward recomputes here
