@@ -16,9 +16,11 @@ Count for vit_t (T 17, D 32, 2 heads, fp32 residual stream, 4,096 members x 64 i
 writes y, 2 x 570 MB; backward reads x and dy and writes dx, 3 x 570 MB: ~2.9 GB a block, ~0.6 ms at an H200's
 4.8 TB/s. Measured on one H100 with one image a program step (its 17 tokens padded to 32 rows, commit 6dea7eb),
 vit_t's step took 36.2 ms with these kernels against 31.6 with the attention kernel and inductor's layers around
-it (benchmarks/NOTES.md). Compiled for sm_90a (`benchmarks/kernel_registers.py`) the backward holds 255 registers
-a thread and spills ~1.8 KB (q, k, v, per-head (R, R) tiles and four (D, D) gradient accumulators on 32-row
-products): the engine's attention form "block" stays opt-in until it measures faster.
+it (benchmarks/NOTES.md). With three images a step (R = 64) the forward measured 1.36 ms a call on one H100 (1.91
+with one image a step), the backward 10.0 ms (0.17 TB/s of its bytes): compiled for sm_90a
+(`benchmarks/kernel_registers.py`) it holds 255 registers a thread and spills ~1.8 KB (q, k, v, per-head (R, R)
+tiles and four (D, D) gradient accumulators on 32-row products). The engine's attention form "block" stays opt-in
+until it measures faster.
 
 Numerics follow torch under bf16 autocast as `_attention.py` and `_mlp.py` do: layer norm in fp32, products from
 bf16 operands accumulated in fp32 and rounded to bf16 where torch holds a bf16 tensor (q, k, v, the attention
@@ -35,7 +37,7 @@ from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
 MAX_T = 64  # longest sequence one program holds: scores (R, R) and eight (R, D) tiles in registers
 ROWS = 64  # rows (image, token) a step holds: R // T whole images side by side (vit_t: 3 images of 17 tokens)
-WARPS = (4, 4)  # warps a program, (forward, backward)
+WARPS = (4, 4)  # warps a program, (forward, backward); 8 measured 2x slower each way (one H100)
 
 
 def supports(T: int, D: int, heads: int) -> bool:
