@@ -64,7 +64,8 @@ PATCH_FORMS = ("conv", "matmul")
 patch_form = "matmul"
 # the token stream a patch embedding starts, (B, M, T, D): "images", contiguous (image outermost); "members", member
 # outermost in memory (a (M, B, T, D) buffer seen transposed), the layout of the per-member matmuls' operands and
-# results, so their inputs need no permuted copy (`set_token_layout`)
+# results, so their inputs need no permuted copy, but vit_t measured slower with it on one H100 (154.6 against 163.5
+# model-epochs/s; benchmarks/NOTES.md): inductor fuses those copies into the layer norms (`set_token_layout`)
 TOKEN_LAYOUTS = ("images", "members")
 token_layout = "images"
 # a pre-norm MLP block, Residual(LayerNorm, Linear, Activation, Dropout, Linear, Dropout): "layers", each layer's
