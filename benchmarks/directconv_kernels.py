@@ -79,7 +79,10 @@ def run_layer(name: str, B: int, M: int, dtype, iters: int, device, torch_too: b
     yc = dc._fwd(xc, w, b, s, p, True, act)
     gout = torch.empty_like(gc) if C > 1 else None
     calls["fwd cl act"] = (lambda: dc._fwd(xc, w, b, s, p, True, act), x_b + z_b)
-    calls["dw cl act"] = (lambda: dc._dw(gc, xc, w.shape, s, p, yc, act, gout), x_b + (3 if C > 1 else 2) * z_b)
+    for form in dc.DW_FORMS:  # the channels-last weight-gradient forms (C = 1 inputs run `_dw_kernel` either way)
+        calls[f"dw cl act {form}"] = (lambda form=form: (dc.set_dw_form(form), dc._dw(gc, xc, w.shape, s, p, yc, act,
+                                                                                        gout)),
+                                      x_b + (3 if C > 1 else 2) * z_b)
     for form in [f for f in dc.DX_FORMS if f.startswith("polyphase")] if C > 1 else ():
         calls[f"dx {form} cl"] = (lambda form=form: (dc.set_dx_form(form), dc._dx(gc, w, x.shape, s, p, True)),
                                   x_b + z_b)
@@ -88,12 +91,13 @@ def run_layer(name: str, B: int, M: int, dtype, iters: int, device, torch_too: b
         z = grouped(xg, wg, b, s, p)
         calls["cudnn fwd"] = (lambda: grouped(x, w, b, s, p), x_b + z_b)
         calls["cudnn dx+dw"] = (lambda: torch.autograd.grad(z, [xg, wg], gz, retain_graph=True), 2 * (x_b + z_b))
-    rows, saved = [], dc.dx_form  # the dx calls set their form; the module's is restored after
+    rows, saved = [], (dc.dx_form, dc.dw_form)  # the dx / dw calls set their form; the module's is restored after
     for call, (fn, nbytes) in calls.items():
         ms = timed(fn, iters, device)
         f = flop * (2 if call == "cudnn dx+dw" else 1)
         rows.append({"layer": name, "call": call, "ms": ms, "tflops": f / ms / 1e9, "gbs": nbytes / ms / 1e6})
-    dc.set_dx_form(saved)
+    dc.set_dx_form(saved[0])
+    dc.set_dw_form(saved[1])
     return rows
 
 

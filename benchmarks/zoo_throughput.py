@@ -273,6 +273,9 @@ def main():
                     help="also time one evaluation (train metrics on N samples, test and val on all)")
     ap.add_argument("--dx", default=_directconv.dx_form,
                     help="the direct convs' input-gradient forms to time, comma-separated (checks: the last)")
+    ap.add_argument("--dw", default=_directconv.dw_form,
+                    help="the direct convs' channels-last weight-gradient forms to time, comma-separated (checks: "
+                         "the last)")
     ap.add_argument("--layout", default=_directconv.layout,
                     help="the direct convs' output layouts to time (zoo._directconv.LAYOUTS), comma-separated "
                          "(checks: the last)")
@@ -308,6 +311,7 @@ def main():
     if ZOO_CONFIG is not None and not Path(ZOO_CONFIG).is_file():
         ap.error(f"--zoo-config: no such file {ZOO_CONFIG}")
     dx_forms = _choices(ap, "--dx", "form", args.dx, _directconv.DX_FORMS)
+    dw_forms = _choices(ap, "--dw", "form", args.dw, _directconv.DW_FORMS)
     layouts = _choices(ap, "--layout", "layout", args.layout, _directconv.LAYOUTS)
     act_modes = _choices(ap, "--activation", "mode", args.activation, ("fused", "layer"))
     att_forms = _choices(ap, "--attention", "form", args.attention, engine.ATTENTION_FORMS)
@@ -328,10 +332,11 @@ def main():
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for form, lay, act, att, patch, tok, mlp, progs, ind, variant in itertools.product(
-                dx_forms, layouts, act_modes, att_forms, patch_forms, token_layouts, mlp_forms, programs, inductor,
-                args.variants.split(",")):
+        for form, dw, lay, act, att, patch, tok, mlp, progs, ind, variant in itertools.product(
+                dx_forms, dw_forms, layouts, act_modes, att_forms, patch_forms, token_layouts, mlp_forms, programs,
+                inductor, args.variants.split(",")):
             _directconv.set_dx_form(form)
+            _directconv.set_dw_form(dw)
             _directconv.set_layout(lay)
             _directconv.set_activation_fusion(act == "fused")
             engine.set_attention_form(att)
@@ -340,6 +345,7 @@ def main():
             engine.set_mlp_form(mlp)
             _mlp.PROGRAMS = progs
             path = (variant + (f" dx={form}" if len(dx_forms) > 1 else "")
+                    + (f" dw={dw}" if len(dw_forms) > 1 else "")
                     + (f" layout={lay}" if len(layouts) > 1 else "")
                     + (f" act={act}" if len(act_modes) > 1 else "")
                     + (f" attn={att}" if len(att_forms) > 1 else "")

@@ -110,12 +110,12 @@ def test_zoo_throughput_times_a_zoo_configs_own_members(tmp_path, monkeypatch):
 
 def test_directconv_kernels_times_both_layouts():
     """The per-layer kernel timings (interpreter smoke run) list every call, channels-last and fused-activation
-    ones included."""
+    ones included, each channels-last weight-gradient form."""
     out = _run("benchmarks/directconv_kernels.py", "--members", "2", "--batch", "2", "--iters", "1", "--dtype",
                "fp32", "--no-torch", "--layers", "cnn_gap.conv3")
     calls = [ln.split(" | ")[1] for ln in out.splitlines() if ln.startswith("| cnn_gap.conv3")]
     assert calls == ["fwd", "dw", "dx masked", "dx polyphase", "dx polyphase_joint", "fwd cl", "dw cl", "fwd cl act",
-                     "dw cl act", "dx polyphase cl", "dx polyphase_joint cl"]
+                     "dw cl act taps", "dw cl act joint", "dx polyphase cl", "dx polyphase_joint cl"]
 
 
 def test_population_size_drift_is_zero_on_cpu():

@@ -439,6 +439,42 @@ def test_fused_activations_match_torch(geometry, dx_form, layout):
             assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, needs_dx, float((a - r).abs().max()))
 
 
+@pytest.mark.parametrize("dw_form", ["taps", "joint"])
+@pytest.mark.parametrize("geometry", [(2, 5, 16, 9, 16, 3, 2, 1, 1), (1, 5, 16, 7, 32, 5, 2, 2, 1)])
+def test_channels_last_weight_gradient_forms_match_torch(geometry, dw_form, monkeypatch):
+    """A channels-last input's weight gradient, each tap's product alone ("taps") or every tap side by side in one
+    product ("joint"), each member's activation derivative fused: that form's kernel runs, and y, dx, dw and db
+    match torch's conv followed by the activation; an unknown form is refused by name."""
+    import zoo._directconv as dc
+    from zoo._triton import recording
+    from zoo.models import ACTIVATIONS
+
+    monkeypatch.setattr(dc, "dw_form", dc.dw_form)
+    dc.set_dw_form(dw_form)
+    B, M, C, H, O, k, stride, padding, pool = geometry
+    names = list(dc.ACTIVATION_CODES)[:M]
+    fns = {**ACTIVATIONS, "identity": lambda t: t}
+    g = torch.Generator().manual_seed(11)
+    x0, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in [(B, M, C, H, H), (M, O, C, k, k), (M, O)])
+    xr, wr, br = x0.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    z = _reference(xr, wr, br, stride, padding, pool)
+    ref = torch.cat([fns[n](z[:, i: i + 1]) for i, n in enumerate(names)], 1)
+    gy = torch.randn(ref.shape, generator=g).to(DEVICE)
+    ref_grads = torch.autograd.grad(ref, [xr, wr, br], gy)
+    x = _channels_last(x0).requires_grad_()
+    wk, bk = w.clone().requires_grad_(), b.clone().requires_grad_()
+    y = conv_pool(x, wk, bk, stride, padding, pool, act=dc.activation_codes(names, DEVICE))
+    with recording() as launches:
+        torch.autograd.grad(y, [x, wk, bk], gy, retain_graph=True)
+    kernel = {"taps": "_dw_taps_kernel", "joint": "_dw_joint_kernel"}[dw_form]
+    assert kernel in [kern.__name__ for kern, _, _ in launches]
+    grads = torch.autograd.grad(y, [x, wk, bk], gy)
+    for name, a, r in zip(["y", "dx", "dw", "db"], [y, *grads], [ref, *ref_grads]):
+        assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, float((a - r).abs().max()))
+    with pytest.raises(ValueError, match="unknown direct-conv dw form 'rows'.*taps, joint"):
+        dc.set_dw_form("rows")
+
+
 def test_activations_without_a_fused_form_run_as_their_own_layer(digits28, monkeypatch):
     """gelu / silu need their input for the derivative: a population with one of them keeps the activation
     layer, as does `set_activation_fusion(False)`; codes follow a reassigned `act_runs` (hyperrep does that)."""

@@ -8,7 +8,12 @@ the zeros between strided windows.
 input (zero padding by masks, so no padded copy exists) and multiplies it by the member's (K, O) kernel
 matrix on tensor cores. Backward:
 - dw[m] (O, K) = sum over rows of gz (rows, O)^T @ patch (rows, K), and db[m] (O,) = the sum of those gz rows
-  in the same kernel, partial sums over row splits added in a fixed order (deterministic);
+  in the same kernel, partial sums over row splits added in a fixed order (deterministic). A channels-last input
+  runs every tap in one program, two forms (`DW_FORMS`, `set_dw_form`): "taps" (default), one (R, C) product a
+  tap added into its slice of a (taps, C, O) accumulator, and "joint", all taps side by side in one (R, 16 C)
+  operand and one product. Compiled for sm_90a (`benchmarks/kernel_registers.py`), cnn_gap conv2's "taps"
+  kernel holds 255 registers a thread and spills 312 bytes, the "joint" one 137 registers without spills but
+  106 KiB of shared memory; the joint form is not yet timed on a GPU (`benchmarks/directconv_kernels.py`);
 - dx, three forms (`DX_FORMS`, chosen by `set_dx_form`; default "polyphase_joint"). "masked": a row is one input
   pixel, K is (o, ky, kx): the output gradient at (iy + pad - ky) / S where that is a whole output pixel (masked
   elsewhere: with stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx]. "polyphase": pixels are
@@ -37,6 +42,12 @@ from ._triton import MAX_GRID_Y, NUM_WARPS, dot_dtype, launch, on_device, pow2, 
 BLOCK_R, BLOCK_R_DW = 128, 128  # GEMM rows per program (forward / input gradient, weight gradient)
 DX_FORMS = ("masked", "polyphase", "polyphase_joint")
 dx_form = "polyphase_joint"  # the input gradient's form (module docstring); `set_dx_form` changes it
+# the weight gradient of a channels-last input: "taps", each tap's (R, C) tile multiplied alone and added into its
+# slice of a (taps, C, O) accumulator; "joint", every tap's tile side by side in one (R, taps C) operand and one
+# product (a 256-row accumulator on tensor cores, no per-tap select over the accumulator; `set_dw_form`)
+DW_FORMS = ("taps", "joint")
+dw_form = "taps"
+BLOCK_R_DW_JOINT = 64  # rows a step of the joint form: its (R, 16 C) bf16 operand is 32 KiB a pipeline stage at 64
 LAYOUTS = ("nchw", "channels_last")
 layout = "channels_last"  # how the kernels store what they write (module docstring); `set_layout` changes it
 CL_CHANNELS = (16, 32, 64)  # channel counts a channels-last tensor may have: one tile width of the tap GEMMs
@@ -53,6 +64,14 @@ def set_dx_form(name: str) -> None:
     if name not in DX_FORMS:
         raise ValueError(f"unknown direct-conv dx form {name!r}; choose one of {', '.join(DX_FORMS)}")
     dx_form = name
+
+
+def set_dw_form(name: str) -> None:
+    """Choose the channels-last weight-gradient kernel for the direct convs run from now on."""
+    global dw_form
+    if name not in DW_FORMS:
+        raise ValueError(f"unknown direct-conv dw form {name!r}; choose one of {', '.join(DW_FORMS)}")
+    dw_form = name
 
 
 def set_layout(name: str) -> None:
@@ -297,6 +316,40 @@ if triton is not None:
         tl.store(db_ptr + part + o, tl.sum(gsum, axis=0), mask=o < O)
 
     @triton.jit
+    def _dw_joint_kernel(x_ptr, gz_ptr, y_ptr, act_ptr, gzo_ptr, dw_ptr, db_ptr, M, n_rows, C: tl.constexpr,
+                         H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr,
+                         KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr,
+                         BLOCK: tl.constexpr, TP: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
+                         GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr, WRITE_GZ: tl.constexpr):
+        """`_dw_taps_kernel` with every tap's (R, C) input tile side by side in one (R, TP C) operand, column
+        j = t C + c (taps past KS^2 masked to zero), and one (TP C, BO) product a row block: no per-tap select
+        over a (TP, C, BO) accumulator."""
+        m, split = tl.program_id(0), tl.program_id(1)
+        n_split = tl.num_programs(1)
+        o, j = tl.arange(0, BO), tl.arange(0, TP * C)
+        t, c = j // C, j % C
+        code = 0
+        if ACT:
+            code = tl.load(act_ptr + m)
+        acc = tl.zeros((TP * C, BO), tl.float32)
+        gsum = tl.zeros((BLOCK, BO), tl.float32)
+        for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
+            rok, unit, pix = _rows(r0, n_rows, M, m, Ho * Wo, BLOCK)
+            g = _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, True, O, Ho * Wo, GCL, ACT, YCL,
+                          WRITE_GZ)  # (R, BO)
+            iy = (pix // Wo)[:, None] * S + (t // KS)[None, :] - PAD  # (R, TP C)
+            ix = (pix % Wo)[:, None] * S + (t % KS)[None, :] - PAD
+            ok = rok[:, None] & (t < KS * KS)[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+            a = tl.load(x_ptr + (unit * (C * H * W))[:, None] + (iy * W + ix) * C + c[None, :], mask=ok, other=0.0)
+            acc += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)  # (TP C, BO)
+            gsum += g
+        part = (split * M + m).to(tl.int64) * O
+        # dw[part, o, c, ky, kx] at (part + o) K + c KS^2 + t
+        out = (part + o[None, :]) * K + (c * (KS * KS) + t)[:, None]
+        tl.store(dw_ptr + out, acc, mask=(t < KS * KS)[:, None] & (o < O)[None, :])
+        tl.store(db_ptr + part + o, tl.sum(gsum, axis=0), mask=o < O)
+
+    @triton.jit
     def _dx_kernel(gz_ptr, w_ptr, dx_ptr, M, n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr,
                    O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr,
                    PAD: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -447,16 +500,18 @@ def _dw(gz, x, w_shape, stride: int, padding: int, y: torch.Tensor | None = None
     # channels-last: one program per (member, row split) runs every tap (`_dw_taps_kernel`); else K chunks
     bk = block_k(K)
     n_rows, n_kc = B * g[4] * g[5], 1 if xcl else triton.cdiv(K, bk)
-    n_split = max(1, min(triton.cdiv(n_rows, BLOCK_R_DW), triton.cdiv(2048, M * n_kc)))  # fill the GPU
+    joint = xcl and dw_form == "joint"
+    rows = BLOCK_R_DW_JOINT if joint else BLOCK_R_DW
+    n_split = max(1, min(triton.cdiv(n_rows, rows), triton.cdiv(2048, M * n_kc)))  # fill the GPU
     dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
     db = torch.empty(n_split, M, O, device=x.device, dtype=torch.float32)
     fused = (gz, gz, gz) if act is None else (y, act, gz if gz_out is None else gz_out)
     flags = (act is not None, act is not None and not y.is_contiguous(), gz_out is not None)
     with on_device(x.device):
         if xcl:
-            launch(_dw_taps_kernel, (M, n_split), x, gz, *fused, dw, db, M, n_rows, *g, K, max(16, pow2(O)),
-                   BLOCK_R_DW, pow2(KS * KS), *dot_dtype(x.dtype), gcl, *flags, num_warps=NUM_WARPS,
-                   num_stages=stages(x.dtype))
+            launch(_dw_joint_kernel if joint else _dw_taps_kernel, (M, n_split), x, gz, *fused, dw, db, M, n_rows,
+                   *g, K, max(16, pow2(O)), rows, pow2(KS * KS), *dot_dtype(x.dtype), gcl, *flags,
+                   num_warps=NUM_WARPS, num_stages=stages(x.dtype))
         else:
             launch(_dw_kernel, (n_kc, M, n_split), x, gz, *fused, dw, db, M, n_rows, *g, K, max(16, pow2(O)),
                    BLOCK_R_DW, bk, *dot_dtype(x.dtype), gcl, *flags, num_warps=NUM_WARPS,
