@@ -143,13 +143,14 @@ def block_launches(which: str, warps: int, rows: int, drop: bool) -> list[tuple[
 
 
 def conv_launches(arch: str, dw_form: str) -> list[tuple[str, object, tuple, dict]]:
-    """(name, kernel, args, kwargs) of each direct-conv launch of one training step of `arch`'s convs: forward with
+    """(name, kernel, args, kwargs) of each direct-conv launch of one training step of `arch`'s convs (or of the
+    one layer `arch` names, as in `directconv_kernels.LAYERS`): forward with
     the activation, weight gradient in `dw_form` (writing the pre-activation gradient where a layer has an input
     gradient), input gradient in the module's form."""
     act = _directconv.activation_codes(["tanh"] * M, "meta")
     out = []
     for name, (C, H, O, k, s, p) in LAYERS.items():
-        if not name.startswith(arch + "."):
+        if not (name == arch or name.startswith(arch + ".")):
             continue
         Ho = _directconv.out_size(H, k, s, p)
         x = torch.empty(B, M, H, H, C, device="meta", dtype=torch.bfloat16).permute(0, 1, 4, 2, 3)  # channels-last
@@ -169,7 +170,8 @@ def main() -> None:
     ap.add_argument("--kernels", default="mlp,attention,conv")
     ap.add_argument("--warps", default="4,8", help="the blocks' warps a program (the convs: the module's)")
     ap.add_argument("--rows", default="64", help="the blocks' rows a step (the MLP's BLOCK, the attention's ROWS)")
-    ap.add_argument("--convs", default="cnn_gap,smallcnn", help="architectures whose direct convs to compile")
+    ap.add_argument("--convs", default="cnn_gap,smallcnn",
+                    help="architectures (or single layers, e.g. cnn_gap.conv2) whose direct convs to compile")
     ap.add_argument("--dw", default=",".join(_directconv.DW_FORMS),
                     help="the convs' channels-last weight-gradient forms (zoo._directconv.DW_FORMS)")
     ap.add_argument("--dropout", action="store_true", help="the blocks' kernels with their dropout masks")

@@ -73,6 +73,17 @@ def test_kernel_registers_reports_the_compiled_kernels():
     assert rows["mlp forward BLOCK=64"][0] <= 200 and rows["mlp forward BLOCK=64"][1] == 0
 
 
+def test_kernel_registers_compiles_the_recorded_conv_launches():
+    """cnn_gap conv3's launches of a training step, recorded from the host code on meta tensors and compiled for
+    sm_90a: forward, the joint weight gradient and the input gradient, none spilling."""
+    out = _run("benchmarks/kernel_registers.py", "--kernels", "conv", "--convs", "cnn_gap.conv3", "--dw", "joint")
+    rows = {r[0][2:].strip(): [int(v) for v in r[2:4]] for r in
+            (ln.split(" | ") for ln in out.splitlines() if ln.startswith("| cnn_gap"))}
+    assert list(rows) == ["cnn_gap.conv3 _fwd_kernel", "cnn_gap.conv3 _dw_joint_kernel",
+                          "cnn_gap.conv3 _dx_phase_kernel"]
+    assert all(regs <= 200 and spill == 0 for regs, spill in rows.values())
+
+
 def test_zoo_throughput_times_both_layouts_and_activation_modes(tmp_path):
     """--layout nchw,channels_last and --activation layer,fused time each combination, each row named by it;
     an unknown layout or mode exits 2."""
