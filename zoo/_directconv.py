@@ -13,7 +13,8 @@ matrix on tensor cores. Backward:
   tap added into its slice of a (taps, C, O) accumulator, and "joint", all taps side by side in one (R, 16 C)
   operand and one product. Compiled for sm_90a (`benchmarks/kernel_registers.py`), cnn_gap conv2's "taps"
   kernel holds 255 registers a thread and spills 312 bytes, the "joint" one 137 registers without spills but
-  106 KiB of shared memory; the joint form is not yet timed on a GPU (`benchmarks/directconv_kernels.py`);
+  106 KiB of shared memory; the joint form is not yet timed on a GPU (`benchmarks/directconv_kernels.py`) and
+  runs where its operand is at most JOINT_COLUMNS wide (3x3 taps of 16 channels: the 16-channel layers);
 - dx, three forms (`DX_FORMS`, chosen by `set_dx_form`; default "polyphase_joint"). "masked": a row is one input
   pixel, K is (o, ky, kx): the output gradient at (iy + pad - ky) / S where that is a whole output pixel (masked
   elsewhere: with stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx]. "polyphase": pixels are
@@ -48,6 +49,8 @@ dx_form = "polyphase_joint"  # the input gradient's form (module docstring); `se
 DW_FORMS = ("taps", "joint")
 dw_form = "taps"
 BLOCK_R_DW_JOINT = 64  # rows a step of the joint form: its (R, 16 C) bf16 operand is 32 KiB a pipeline stage at 64
+JOINT_COLUMNS = 256  # widest joint operand (taps rounded to a power of two, x channels): 3x3 taps of 16 channels;
+# wider layers run the taps form (a 5x5 or a 32-channel layer's operand would not fit shared memory)
 LAYOUTS = ("nchw", "channels_last")
 layout = "channels_last"  # how the kernels store what they write (module docstring); `set_layout` changes it
 CL_CHANNELS = (16, 32, 64)  # channel counts a channels-last tensor may have: one tile width of the tap GEMMs
@@ -500,7 +503,7 @@ def _dw(gz, x, w_shape, stride: int, padding: int, y: torch.Tensor | None = None
     # channels-last: one program per (member, row split) runs every tap (`_dw_taps_kernel`); else K chunks
     bk = block_k(K)
     n_rows, n_kc = B * g[4] * g[5], 1 if xcl else triton.cdiv(K, bk)
-    joint = xcl and dw_form == "joint"
+    joint = xcl and dw_form == "joint" and pow2(KS * KS) * C <= JOINT_COLUMNS
     rows = BLOCK_R_DW_JOINT if joint else BLOCK_R_DW
     n_split = max(1, min(triton.cdiv(n_rows, rows), triton.cdiv(2048, M * n_kc)))  # fill the GPU
     dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
