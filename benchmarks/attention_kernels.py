@@ -50,14 +50,19 @@ def triton_form(seq: int):
     return run
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def vit_t_shapes(ap: argparse.ArgumentParser) -> None:
+    """The options of a kernel timing at vit_t's shapes (4,096 members, batch 64) and its iterations."""
     ap.add_argument("--members", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=17)
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    vit_t_shapes(ap)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--seq", default="1,4,16", help="sequences per Triton program to time, comma-separated")
     args = ap.parse_args()

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attention_kernels import vit_t_shapes  # noqa: E402
 from directconv_kernels import timed  # noqa: E402
 
 from zoo import _attnblock, _mlp  # noqa: E402
@@ -122,12 +123,7 @@ def run_attention(x, gy, grid, heads, bf16, iters, dev):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--members", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--tokens", type=int, default=17)
-    ap.add_argument("--dim", type=int, default=32)
-    ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=20)
+    vit_t_shapes(ap)
     ap.add_argument("--fp32", action="store_true", help="fp32 products (default: bf16, as under autocast)")
     ap.add_argument("--mlp-grid", default="4/64/1,8/64/1,4/32/1,8/32/1,8/128/1,4/64/4,8/64/4,8/32/4")
     ap.add_argument("--attn-grid", default="4/1/64,8/1/64,4/1/32,8/1/128,4/4/64")
