@@ -221,7 +221,7 @@ if triton is not None:
                 h = _round(tl.where(_kept(k1, thr, r, F, f), h / keep, 0.0), DT)  # fc2's input
                 g2 = tl.where(_kept(k2, thr, r, D, d), g / keep, 0.0)
             g2 = g2.to(DT)  # the gradient at fc2's output, as its bf16 product receives it; 0 in masked rows
-            # (F, D) = d w2^T: F rows fill a 64-row tensor-core product (D rows would not, and run slower)
+            # (F, D) = d w2^T: F = 64 rows take the wgmma path; D = 32 rows took the register-operand one (spills)
             acc_w2t += tl.dot(tl.trans(h.to(DT)), g2, input_precision=PREC)
             acc_b2 += tl.sum(g2.to(tl.float32), 0)
             gh = _round(tl.dot(g2, w2, input_precision=PREC), DT)  # (R, F) at fc2's input
