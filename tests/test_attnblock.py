@@ -22,10 +22,12 @@ def _reference(x, lnw, lnb, wqkv, bqkv, wo, bo, heads, causal):
     return x + torch.einsum("bmtd,med->bmte", y, wo) + bo[None, :, None]
 
 
-# (B, T, heads, causal, member-major): two sequences a program; 17 tokens padded to 32; causal; 40 images of 3
-# tokens over 4 heads (split over programs)
+# (B, T, heads, causal, member-major): 12 images of 5 tokens a 64-row step (all 3 in one); 3 images of 17; causal,
+# 7 of 9; 40 images of 3 tokens over 4 heads (21 a step, split over programs); one image of 40 tokens a step, its
+# 24 padding rows a group of their own, causal
 @pytest.mark.parametrize("B,T,heads,causal,member_major", [(3, 5, 2, False, True), (3, 17, 2, False, False),
-                                                           (2, 9, 1, True, False), (40, 3, 4, False, True)])
+                                                           (2, 9, 1, True, False), (40, 3, 4, False, True),
+                                                           (2, 40, 2, True, False)])
 def test_fused_attention_block_matches_torch(B, T, heads, causal, member_major):
     M, D = 3, 16
     x, ps, gy = block_inputs(B, M, T, D, [(D,), (D,), (3 * D, D), (3 * D,), (D, D), (D,)], member_major, DEVICE)
