@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from ._triton import MAX_GRID_Y, NUM_WARPS, dot_dtype, launch, on_device, pow2, stages, tl, triton
+from ._triton import MAX_GRID_Y, NUM_WARPS, checked_form, dot_dtype, launch, on_device, pow2, stages, tl, triton
 
 BLOCK_R, BLOCK_R_DW = 128, 128  # GEMM rows per program (forward / input gradient, weight gradient)
 DX_FORMS = ("masked", "polyphase", "polyphase_joint")
@@ -64,25 +64,19 @@ fuse_activation = True  # `set_activation_fusion` changes it
 def set_dx_form(name: str) -> None:
     """Choose the input-gradient kernel for the direct convs run from now on (populations built after)."""
     global dx_form
-    if name not in DX_FORMS:
-        raise ValueError(f"unknown direct-conv dx form {name!r}; choose one of {', '.join(DX_FORMS)}")
-    dx_form = name
+    dx_form = checked_form("direct-conv dx form", name, DX_FORMS)
 
 
 def set_dw_form(name: str) -> None:
     """Choose the channels-last weight-gradient kernel for the direct convs run from now on."""
     global dw_form
-    if name not in DW_FORMS:
-        raise ValueError(f"unknown direct-conv dw form {name!r}; choose one of {', '.join(DW_FORMS)}")
-    dw_form = name
+    dw_form = checked_form("direct-conv dw form", name, DW_FORMS)
 
 
 def set_layout(name: str) -> None:
     """Choose how the direct convs store their outputs (forward z, input gradient dx) from now on."""
     global layout
-    if name not in LAYOUTS:
-        raise ValueError(f"unknown direct-conv layout {name!r}; choose one of {', '.join(LAYOUTS)}")
-    layout = name
+    layout = checked_form("direct-conv layout", name, LAYOUTS)
 
 
 def set_activation_fusion(on: bool) -> None:

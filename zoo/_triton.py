@@ -19,6 +19,14 @@ NUM_WARPS = 4  # per program, every conv kernel (sweep on an H100: benchmarks/NO
 MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis
 
 
+def checked_form(what: str, name: str, forms: tuple[str, ...]) -> str:
+    """`name` where it is one of a kernel choice's `forms` (the engine's and the direct convs' `set_*` functions),
+    else a ValueError naming them."""
+    if name not in forms:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(forms)}")
+    return name
+
+
 def available(device: torch.device) -> bool:
     """Whether the Triton kernels run for tensors on `device` (CPU: Triton >= 3.9's interpreter; older
     interpreters fail on runtime loop bounds)."""

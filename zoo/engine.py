@@ -23,6 +23,7 @@ from ._convpool import available as triton_available
 from ._convpool import conv_pool, runs_direct
 from ._directconv import activation_codes, is_channels_last
 from ._rng import hash32
+from ._triton import checked_form
 from .cli import UsageError
 from .models import (
     ACTIVATIONS,
@@ -104,32 +105,24 @@ def runs(values: Sequence[str]) -> list[tuple[str, int, int]]:
 def set_attention_form(name: str) -> None:
     """Choose how attention's products run from now on (module comment on `ATTENTION_FORMS`)."""
     global attention_form
-    if name not in ATTENTION_FORMS:
-        raise ValueError(f"unknown attention form {name!r}; choose one of {', '.join(ATTENTION_FORMS)}")
-    attention_form = name
+    attention_form = checked_form("attention form", name, ATTENTION_FORMS)
 
 
 def set_token_layout(name: str) -> None:
     """Choose the token stream's memory layout from now on (module comment on `TOKEN_LAYOUTS`)."""
     global token_layout
-    if name not in TOKEN_LAYOUTS:
-        raise ValueError(f"unknown token layout {name!r}; choose one of {', '.join(TOKEN_LAYOUTS)}")
-    token_layout = name
+    token_layout = checked_form("token layout", name, TOKEN_LAYOUTS)
 
 
 def set_mlp_form(name: str) -> None:
     global mlp_form
-    if name not in MLP_FORMS:
-        raise ValueError(f"unknown mlp form {name!r}; choose one of {', '.join(MLP_FORMS)}")
-    mlp_form = name
+    mlp_form = checked_form("mlp form", name, MLP_FORMS)
 
 
 def set_patch_form(name: str) -> None:
     """Choose how a non-overlapping patch embedding runs from now on (module comment on `PATCH_FORMS`)."""
     global patch_form
-    if name not in PATCH_FORMS:
-        raise ValueError(f"unknown patch form {name!r}; choose one of {', '.join(PATCH_FORMS)}")
-    patch_form = name
+    patch_form = checked_form("patch form", name, PATCH_FORMS)
 
 
 @dataclass
