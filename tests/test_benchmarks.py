@@ -168,25 +168,25 @@ def test_probe_scale_times_the_probe_stage_on_a_synthetic_zoo():
 
 
 def test_speed_targets_script_runs_each_step_and_summarises(tmp_path):
-    """The one-call speed run (CPU smoke: cnn_gap on digits, fp32): the dw kernels' step and cnn_gap's, each
+    """The one-call speed run (CPU smoke: cnn_gap on digits, fp32): cnn_gap's step and the dw kernels', each
     with its exit code; the summary keeps both dw forms' rates and the kernel rows; a step past the deadline is
     skipped, not started."""
     import os
-    env = {**os.environ, "OUT": str(tmp_path), "ARCHS": "cnn_gap", "MEMBERS": "4", "CHECK": "0",
+    env = {**os.environ, "OUT": str(tmp_path), "ARCHS": "cnn_gap", "MEMBERS": "4", "CHECK": "0", "DW": "taps,joint",
            "ZOO_ARGS": "--dataset digits --steps 2 --solo-steps 3 --variants fp32",
            "KERNEL_ARGS": "--members 2 --batch 2 --iters 1 --dtype fp32"}
     done = subprocess.run(["bash", "benchmarks/speed_targets.sh"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     steps = (tmp_path / "steps.txt").read_text().splitlines()
-    assert [ln.split()[:2] for ln in steps] == [["dw_kernels", "rc=0"], ["cnn_gap", "rc=0"]]
+    assert [ln.split()[:2] for ln in steps] == [["cnn_gap", "rc=0"], ["dw_kernels", "rc=0"]]
     summary = (tmp_path / "summary.md").read_text()
     assert "| cnn_gap | fp32 dw=taps | 4 |" in summary and "| cnn_gap | fp32 dw=joint | 4 |" in summary
     assert "dw cl act joint" in summary
     late = subprocess.run(["bash", "benchmarks/speed_targets.sh"], cwd=ROOT, env={**env, "DEADLINE": "0"},
                           capture_output=True, text=True, timeout=60)
     assert late.returncode == 0 and (tmp_path / "steps.txt").read_text().splitlines() == [
-        "dw_kernels skipped: deadline", "cnn_gap skipped: deadline"]
+        "cnn_gap skipped: deadline", "dw_kernels skipped: deadline"]
 
 
 def test_full_zoo_script_runs_every_stage_on_one_split(tmp_path):

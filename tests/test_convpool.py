@@ -173,9 +173,10 @@ def test_channels_last_matches_torch(geometry, dx_form, layout):
         dc.set_layout("nhwc")
 
 
-FLAGS = {"_fwd_kernel": ("XCL", "ZCL", "ACT"), "_dw_kernel": ("GCL", "ACT", "YCL", "WRITE_GZ"),
-         "_dw_taps_kernel": ("GCL", "ACT", "YCL", "WRITE_GZ"),
-         "_dx_phase_kernel": ("GCL", "XCL")}  # the layout and activation flags of each direct kernel
+# the layout and activation flags of each direct kernel
+DW_FLAGS = ("GCL", "ACT", "YCL", "WRITE_GZ")
+FLAGS = {"_fwd_kernel": ("XCL", "ZCL", "ACT"), "_dw_kernel": DW_FLAGS, "_dw_taps_kernel": DW_FLAGS,
+         "_dw_joint_kernel": DW_FLAGS, "_dx_phase_kernel": ("GCL", "XCL")}
 
 
 def _flags(launches) -> list[tuple]:
@@ -200,13 +201,13 @@ def test_channels_last_passes_through_the_layers_between_convs(layout, fuse, dig
     xb, y, _, key = pop._batch(pop.epoch_order(1), 1, 0)
     with recording() as launches:
         pop._loss(pop.flat.detach().requires_grad_(True), xb, y, key)[0].backward()
-    f = fuse
-    # forward (x, z); dw (x, gz, y; write gz; a channels-last x runs every tap in one program); dx (gz, dx);
-    # conv1's input has one channel. conv3's output gradient comes from the average pool and dropout,
-    # contiguous; an unfused activation's backward keeps its output's channels-last layout
+    f, dw = fuse, f"_dw_{dc.dw_form}_kernel"
+    # forward (x, z); dw (x, gz, y; write gz; a channels-last x runs every tap in one program, in the module's
+    # dw form); dx (gz, dx); conv1's input has one channel. conv3's output gradient comes from the average pool
+    # and dropout, contiguous; an unfused activation's backward keeps its output's channels-last layout
     assert _flags(launches) == [("_fwd_kernel", False, True, f), ("_fwd_kernel", True, True, f),
-                                ("_fwd_kernel", True, True, f), ("_dw_taps_kernel", not f, f, f, f),
-                                ("_dx_phase_kernel", True, True), ("_dw_taps_kernel", True, f, f, f),
+                                ("_fwd_kernel", True, True, f), (dw, not f, f, f, f),
+                                ("_dx_phase_kernel", True, True), (dw, True, f, f, f),
                                 ("_dx_phase_kernel", True, True), ("_dw_kernel", True, f, f, False)]
 
 

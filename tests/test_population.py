@@ -337,7 +337,8 @@ def test_attention_forms_train_the_same_members(digits, monkeypatch):
 
     monkeypatch.setattr(engine, "attention_form", engine.attention_form)
     calls, blocks = [], []
-    monkeypatch.setattr(engine, "triton_attention", lambda *a, f=engine.triton_attention: calls.append(1) or f(*a))
+    monkeypatch.setattr(engine, "triton_attention",
+                        lambda *a, f=engine.triton_attention, **k: calls.append(1) or f(*a, **k))
     monkeypatch.setattr(engine._attnblock, "attention_block",
                         lambda *a, f=engine._attnblock.attention_block: blocks.append(1) or f(*a))
     kw = {"patch": 4, "dim": 16, "depth": 1}

@@ -19,6 +19,8 @@ kernels on CPU (tests).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
@@ -48,11 +50,25 @@ if triton is not None:
         return ptr + _seq_base(s, heads, M, sB, sM, d) + t[:, None] * sT + c[None, :]
 
     @triton.jit
-    def _load_qkv(qkv_ptr, s, heads, M, sB, sM, sT, t, c, ok, D: tl.constexpr, d: tl.constexpr):
-        """Sequence s's q, k, v, each (TP, DP), zero in the padding."""
+    def _load_part(base, b_ptr, ok, c, cm, BIAS: tl.constexpr):
+        """One of q, k, v (TP, DP): the projection's entries, plus the member's bias where the projection comes
+        without it, rounded to the projection's dtype as torch rounds `product + bias.to(dtype)`."""
+        x = tl.load(base, mask=ok, other=0.0)
+        if BIAS:
+            b = tl.load(b_ptr + c, mask=cm, other=0.0).to(x.dtype).to(tl.float32)
+            x = tl.where(ok, (x.to(tl.float32) + b[None, :]).to(x.dtype), 0.0)
+        return x
+
+    @triton.jit
+    def _load_qkv(qkv_ptr, b_ptr, pb, s, heads, M, sB, sM, sT, t, c, ok, D: tl.constexpr, d: tl.constexpr,
+                  BIAS: tl.constexpr):
+        """Sequence s's q, k, v, each (TP, DP), zero in the padding; b_ptr the (M, 3 D) bias (row stride pb) when
+        BIAS, added here."""
         base = _tile(qkv_ptr, s, heads, M, sB, sM, sT, t, c, d)
-        return (tl.load(base, mask=ok, other=0.0), tl.load(base + D, mask=ok, other=0.0),
-                tl.load(base + 2 * D, mask=ok, other=0.0))
+        bb = b_ptr + ((s // heads) % M).to(tl.int64) * pb + (s % heads) * d  # this member's, this head's bias
+        cm = c < d
+        return (_load_part(base, bb, ok, c, cm, BIAS), _load_part(base + D, bb + D, ok, c, cm, BIAS),
+                _load_part(base + 2 * D, bb + 2 * D, ok, c, cm, BIAS))
 
     @triton.jit
     def _scores(q, k, t, T, scale, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
@@ -65,15 +81,15 @@ if triton is not None:
         return tl.where(ok, s, float("-inf"))
 
     @triton.jit
-    def _fwd_kernel(qkv_ptr, y_ptr, lse_ptr, n_seq, heads, M, T, sB, sM, sT, yB, yM, yT, scale,
+    def _fwd_kernel(qkv_ptr, b_ptr, y_ptr, lse_ptr, n_seq, heads, M, T, sB, sM, sT, pb, yB, yM, yT, scale,
                     D: tl.constexpr, d: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr, SEQ: tl.constexpr,
-                    CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+                    CAUSAL: tl.constexpr, BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
         t, c = tl.arange(0, TP), tl.arange(0, DP)
         ok = (t < T)[:, None] & (c < d)[None, :]
         for i in tl.static_range(SEQ):
             s = tl.program_id(0) * SEQ + i
             if s < n_seq:
-                q, k, v = _load_qkv(qkv_ptr, s, heads, M, sB, sM, sT, t, c, ok, D, d)  # (TP, DP) each
+                q, k, v = _load_qkv(qkv_ptr, b_ptr, pb, s, heads, M, sB, sM, sT, t, c, ok, D, d, BIAS)  # (TP, DP)
                 sc = _scores(q, k, t, T, scale, CAUSAL, DOT_DTYPE, PREC)
                 mx = tl.max(sc, 1)
                 p = tl.exp(sc - mx[:, None])
@@ -84,15 +100,16 @@ if triton is not None:
                 tl.store(lse_ptr + s.to(tl.int64) * TP + t, mx + tl.log(den))
 
     @triton.jit
-    def _bwd_kernel(qkv_ptr, gy_ptr, lse_ptr, gqkv_ptr, n_seq, heads, M, T, sB, sM, sT, gB, gM, gT, oB, oM, oT,
-                    scale, D: tl.constexpr, d: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr,
-                    SEQ: tl.constexpr, CAUSAL: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+    def _bwd_kernel(qkv_ptr, b_ptr, gy_ptr, lse_ptr, gqkv_ptr, n_seq, heads, M, T, sB, sM, sT, pb, gB, gM, gT,
+                    oB, oM, oT, scale, D: tl.constexpr, d: tl.constexpr, TP: tl.constexpr, DP: tl.constexpr,
+                    SEQ: tl.constexpr, CAUSAL: tl.constexpr, BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    PREC: tl.constexpr):
         t, c = tl.arange(0, TP), tl.arange(0, DP)
         ok = (t < T)[:, None] & (c < d)[None, :]
         for i in tl.static_range(SEQ):
             s = tl.program_id(0) * SEQ + i
             if s < n_seq:
-                q, k, v = _load_qkv(qkv_ptr, s, heads, M, sB, sM, sT, t, c, ok, D, d)  # (TP, DP) each
+                q, k, v = _load_qkv(qkv_ptr, b_ptr, pb, s, heads, M, sB, sM, sT, t, c, ok, D, d, BIAS)  # (TP, DP)
                 go = tl.load(_tile(gy_ptr, s, heads, M, gB, gM, gT, t, c, d), mask=ok, other=0.0)
                 lse = tl.load(lse_ptr + s.to(tl.int64) * TP + t)
                 # padded query rows have q = 0, a finite lse and go = 0: they add nothing below
@@ -121,11 +138,14 @@ def _like(ref: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty_strided(shape, strides, dtype=ref.dtype, device=ref.device)
 
 
-def _check(qkv: torch.Tensor, heads: int) -> tuple[int, int, int, int, int]:
+def _check(qkv: torch.Tensor, heads: int, bias: Optional[torch.Tensor]) -> tuple[int, int, int, int, int]:
     B, M, T, D3 = qkv.shape
     if D3 % (3 * heads) or qkv.stride(-1) != 1:
         raise ValueError(f"attention: qkv must be (B, M, T, 3 D) with 3 D divisible by 3 x {heads} heads and "
                          f"unit last stride, got shape {tuple(qkv.shape)} strides {qkv.stride()}")
+    if bias is not None and (bias.shape != (M, D3) or bias.stride(-1) != 1):
+        raise ValueError(f"attention: bias must be (M, 3 D) = ({M}, {D3}) with unit last stride, got shape "
+                         f"{tuple(bias.shape)} strides {bias.stride()}")
     return B, M, T, D3 // 3, D3 // 3 // heads
 
 
@@ -140,62 +160,77 @@ def _meta(T: int, d: int, dtype: torch.dtype) -> dict:
     return dict(TP=TP, DP=DP, SEQ=SEQ_PER_PROGRAM, DOT_DTYPE=DOT_DTYPE, PREC=PREC, num_warps=_warps(TP))
 
 
+def _bias_args(bias: Optional[torch.Tensor], qkv: torch.Tensor) -> tuple:
+    """(pointer, row stride, BIAS) of the kernels' bias arguments; qkv stands in for the pointer without one."""
+    return (qkv, 0, False) if bias is None else (bias, bias.stride(0), True)
+
+
 @torch.library.custom_op("weightzoo::attention", mutates_args=())
-def _attention_op(qkv: torch.Tensor, heads: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], heads: int, causal: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y (B, M, T, D) laid out as qkv, lse (B M heads, TP) fp32)."""
-    B, M, T, D, d = _check(qkv, heads)
+    B, M, T, D, d = _check(qkv, heads, bias)
     meta = _meta(T, d, qkv.dtype)
     y = _like(qkv, (B, M, T, D))
     n_seq = B * M * heads
     lse = torch.empty(n_seq, meta["TP"], device=qkv.device, dtype=torch.float32)
+    b, pb, has_bias = _bias_args(bias, qkv)
     with on_device(qkv.device):
-        launch(_fwd_kernel, (triton.cdiv(n_seq, SEQ_PER_PROGRAM),), qkv, y, lse, n_seq, heads, M, T,
-               *qkv.stride()[:3], *y.stride()[:3], d ** -0.5, D=D, d=d, CAUSAL=causal, **meta)
+        launch(_fwd_kernel, (triton.cdiv(n_seq, SEQ_PER_PROGRAM),), qkv, b, y, lse, n_seq, heads, M, T,
+               *qkv.stride()[:3], pb, *y.stride()[:3], d ** -0.5, D=D, d=d, CAUSAL=causal, BIAS=has_bias, **meta)
     return y, lse
 
 
 @_attention_op.register_fake
-def _(qkv, heads, causal):
-    B, M, T, D, d = _check(qkv, heads)
+def _(qkv, bias, heads, causal):
+    B, M, T, D, d = _check(qkv, heads, bias)
     return _like(qkv, (B, M, T, D)), qkv.new_empty(B * M * heads, _padded(T), dtype=torch.float32)
 
 
 @torch.library.custom_op("weightzoo::attention_backward", mutates_args=())
-def _backward_op(gy: torch.Tensor, qkv: torch.Tensor, lse: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
-    """d loss / d qkv, (B, M, T, 3 D) laid out as qkv."""
-    B, M, T, D, d = _check(qkv, heads)
+def _backward_op(gy: torch.Tensor, qkv: torch.Tensor, bias: Optional[torch.Tensor], lse: torch.Tensor, heads: int,
+                 causal: bool) -> torch.Tensor:
+    """d loss / d qkv, (B, M, T, 3 D) laid out as qkv (with or without the bias, the same gradient)."""
+    B, M, T, D, d = _check(qkv, heads, bias)
     gy = gy.to(qkv.dtype)
     gy = gy if gy.stride(-1) == 1 else gy.contiguous()
     g = _like(qkv, qkv.shape)
     n_seq = B * M * heads
+    b, pb, has_bias = _bias_args(bias, qkv)
     with on_device(qkv.device):
-        launch(_bwd_kernel, (triton.cdiv(n_seq, SEQ_PER_PROGRAM),), qkv, gy, lse, g, n_seq, heads, M, T,
-               *qkv.stride()[:3], *gy.stride()[:3], *g.stride()[:3], d ** -0.5, D=D, d=d, CAUSAL=causal,
-               **_meta(T, d, qkv.dtype))
+        launch(_bwd_kernel, (triton.cdiv(n_seq, SEQ_PER_PROGRAM),), qkv, b, gy, lse, g, n_seq, heads, M, T,
+               *qkv.stride()[:3], pb, *gy.stride()[:3], *g.stride()[:3], d ** -0.5, D=D, d=d, CAUSAL=causal,
+               BIAS=has_bias, **_meta(T, d, qkv.dtype))
     return g
 
 
 @_backward_op.register_fake
-def _(gy, qkv, lse, heads, causal):
+def _(gy, qkv, bias, lse, heads, causal):
     return _like(qkv, qkv.shape)
 
 
 def _setup(ctx, inputs, output):
-    qkv, heads, causal = inputs
-    ctx.save_for_backward(qkv, output[1])  # qkv and lse: the backward recomputes the rest
+    qkv, bias, heads, causal = inputs
+    ctx.save_for_backward(qkv, bias, output[1])  # the inputs and lse: the backward recomputes the rest
     ctx.heads, ctx.causal = heads, causal
 
 
 def _backward(ctx, gy, glse):
-    qkv, lse = ctx.saved_tensors
-    return _backward_op(gy, qkv, lse, ctx.heads, ctx.causal), None, None
+    qkv, bias, lse = ctx.saved_tensors
+    g = _backward_op(gy, qkv, bias, lse, ctx.heads, ctx.causal)
+    # the bias gradient as autograd gives it for `product + bias.to(dtype)`: summed in g's dtype, then cast
+    gb = None if bias is None else g.sum((0, 2)).to(bias.dtype)
+    return g, gb, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup)
 
 
-def attention(qkv: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+def attention(qkv: torch.Tensor, heads: int, causal: bool = False, bias: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
     """qkv (B, M, T, 3 D) = [q | k | v] per token, each D = heads x d -> y (B, M, T, D): softmax(q k^T / sqrt(d)) v
     per (image, member, head) sequence, in qkv's dtype (bf16: tensor cores, fp32 softmax; fp32: exact fp32).
+    With `bias` (M, 3 D), qkv is the projection without its bias, which the kernels add as they read q, k, v:
+    no pass writes the biased projection, and the backward reads the same tensor the forward did.
     The caller checks `_triton.available(qkv.device)` and `supports(T, d)`."""
-    return _attention_op(qkv, heads, causal)[0]
+    return _attention_op(qkv, bias, heads, causal)[0]

@@ -9,12 +9,13 @@ input (zero padding by masks, so no padded copy exists) and multiplies it by the
 matrix on tensor cores. Backward:
 - dw[m] (O, K) = sum over rows of gz (rows, O)^T @ patch (rows, K), and db[m] (O,) = the sum of those gz rows
   in the same kernel, partial sums over row splits added in a fixed order (deterministic). A channels-last input
-  runs every tap in one program, two forms (`DW_FORMS`, `set_dw_form`): "taps" (default), one (R, C) product a
-  tap added into its slice of a (taps, C, O) accumulator, and "joint", all taps side by side in one (R, 16 C)
+  runs every tap in one program, two forms (`DW_FORMS`, `set_dw_form`): "taps", one (R, C) product a tap added
+  into its slice of a (taps, C, O) accumulator, and "joint" (default), all taps side by side in one (R, 16 C)
   operand and one product. Compiled for sm_90a (`benchmarks/kernel_registers.py`), cnn_gap conv2's "taps"
   kernel holds 255 registers a thread and spills 312 bytes, the "joint" one 137 registers without spills but
-  106 KiB of shared memory; the joint form is not yet timed on a GPU (`benchmarks/directconv_kernels.py`) and
-  runs where its operand is at most JOINT_COLUMNS wide (3x3 taps of 16 channels: the 16-channel layers);
+  106 KiB of shared memory. On one H100 the joint form took a cnn_gap training step 11.47 -> 10.47 ms (378.9 ->
+  415.1 model-epochs/s) and smallcnn's 8.7 -> 8.3 ms (benchmarks/NOTES.md). It runs where its operand is at most
+  JOINT_COLUMNS wide (3x3 taps of 16 channels: the 16-channel layers), the taps form elsewhere;
 - dx, three forms (`DX_FORMS`, chosen by `set_dx_form`; default "polyphase_joint"). "masked": a row is one input
   pixel, K is (o, ky, kx): the output gradient at (iy + pad - ky) / S where that is a whole output pixel (masked
   elsewhere: with stride 2 a quarter of the 3x3 taps hit), times w[m, o, c, ky, kx]. "polyphase": pixels are
@@ -47,7 +48,7 @@ dx_form = "polyphase_joint"  # the input gradient's form (module docstring); `se
 # slice of a (taps, C, O) accumulator; "joint", every tap's tile side by side in one (R, taps C) operand and one
 # product (a 256-row accumulator on tensor cores, no per-tap select over the accumulator; `set_dw_form`)
 DW_FORMS = ("taps", "joint")
-dw_form = "taps"
+dw_form = "joint"
 BLOCK_R_DW_JOINT = 64  # rows a step of the joint form: its (R, 16 C) bf16 operand is 32 KiB a pipeline stage at 64
 JOINT_COLUMNS = 256  # widest joint operand (taps rounded to a power of two, x channels): 3x3 taps of 16 channels;
 # wider layers run the taps form (a 5x5 or a 32-channel layer's operand would not fit shared memory)

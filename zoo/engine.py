@@ -195,12 +195,16 @@ def _conv(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     return y.view(B, M, O, *y.shape[-2:])
 
 
+def _product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (B, M or 1, ..., I) @ w (M, O, I)^T per member -> (B, M, ..., O): one batched matmul."""
+    if x.shape[1] == 1 and w.shape[0] > 1:  # shared input (evaluation)
+        return torch.einsum("b...i,moi->bm...o", x[:, 0], w)
+    return torch.einsum("bm...i,moi->bm...o", x, w)
+
+
 def _affine(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x (B, M or 1, ..., I) @ w (M, O, I)^T + b (M, O) per member -> (B, M, ..., O): one batched matmul."""
-    if x.shape[1] == 1 and w.shape[0] > 1:  # shared input (evaluation)
-        y = torch.einsum("b...i,moi->bm...o", x[:, 0], w)
-    else:
-        y = torch.einsum("bm...i,moi->bm...o", x, w)
+    y = _product(x, w)
     # the bias in the product's dtype, as F.linear under autocast: a float32 bias would promote a bf16 product to
     # float32 and double every byte downstream (vit_t's attention ran on fp32 qkv so, 5x slower on an H100)
     return y + b.view(1, b.shape[0], *[1] * (y.dim() - 3), b.shape[1]).to(y.dtype)
@@ -280,7 +284,10 @@ def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
     if attention_form == "sdpa":
         return _attention_sdpa(m, p, x, ctx)
     if attention_form in ("triton", "block") and ctx.conv == "fused" and triton_attention_fits(T, D // m.heads):
-        y = triton_attention(_linear(m.qkv, p + "qkv.", x, ctx), m.heads, m.causal)  # (B, M, T, D)
+        # the kernels add qkv's bias as they read the product: inductor wrote the biased qkv twice (a padded copy
+        # saved for the backward, which copied it back; ~1.6 ms of vit_t's 26.6 ms a step on an H100)
+        qkv = _product(x, ctx.params[p + "qkv.weight"])  # (B, M, T, 3 D) laid out (M, B, T, 3 D)
+        y = triton_attention(qkv, m.heads, m.causal, bias=ctx.params[p + "qkv.bias"])  # (B, M, T, D)
         return _linear(m.out, p + "out.", y, ctx)
     q, k, v = _linear(m.qkv, p + "qkv.", x, ctx).reshape(B * M, T, 3, m.heads, D // m.heads).permute(2, 0, 3, 1, 4)
     # explicit softmax attention: T is tiny, and fused kernels reject batch B*M in the 10^5 range
