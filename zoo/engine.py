@@ -284,8 +284,8 @@ def _attention(m: SelfAttention, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Te
     if attention_form == "sdpa":
         return _attention_sdpa(m, p, x, ctx)
     if attention_form in ("triton", "block") and ctx.conv == "fused" and triton_attention_fits(T, D // m.heads):
-        # the kernels add qkv's bias as they read the product: inductor wrote the biased qkv twice (a padded copy
-        # saved for the backward, which copied it back; ~1.6 ms of vit_t's 26.6 ms a step on an H100)
+        # the kernels add qkv's bias as they read the product: inductor wrote the biased qkv twice (once padded,
+        # saved for the backward, which copied it back): 1.6 ms a block, ~3.2 of vit_t's 26.6 ms a step on an H100
         qkv = _product(x, ctx.params[p + "qkv.weight"])  # (B, M, T, 3 D) laid out (M, B, T, 3 D)
         y = triton_attention(qkv, m.heads, m.causal, bias=ctx.params[p + "qkv.bias"])  # (B, M, T, D)
         return _linear(m.out, p + "out.", y, ctx)
