@@ -13,6 +13,8 @@
 #                                                         # second with RESUME_ONLY=1: no .partial file, as on a
 #                                                         # fresh machine, exits at once with rc 3), then
 #                                                         # REUSE_ZOO=1 with the same EPOCHS: three calls back to back
+#   NPROC=4 EPOCHS=16 CHECKPOINTS=[0,1,2,3,4,6,8,12,16] ZOO_OVER="train_eval_samples=0" \
+#     PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh   # 4 GPUs (nvidia-h100-x4): the 16-epoch zoo in one call
 #   N=24 EPOCHS=1 ZOO_OVER="train_eval_samples=500 precision=fp32 compile=false" FIT_MINUTES=0.2 \
 #     DEADLINE=1500 PROBE_OVER="bootstrap=10" bash benchmarks/full_zoo_smallcnn.sh      # CPU smoke (needs MNIST)
 # (tests/test_benchmarks.py runs it on digits resized to 16x16, WORK= a temporary folder for zoo and run)
@@ -34,7 +36,10 @@ stage() { local name=$1; shift; local t0; t0=$(date +%s); "$@" > "$out/$name.log
 # MAX_POPULATIONS=K builds K populations and stops (a zoo longer than one call: population_size=P in ZOO_OVER,
 # then the same command again resumes from the .partial file; each call's files must survive to the next). That
 # mode only builds: the pipeline then runs with REUSE_ZOO=1.
-build=(python3 -m zoo.build --config configs/zoo/mnist_smallcnn_random.yaml n_random="$n" epochs="$epochs"
+# NPROC=K builds on K GPUs of one host (torchrun: rank r trains the r-th of K pieces of the members, the shards are
+# joined); the rest of the pipeline runs on one GPU
+launch=(python3 -m); (( ${NPROC:-1} > 1 )) && launch=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m)
+build=("${launch[@]}" zoo.build --config configs/zoo/mnist_smallcnn_random.yaml n_random="$n" epochs="$epochs"
   checkpoints="$ckpts" fixed.batch_size=64 precision=bf16 compile=true train_eval_samples=10000 ${ZOO_OVER:-}
   --out "$zoo")
 if [ -n "${RESUME_ONLY:-}" ] && [ ! -e "$zoo.partial" ]; then

@@ -190,10 +190,10 @@ def test_speed_targets_script_runs_each_step_and_summarises(tmp_path):
 
 
 def test_full_zoo_script_runs_every_stage_on_one_split(tmp_path):
-    """build -> split -> baseline probes beside the fit -> embed -> embedding probes (and the categorical
-    targets' probes), on digits at 16x16."""
+    """build (on two ranks, as on a several-GPU host) -> split -> baseline probes beside the fit -> embed ->
+    embedding probes (and the categorical targets' probes), on digits at 16x16."""
     import os
-    env = {**os.environ, "N": "24", "EPOCHS": "1", "WORK": str(tmp_path), "OUT": str(tmp_path / "out"),
+    env = {**os.environ, "N": "24", "EPOCHS": "1", "WORK": str(tmp_path), "OUT": str(tmp_path / "out"), "NPROC": "2",
            "ZOO_OVER": "dataset=digits resize=16 precision=fp32 compile=false train_eval_samples=200",
            "FIT_MINUTES": "0.05", "FIT_OVER": "d_model=32 n_layers=1 n_heads=2 d_latent=8 d_proj=8 num_workers=0",
            "PROBE_OVER": "bootstrap=5", "DEADLINE": "900", "PROBE_THREADS": "1", "CAT_TARGETS": "optimizer"}
@@ -207,6 +207,9 @@ def test_full_zoo_script_runs_every_stage_on_one_split(tmp_path):
     assert sorted(st[0] for st in stages) == ["build", "embed", "fit", "gap_noise", "probes_base", "probes_cat",
                                                "probes_emb"], times
     assert "| all | 48 |" in (out / "gap_noise.md").read_text()  # 24 members x 2 checkpoints
+    zoos = sorted(p.name for p in (tmp_path / "zoos").iterdir())  # the two ranks' shards joined and removed
+    assert "mnist_smallcnn_random_n24_e1.h5" in zoos and not [n for n in zoos if ".shard" in n], zoos
+    assert "for each process" in (out / "build.log").read_text()  # torchrun's banner: several ranks started
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from gap_noise import sizes_from_zoo
     _, pool, test = sizes_from_zoo(str(tmp_path / "zoos" / "mnist_smallcnn_random_n24_e1.h5"))
