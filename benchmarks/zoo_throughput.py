@@ -43,6 +43,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch._inductor.config
@@ -248,6 +249,25 @@ def _choices(ap: argparse.ArgumentParser, flag: str, noun: str, value: str, allo
     return names
 
 
+def _knobs(ap: argparse.ArgumentParser, args) -> list[tuple[str, list, Callable]]:
+    """(row label, values, setter) of each kernel choice the command line sweeps, in the order the rows name them;
+    a run sets each to every value in turn and ends on the last ones (what the checks and the profile use)."""
+    return [
+        ("dx", _choices(ap, "--dx", "form", args.dx, _directconv.DX_FORMS), _directconv.set_dx_form),
+        ("dw", _choices(ap, "--dw", "form", args.dw, _directconv.DW_FORMS), _directconv.set_dw_form),
+        ("layout", _choices(ap, "--layout", "layout", args.layout, _directconv.LAYOUTS), _directconv.set_layout),
+        ("act", _choices(ap, "--activation", "mode", args.activation, ("fused", "layer")),
+         lambda mode: _directconv.set_activation_fusion(mode == "fused")),
+        ("attn", _choices(ap, "--attention", "form", args.attention, engine.ATTENTION_FORMS),
+         engine.set_attention_form),
+        ("patch", _choices(ap, "--patch", "form", args.patch, engine.PATCH_FORMS), engine.set_patch_form),
+        ("tokens", _choices(ap, "--tokens", "layout", args.tokens, engine.TOKEN_LAYOUTS), engine.set_token_layout),
+        ("mlp", _choices(ap, "--mlp", "form", args.mlp, engine.MLP_FORMS), engine.set_mlp_form),
+        ("programs", [int(v) for v in args.block_programs.split(",")], lambda n: setattr(_mlp, "PROGRAMS", n)),
+        ("inductor", _choices(ap, "--inductor", "setting", args.inductor, INDUCTOR), lambda _: None),  # patched per run
+    ]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="mnist")
@@ -310,16 +330,8 @@ def main():
         ap.error(f"--recipe {RECIPE} trains hashed-dropout members the plain loop cannot reproduce; pass --check 0")
     if ZOO_CONFIG is not None and not Path(ZOO_CONFIG).is_file():
         ap.error(f"--zoo-config: no such file {ZOO_CONFIG}")
-    dx_forms = _choices(ap, "--dx", "form", args.dx, _directconv.DX_FORMS)
-    dw_forms = _choices(ap, "--dw", "form", args.dw, _directconv.DW_FORMS)
-    layouts = _choices(ap, "--layout", "layout", args.layout, _directconv.LAYOUTS)
-    act_modes = _choices(ap, "--activation", "mode", args.activation, ("fused", "layer"))
-    att_forms = _choices(ap, "--attention", "form", args.attention, engine.ATTENTION_FORMS)
-    patch_forms = _choices(ap, "--patch", "form", args.patch, engine.PATCH_FORMS)
-    inductor = _choices(ap, "--inductor", "setting", args.inductor, INDUCTOR)
-    mlp_forms = _choices(ap, "--mlp", "form", args.mlp, engine.MLP_FORMS)
-    token_layouts = _choices(ap, "--tokens", "layout", args.tokens, engine.TOKEN_LAYOUTS)
-    programs = [int(v) for v in args.block_programs.split(",")]
+    knobs = _knobs(ap, args)
+    inductor = knobs[-1][1]
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -332,28 +344,12 @@ def main():
         solo_rate = 1 / (solo * spe)
         print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
         rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for form, dw, lay, act, att, patch, tok, mlp, progs, ind, variant in itertools.product(
-                dx_forms, dw_forms, layouts, act_modes, att_forms, patch_forms, token_layouts, mlp_forms, programs,
-                inductor, args.variants.split(",")):
-            _directconv.set_dx_form(form)
-            _directconv.set_dw_form(dw)
-            _directconv.set_layout(lay)
-            _directconv.set_activation_fusion(act == "fused")
-            engine.set_attention_form(att)
-            engine.set_patch_form(patch)
-            engine.set_token_layout(tok)
-            engine.set_mlp_form(mlp)
-            _mlp.PROGRAMS = progs
-            path = (variant + (f" dx={form}" if len(dx_forms) > 1 else "")
-                    + (f" dw={dw}" if len(dw_forms) > 1 else "")
-                    + (f" layout={lay}" if len(layouts) > 1 else "")
-                    + (f" act={act}" if len(act_modes) > 1 else "")
-                    + (f" attn={att}" if len(att_forms) > 1 else "")
-                    + (f" patch={patch}" if len(patch_forms) > 1 else "")
-                    + (f" tokens={tok}" if len(token_layouts) > 1 else "")
-                    + (f" mlp={mlp}" if len(mlp_forms) > 1 else "")
-                    + (f" programs={progs}" if len(programs) > 1 else "")
-                    + (f" inductor={ind}" if len(inductor) > 1 else ""))
+        for *values, variant in itertools.product(*(vals for _, vals, _ in knobs), args.variants.split(",")):
+            for (_, _, choose), value in zip(knobs, values):
+                choose(value)
+            ind = values[-1]
+            path = variant + "".join(f" {label}={value}" for (label, vals, _), value in zip(knobs, values)
+                                     if len(vals) > 1)
             for m in (int(v) for v in args.members.split(",")):
                 try:
                     with torch._inductor.config.patch(INDUCTOR[ind]):
