@@ -8,7 +8,7 @@
 #   ARCHS=cnn_gap MEMBERS=4 ZOO_ARGS="--dataset digits --steps 2 --solo-steps 3 --variants fp32" CHECK=0 \
 #     KERNEL_ARGS="--members 2 --batch 2 --iters 1 --dtype fp32" bash benchmarks/speed_targets.sh   # CPU smoke
 # DW=taps,joint times cnn_gap with both weight-gradient forms (default: the module's, joint); VIT_ARGS adds options
-# to vit_t's step (e.g. "--tokens images,members").
+# to vit_t's step (e.g. "--tokens images,members") and VIT_LIMIT its seconds (default 240).
 # Output: ${OUT:-data/pipeline_logs/speed_targets}/: gpu.txt, a log (and JSON) a step, steps.txt (each step's exit
 # code and seconds), summary.md (every rate row and agreement line of the logs).
 set -uo pipefail
@@ -42,7 +42,7 @@ for arch in $archs; do
   case $arch in
     cnn_gap) throughput cnn_gap 150 "$check" --dw "${DW:-joint}" ;;
     # shellcheck disable=SC2086  # VIT_ARGS holds several options
-    vit_t) throughput vit_t 240 "$check" --solo-steps 50 ${VIT_ARGS:-} ;;
+    vit_t) throughput vit_t "${VIT_LIMIT:-240}" "$check" --solo-steps 50 ${VIT_ARGS:-} ;;
     smallcnn) throughput smallcnn 150 "$check" --solo-steps 50 ;;
     *) throughput "$arch" 70 0 ;;
   esac
