@@ -99,7 +99,7 @@ def run_mlp(x, gy, grid, bf16, iters, dev):
     _row("layers (torch)", *_time_layers(mlp_layers, x, ps, gy, bf16, iters, dev), x.numel() * 4, "-", "-")
     for cfg in grid:
         warps, block, per_member = (int(v) for v in cfg.split("/"))
-        _mlp.WARPS, _mlp.BLOCK, _mlp.PROGRAMS = (warps, warps), block, per_member * M
+        _mlp.WARPS, _mlp.BLOCK, _mlp.PROGRAMS = (warps, warps), (block, block), per_member * M
         fwd = lambda: _mlp._mlp_op(x, *ps, codes, None, None, None, EPS, bf16)  # noqa: E731
         bwd = lambda: _mlp._backward_op(gy, x, *ps[:5], codes, None, None, None, EPS, bf16)  # noqa: E731
         _row(f"fused warps={warps} BLOCK={block} programs={per_member}/member", timed(fwd, iters, dev),

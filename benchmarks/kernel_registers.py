@@ -127,7 +127,7 @@ def block_launches(which: str, warps: int, rows: int, drop: bool) -> list[tuple[
     x = torch.empty(B, M, 17, 32, device="meta")  # the residual stream, image-major, fp32
     if which == "mlp":
         ps, codes = _block_params(MLP), torch.empty(M, dtype=torch.int32, device="meta")
-        knobs, call = dict(WARPS=(warps, warps), BLOCK=rows), lambda: (
+        knobs, call = dict(WARPS=(warps, warps), BLOCK=(rows, rows)), lambda: (
             _mlp._mlp_op._init_fn(x, *ps, codes, *_dropout(2, drop), 1e-5, True),
             _mlp._backward_op._init_fn(x, x, *ps[:5], codes, *_dropout(2, drop), 1e-5, True))
         module, label = _mlp, f"BLOCK={rows}"

@@ -264,6 +264,8 @@ def _knobs(ap: argparse.ArgumentParser, args) -> list[tuple[str, list, Callable]
         ("tokens", _choices(ap, "--tokens", "layout", args.tokens, engine.TOKEN_LAYOUTS), engine.set_token_layout),
         ("mlp", _choices(ap, "--mlp", "form", args.mlp, engine.MLP_FORMS), engine.set_mlp_form),
         ("programs", [int(v) for v in args.block_programs.split(",")], lambda n: setattr(_mlp, "PROGRAMS", n)),
+        ("mlp_bwd_rows", [int(v) for v in args.mlp_bwd_rows.split(",")],
+         lambda n: setattr(_mlp, "BLOCK", (_mlp.BLOCK[0], n))),
         ("inductor", _choices(ap, "--inductor", "setting", args.inductor, INDUCTOR), lambda _: None),  # patched per run
     ]
 
@@ -314,6 +316,9 @@ def main():
     ap.add_argument("--block-programs", default=str(_mlp.PROGRAMS),
                     help="programs the fused transformer blocks aim for per launch (zoo._mlp.PROGRAMS: rows split "
                          "over programs where members are fewer; weight-gradient partial sums per split), "
+                         "comma-separated (checks: the last)")
+    ap.add_argument("--mlp-bwd-rows", default=str(_mlp.BLOCK[1]),
+                    help="rows a step of the fused MLP block's backward (zoo._mlp.BLOCK[1]; powers of two from 16), "
                          "comma-separated (checks: the last)")
     ap.add_argument("--inductor", default="default",
                     help=f"inductor settings to compile under ({', '.join(INDUCTOR)}), comma-separated (checks and "

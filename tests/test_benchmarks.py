@@ -41,6 +41,18 @@ def test_zoo_throughput_times_each_attention_form(tmp_path):
     assert all(r["rate"] > 0 for r in rows)
 
 
+def test_zoo_throughput_times_each_mlp_backward_row_block(tmp_path):
+    """--mlp-bwd-rows 64,16 times vit_t (MLP blocks fused) once per row block of the MLP's backward, each row named
+    by it (the kernels against torch: test_mlp.py)."""
+    _run("benchmarks/zoo_throughput.py", "--dataset", "digits", "--resize", "28", "--archs", "vit_t", "--members",
+         "2", "--steps", "1", "--solo-steps", "3", "--variants", "fp32+fused", "--check", "0", "--attention", "bmm",
+         "--patch", "matmul", "--mlp", "fused", "--mlp-bwd-rows", "64,16", "--batch", "2", "--json",
+         str(tmp_path / "r.json"))
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["path"] for r in rows] == ["plain loop"] + [f"fp32+fused mlp_bwd_rows={n}" for n in (64, 16)]
+    assert all(r["rate"] > 0 for r in rows)
+
+
 def test_attention_kernels_times_every_form():
     """The attention timings (interpreter smoke run) list each form once, every one within rounding of fp32."""
     out = _run("benchmarks/attention_kernels.py", "--members", "2", "--batch", "2", "--iters", "1", "--dtype", "fp32",

@@ -1,6 +1,6 @@
 """The fused pre-norm MLP block (`zoo/_mlp.py`) against torch's layers: values and every gradient, for each
 activation code, member-major and image-major storage, parameters as views of a flat (M, P) buffer, rows split
-over several programs or not (on CPU through Triton's interpreter)."""
+over several programs or not, the backward at 64 or 16 rows a step (on CPU through Triton's interpreter)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,11 @@ def _reference(x, lnw, lnb, w1, b1, w2, b2, acts):
     return x + torch.einsum("bmtf,mdf->bmtd", h, w2) + b2[None, :, None]
 
 
-@pytest.mark.parametrize("B,T,member_major", [(3, 5, True), (3, 50, False)])  # one program per member; 3 splits
-def test_fused_mlp_matches_torch(B, T, member_major):
+@pytest.mark.parametrize("B,T,member_major,block", [(3, 5, True, (64, 64)),  # one program per member
+                                                    (3, 50, False, (64, 64)),  # 3 splits
+                                                    (3, 50, False, (64, 16))])  # backward: 16 rows, 10 splits
+def test_fused_mlp_matches_torch(B, T, member_major, block, monkeypatch):
+    monkeypatch.setattr(_mlp, "BLOCK", block)
     names = list(_mlp.CODES)
     M, D, Fh = len(names), 16, 32
     x, ps, gy = block_inputs(B, M, T, D, [(D,), (D,), (Fh, D), (Fh,), (D, Fh), (D,)], member_major, DEVICE)

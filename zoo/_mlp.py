@@ -36,7 +36,10 @@ import torch
 from ._directconv import ACTIVATION_CODES, activation_codes
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
-BLOCK = 64  # rows (image, token) per step of a program
+# rows (image, token) a step of a program, (forward, backward). Compiled for sm_90a the backward spills 332 B at
+# 64 rows and 4 warps, nothing at 16 (164 registers; benchmarks/NOTES.md section 4): 16 is timed against 64 by
+# `zoo_throughput.py --mlp-bwd-rows 64,16`
+BLOCK = (64, 64)
 PROGRAMS = 2048  # programs a launch aims for: rows are split over programs while members alone are fewer
 # warps a program, (forward, backward): 4 each measured fastest on an H100 (backward 2.51 ms against 3.75 at 8,
 # where it has no spills; benchmarks/NOTES.md)
@@ -285,14 +288,14 @@ def _mlp_op(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w1: torch.T
     B, M, T, D, F = _check(x, w1, ln_w, ln_b, b1, w2, b2)
     y = torch.empty_like(x)
     n_rows = B * T
-    n_split, per = _splits(M, n_rows, BLOCK)
+    n_split, per = _splits(M, n_rows, BLOCK[0])
     DT, PREC = dot_dtype(torch.bfloat16 if bf16 else torch.float32)
     *drop, DROP = _drop_args(codes, keys, thr, keep)
     with on_device(x.device):
         launch(_fwd_kernel, (M, n_split), x, ln_w, ln_b, w1, b1, w2, b2, codes, *drop, y, M, n_rows, per, T,
                *x.stride()[:3], *y.stride()[:3],
-               *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2, b2)), eps, D=D, F=F, BLOCK=BLOCK, DROP=DROP, DT=DT,
-               PREC=PREC, num_warps=WARPS[0])
+               *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2, b2)), eps, D=D, F=F, BLOCK=BLOCK[0], DROP=DROP,
+               DT=DT, PREC=PREC, num_warps=WARPS[0])
     return y
 
 
@@ -313,7 +316,7 @@ def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: to
     gy = gy if gy.stride(-1) == 1 else gy.contiguous()
     gx = torch.empty_like(x)
     n_rows = B * T
-    n_split, per = _splits(M, n_rows, BLOCK)
+    n_split, per = _splits(M, n_rows, BLOCK[1])
     part = lambda *shape: torch.empty(n_split, M, *shape, device=x.device, dtype=torch.float32)
     glnw, glnb, gw1, gb1, gw2, gb2 = part(D), part(D), part(F, D), part(F), part(D, F), part(D)
     DT, PREC = dot_dtype(torch.bfloat16 if bf16 else torch.float32)
@@ -321,7 +324,7 @@ def _backward_op(gy: torch.Tensor, x: torch.Tensor, ln_w: torch.Tensor, ln_b: to
     with on_device(x.device):
         launch(_bwd_kernel, (M, n_split), x, gy, ln_w, ln_b, w1, b1, w2, codes, *drop, gx, glnw, glnb, gw1, gb1,
                gw2, gb2, M, n_rows, per, T, *x.stride()[:3], *gy.stride()[:3], *gx.stride()[:3],
-               *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2)), eps, D=D, F=F, BLOCK=BLOCK,
+               *(p.stride(0) for p in (ln_w, ln_b, w1, b1, w2)), eps, D=D, F=F, BLOCK=BLOCK[1],
                DROP=DROP, DT=DT, PREC=PREC, num_warps=WARPS[1])
     return (gx, *(t.sum(0) for t in (glnw, glnb, gw1, gb1, gw2, gb2)))
 
