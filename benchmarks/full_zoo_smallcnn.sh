@@ -13,7 +13,7 @@
 #                                                         # second with RESUME_ONLY=1: no .partial file, as on a
 #                                                         # fresh machine, exits at once with rc 3), then
 #                                                         # REUSE_ZOO=1 with the same EPOCHS: three calls back to back
-#   NPROC=4 EPOCHS=16 CHECKPOINTS=[0,1,2,3,4,6,8,12,16] ZOO_OVER="train_eval_samples=0" \
+#   NPROC=4 EPOCHS=16 CHECKPOINTS=[0,1,2,4,8,16] ZOO_OVER="train_eval_samples=0" \
 #     PYTHONPATH=. bash benchmarks/full_zoo_smallcnn.sh   # 4 GPUs (nvidia-h100-x4): the 16-epoch zoo in one call
 #   N=24 EPOCHS=1 ZOO_OVER="train_eval_samples=500 precision=fp32 compile=false" FIT_MINUTES=0.2 \
 #     DEADLINE=1500 PROBE_OVER="bootstrap=10" bash benchmarks/full_zoo_smallcnn.sh      # CPU smoke (needs MNIST)
