@@ -115,6 +115,7 @@ def set_token_layout(name: str) -> None:
 
 
 def set_mlp_form(name: str) -> None:
+    """Choose how a transformer block's MLP runs from now on (module comment on `MLP_FORMS`)."""
     global mlp_form
     mlp_form = checked_form("mlp form", name, MLP_FORMS)
 
