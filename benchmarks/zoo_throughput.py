@@ -223,6 +223,24 @@ def report_agreement(arch: str, variant: str, quads) -> dict:
             "agree": diff <= tol}
 
 
+def dropout_agreement(arch, data, n, batch, variant, modes) -> dict:
+    """Test accuracy after one epoch for n members of the recipe, their dropout in each of `modes` (the same
+    hashed masks either way: what differs is where they run and the rounding of the dropped maps)."""
+    accs = {}
+    for mode in modes:
+        _directconv.set_dropout_fusion(mode == "fused")
+        pop = population(arch, data, n, batch, *VARIANTS[variant])
+        pop.train_epoch(1)
+        accs[mode] = pop.evaluate()["test_acc"]
+    diff = max(float((accs[m] - accs[modes[0]]).abs().max()) for m in modes)
+    tol = 0.002 if VARIANTS[variant][0] == "fp32" else 0.01
+    print(f"{arch} {variant}: test acc after 1 epoch, {n} members, dropout {' vs '.join(modes)}: median "
+          f"{', '.join(f'{float(a.median()):.4f}' for a in accs.values())}; max |diff| {diff:.4f}; tolerance "
+          f"{tol:.4f}: {'agree' if diff <= tol else 'DISAGREE'}", flush=True)
+    return {"arch": arch, "check": f"{variant} dropout", "modes": modes, "max_diff": diff, "tolerance": tol,
+            "agree": diff <= tol, "test_acc": {m: a.tolist() for m, a in accs.items()}}
+
+
 def profile(arch, data, n_members, batch, precision, compile_, conv, graphs, rows=40) -> str:
     """Profiler table of 5 training steps, or of one evaluation (`--eval N --profile`)."""
     dev = data.x_train.device
@@ -258,6 +276,8 @@ def _knobs(ap: argparse.ArgumentParser, args) -> list[tuple[str, list, Callable]
         ("layout", _choices(ap, "--layout", "layout", args.layout, _directconv.LAYOUTS), _directconv.set_layout),
         ("act", _choices(ap, "--activation", "mode", args.activation, ("fused", "layer")),
          lambda mode: _directconv.set_activation_fusion(mode == "fused")),
+        ("drop", _choices(ap, "--dropout", "mode", args.dropout, ("fused", "layer")),
+         lambda mode: _directconv.set_dropout_fusion(mode == "fused")),
         ("attn", _choices(ap, "--attention", "form", args.attention, engine.ATTENTION_FORMS),
          engine.set_attention_form),
         ("patch", _choices(ap, "--patch", "form", args.patch, engine.PATCH_FORMS), engine.set_patch_form),
@@ -304,6 +324,10 @@ def main():
     ap.add_argument("--activation", default="fused" if _directconv.fuse_activation else "layer",
                     help="where the direct convs' activations run, comma-separated (checks: the last): fused (in "
                          "the conv kernels, zoo._directconv.set_activation_fusion) or layer (inductor's own)")
+    ap.add_argument("--dropout", default="fused" if _directconv.fuse_dropout else "layer",
+                    help="where the dropout after a fused activation runs, comma-separated (checks: the last): fused "
+                         "(in the conv kernels, zoo._directconv.set_dropout_fusion) or layer (its own elementwise "
+                         "layer); with --recipe hyp / zoo and --check N, N members train one epoch under each")
     ap.add_argument("--resize", type=int, default=None, help="resize images to this side (digits: 28 for vit_t)")
     ap.add_argument("--attention", default=engine.attention_form,
                     help="attention forms to time (zoo.engine.ATTENTION_FORMS), comma-separated; reduce needs compile")
@@ -331,8 +355,9 @@ def main():
     RECIPE, EVAL_SAMPLES, HYP_ACTS, ZOO_CONFIG = args.recipe, args.eval, args.acts.split(","), args.zoo_config
     if (RECIPE == "zoo") != (ZOO_CONFIG is not None):
         ap.error("--recipe zoo and --zoo-config go together")
-    if RECIPE != "adam_tanh" and args.check:
-        ap.error(f"--recipe {RECIPE} trains hashed-dropout members the plain loop cannot reproduce; pass --check 0")
+    if RECIPE != "adam_tanh" and args.check and len(args.dropout.split(",")) < 2:
+        ap.error(f"--recipe {RECIPE} trains hashed-dropout members the plain loop cannot reproduce; pass --check 0, "
+                 f"or --dropout layer,fused to check the two dropout paths against each other")
     if ZOO_CONFIG is not None and not Path(ZOO_CONFIG).is_file():
         ap.error(f"--zoo-config: no such file {ZOO_CONFIG}")
     knobs = _knobs(ap, args)
@@ -373,9 +398,11 @@ def main():
                 torch.cuda.empty_cache() if dev.type == "cuda" else None
         last = args.variants.split(",")[-1]
         with torch._inductor.config.patch(INDUCTOR[inductor[-1]]):
-            for variant in ("fp32", last) if args.check else ():
+            for variant in ("fp32", last) if args.check and RECIPE == "adam_tanh" else ():
                 rows.append(report_agreement(arch, variant, agreement(arch, data, args.check, args.batch,
                                                                       *VARIANTS[variant])))
+            if args.check and RECIPE != "adam_tanh":
+                rows.append(dropout_agreement(arch, data, args.check, args.batch, last, args.dropout.split(",")))
             for m in (int(v) for v in args.members.split(",")) if args.profile else ():
                 print(f"{arch}, {m} members, {last}, inductor={inductor[-1]}:")
                 print(profile(arch, data, m, args.batch, *VARIANTS[last]))

@@ -1,5 +1,6 @@
 """The benchmark scripts run (their CPU smoke runs) and report what their docstrings promise."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,9 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str) -> str:
+def _run(*args: str, env: dict | None = None) -> str:
     done = subprocess.run([sys.executable, "-W", "error", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -51,6 +52,26 @@ def test_zoo_throughput_times_each_mlp_backward_row_block(tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())
     assert [r["path"] for r in rows] == ["plain loop"] + [f"fp32+fused mlp_bwd_rows={n}" for n in (64, 16)]
     assert all(r["rate"] > 0 for r in rows)
+
+
+def test_zoo_throughput_checks_the_dropout_paths_against_each_other(tmp_path):
+    """--recipe zoo --dropout layer,fused --check 2: smallcnn's random-zoo members (dropout drawn per member)
+    timed with their dropout as its own layer and fused into the conv kernels, and 2 members trained one epoch
+    each way agree. Without the second mode the check is refused (the plain loop cannot reproduce hashed dropout).
+    The run is the command's plumbing, outside Triton's interpreter (an epoch there takes minutes), where both modes
+    run the same layers; the fused kernels against the layers: test_convpool.py."""
+    args = ["benchmarks/zoo_throughput.py", "--dataset", "digits", "--resize", "28", "--archs", "smallcnn",
+            "--members", "4", "--steps", "1", "--solo-steps", "2", "--variants", "fp32+fused", "--recipe", "zoo",
+            "--zoo-config", "configs/zoo/mnist_smallcnn_random.yaml", "--check", "2", "--batch", "64"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    _run(*args, "--dropout", "layer,fused", "--json", str(tmp_path / "r.json"), env=env)
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r.get("path") for r in rows] == ["plain loop", "fp32+fused drop=layer", "fp32+fused drop=fused", None]
+    check = rows[-1]
+    assert check["modes"] == ["layer", "fused"] and check["agree"] and check["max_diff"] == 0.0
+    assert [len(a) for a in check["test_acc"].values()] == [2, 2]
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 2 and "--dropout layer,fused to check the two dropout paths" in r.stderr
 
 
 def test_attention_kernels_times_every_form():

@@ -174,8 +174,8 @@ def test_channels_last_matches_torch(geometry, dx_form, layout):
 
 
 # the layout and activation flags of each direct kernel
-DW_FLAGS = ("GCL", "ACT", "YCL", "WRITE_GZ")
-FLAGS = {"_fwd_kernel": ("XCL", "ZCL", "ACT"), "_dw_kernel": DW_FLAGS, "_dw_taps_kernel": DW_FLAGS,
+DW_FLAGS = ("GCL", "ACT", "YCL", "WRITE_GZ", "DROP")
+FLAGS = {"_fwd_kernel": ("XCL", "ZCL", "ACT", "DROP"), "_dw_kernel": DW_FLAGS, "_dw_taps_kernel": DW_FLAGS,
          "_dw_joint_kernel": DW_FLAGS, "_dx_phase_kernel": ("GCL", "XCL")}
 
 
@@ -191,7 +191,8 @@ def test_channels_last_passes_through_the_layers_between_convs(layout, fuse, dig
     """smallcnn with two activations and dropout: every conv after the first reads its input channels-last
     (the activation join keeps the layout), and the backward kernels read channels-last gradients. With the
     activation fused, every conv runs its members' activations and every dw kernel their derivatives, and
-    the two that feed an input gradient write the pre-activation gradient for it."""
+    the two that feed an input gradient write the pre-activation gradient for it, and each conv's dropout runs
+    in its kernels too (the mask in the forward's epilogue, redrawn in dw)."""
     import zoo._directconv as dc
     from zoo._triton import recording
 
@@ -205,10 +206,10 @@ def test_channels_last_passes_through_the_layers_between_convs(layout, fuse, dig
     # forward (x, z); dw (x, gz, y; write gz; a channels-last x runs every tap in one program, in the module's
     # dw form); dx (gz, dx); conv1's input has one channel. conv3's output gradient comes from the average pool
     # and dropout, contiguous; an unfused activation's backward keeps its output's channels-last layout
-    assert _flags(launches) == [("_fwd_kernel", False, True, f), ("_fwd_kernel", True, True, f),
-                                ("_fwd_kernel", True, True, f), (dw, not f, f, f, f),
-                                ("_dx_phase_kernel", True, True), (dw, True, f, f, f),
-                                ("_dx_phase_kernel", True, True), ("_dw_kernel", True, f, f, False)]
+    assert _flags(launches) == [("_fwd_kernel", False, True, f, f), ("_fwd_kernel", True, True, f, f),
+                                ("_fwd_kernel", True, True, f, f), (dw, not f, f, f, f, f),
+                                ("_dx_phase_kernel", True, True), (dw, True, f, f, f, f),
+                                ("_dx_phase_kernel", True, True), ("_dw_kernel", True, f, f, False, f)]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
@@ -502,3 +503,70 @@ def test_activations_without_a_fused_form_run_as_their_own_layer(digits28, monke
     monkeypatch.setattr(dc, "fuse_activation", True)
     dc.set_activation_fusion(False)
     assert act_flags(["relu", "tanh"])[1] == [False] * 3
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+@pytest.mark.parametrize("geometry", [(2, 5, 16, 9, 16, 3, 2, 1, 1), (3, 5, 3, 9, 4, 3, 2, 0, 1)])
+def test_fused_dropout_matches_the_dropout_layer(geometry, layout):
+    """The engine's hashed dropout after each member's activation, in the direct kernels: the output and the x,
+    w, b gradients match torch's conv, the activation and `zoo.engine._dropout`'s mask (hash of the member's key
+    and the element's index over (B, O, Ho, Wo)) scaled by 1 / keep, for a rate per member (0 keeps all)."""
+    import zoo._directconv as dc
+    from zoo._rng import hash32
+    from zoo.models import ACTIVATIONS
+    B, M, C, H, O, k, stride, padding, pool = geometry
+    names, rates = ["relu", "tanh", "sigmoid", "leaky_relu", "tanh"], torch.tensor([0.5, 0.3, 0.7, 0.1, 0.0])
+    g = torch.Generator().manual_seed(5)
+    x0, w, b = (0.5 * torch.randn(*s, generator=g).to(DEVICE) for s in [(B, M, C, H, H), (M, O, C, k, k), (M, O)])
+    keys = torch.randint(0, 2**31, (M,), generator=g, dtype=torch.int64).to(DEVICE)
+    drop = dc.Dropout(keys, torch.ceil(rates.double() * 2**32).long().to(DEVICE), (1 - rates).to(DEVICE))
+    xr, wr, br = x0.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    z = _reference(xr, wr, br, stride, padding, pool)
+    act = torch.cat([ACTIVATIONS[n](z[:, i: i + 1]) for i, n in enumerate(names)], 1)
+    elem = torch.arange(z[:, 0].numel(), device=DEVICE).view(B, 1, *z.shape[2:])
+    kept = hash32(keys.view(1, M, 1, 1, 1), 0, elem ^ 0x5BD1E995) >= drop.thr.view(1, M, 1, 1, 1)
+    ref = act * kept / drop.keep.view(1, M, 1, 1, 1)
+    gy = torch.randn(ref.shape, generator=g).to(DEVICE)
+    ref_grads = torch.autograd.grad(ref, [xr, wr, br], gy)
+    y = conv_pool(xr, wr, br, stride, padding, pool, act=dc.activation_codes(names, DEVICE), dropout=drop)
+    grads = torch.autograd.grad(y, [xr, wr, br], gy)
+    for name, a, r in zip(["y", "dx", "dw", "db"], [y, *grads], [ref, *ref_grads]):
+        assert torch.allclose(a, r, atol=1e-4, rtol=1e-4), (name, float((a - r).abs().max()))
+    frac = kept.float().mean(dim=(0, 2, 3, 4))  # each member's kept fraction is near its 1 - rate
+    assert (frac - (1 - rates.to(DEVICE))).abs().max() < 0.1 and frac[-1] == 1
+    with pytest.raises(ValueError, match="dropout needs the fused activation"):
+        conv_pool(xr, wr, br, stride, padding, pool, dropout=drop)
+    with pytest.raises(ValueError, match=r"dropout.thr must be \(5,\) torch.int64, got \(5,\) torch.float64"):
+        conv_pool(xr, wr, br, stride, padding, pool, act=dc.activation_codes(names, DEVICE),
+                  dropout=drop._replace(thr=drop.thr.double()))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_population_fuses_dropout_into_the_convs(layout, digits28, monkeypatch):
+    """smallcnn members with their own dropout rates: with dropout fused into the convs, the training loss and
+    every gradient equal the separate dropout layers' (the same hashed masks, the same layer count, so the
+    classifier's masks after them too); evaluation (dropout off) runs without it."""
+    import zoo._directconv as dc
+    from zoo._triton import recording
+
+    monkeypatch.setattr(dc, "fuse_dropout", dc.fuse_dropout)
+    members = [MemberSpec(seed=i, batch_size=8, dropout=r, activation=a)
+               for i, (r, a) in enumerate([(0.5, "tanh"), (0.2, "relu"), (0.0, "tanh")])]
+    pop = Population("smallcnn", {}, members, digits28.to(DEVICE), conv="fused")
+    xb, y, _, key = pop._batch(pop.epoch_order(1), 1, 0)
+    out = {}
+    for fuse in (False, True):
+        dc.set_dropout_fusion(fuse)
+        flat = pop.flat.detach().clone().requires_grad_(True)
+        loss, losses = pop._loss(flat, xb, y, key)
+        loss.backward()
+        out[fuse] = losses.detach(), flat.grad
+        with recording() as launches:  # recorded launches do not run: the flags only
+            pop._loss(pop.flat.detach().requires_grad_(True), xb, y, key)[0].backward()
+        assert [f[-1] for f in _flags(launches) if f[0] != "_dx_phase_kernel"] == [fuse] * 6
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-5), (out[True][0], out[False][0])
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-5, rtol=1e-4), \
+        float((out[True][1] - out[False][1]).abs().max())
+    with torch.no_grad(), recording() as launches:
+        pop.forward(pop.data.normalize(xb), False, pop.views(pop.flat))
+    assert [f[-1] for f in _flags(launches)] == [False] * 3

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._directconv import direct_conv
+from ._directconv import Dropout, direct_conv
 from ._triton import (
     MAX_GRID_Y,
     NUM_WARPS,
@@ -386,21 +386,21 @@ def runs_direct(device: torch.device, stride: int, pool: int = 1) -> bool:
 
 
 def conv_pool(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1, padding: int = 0,
-              pool: int = 1, act: torch.Tensor | None = None) -> torch.Tensor:
+              pool: int = 1, act: torch.Tensor | None = None, dropout: Dropout | None = None) -> torch.Tensor:
     """x (B, M, C, H, W), w (M, O, C, k, k), b (M, O) -> (B, M, O, H', W') = maxpool(conv(x)) per member.
     Runs in x's dtype (bf16: tensor cores, fp32 accumulation; fp32: exact fp32 products).
     x (B, 1, C, H, W) is every member's input; that is forward-only (evaluation), else it is expanded.
     `act` (M,) activation codes (`_directconv.activation_codes`): each member's activation of the output, in the
-    kernels; only where `runs_direct`."""
+    kernels; only where `runs_direct`, as is `dropout` (`_directconv.Dropout`), the engine's dropout after it."""
     M = w.shape[0]
     shared = x.shape[1] == 1 and M > 1
     if shared and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
         x, shared = x.expand(-1, M, *x.shape[2:]), False  # the backward kernels want one input per member
     if runs_direct(x.device, stride, pool):
-        return direct_conv(x, w, b, stride, padding, act)
-    if act is not None:
-        raise ValueError(f"conv_pool: a fused activation needs the direct kernels (stride > 1, no pool, Triton); "
-                         f"got stride {stride}, pool {pool} on {x.device}")
+        return direct_conv(x, w, b, stride, padding, act, dropout)
+    if act is not None or dropout is not None:
+        raise ValueError(f"conv_pool: a fused activation or dropout needs the direct kernels (stride > 1, no pool, "
+                         f"Triton); got stride {stride}, pool {pool} on {x.device}")
     if not available(x.device):
         return _reference(x, w, b, stride, padding, pool)
     x = x.contiguous()  # the band kernels read (B, M, C, H, W) rows (a direct conv may have written channels-last)

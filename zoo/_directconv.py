@@ -35,10 +35,11 @@ Without Triton the caller uses grouped conv (`_convpool._reference`); TRITON_INT
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
+from ._rng import kept_tl
 from ._triton import MAX_GRID_Y, NUM_WARPS, checked_form, dot_dtype, launch, on_device, pow2, stages, tl, triton
 
 BLOCK_R, BLOCK_R_DW = 128, 128  # GEMM rows per program (forward / input gradient, weight gradient)
@@ -60,6 +61,20 @@ CL_CHANNELS = (16, 32, 64)  # channel counts a channels-last tensor may have: on
 # the output gradient it reads, so neither the pre-activation nor inductor's passes over it exist
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3, "leaky_relu": 4}
 fuse_activation = True  # `set_activation_fusion` changes it
+# the engine's dropout after a fused activation, in the same kernels: the forward writes the dropped output (the
+# mask hashed in its epilogue), and the weight-gradient kernel redraws the mask, scales the output gradient and
+# recovers y = output * keep for the activation's derivative where kept, so the elementwise passes over each map
+# (and their float32 copies) do not exist (`set_dropout_fusion`)
+fuse_dropout = True
+
+
+class Dropout(NamedTuple):
+    """One layer of the engine's hashed dropout (`zoo.engine._dropout`) for the kernels: the members' keys (M,)
+    int64, thresholds ceil(rate 2^32) (M,) int64 (an element is kept where its hash reaches it) and keep
+    probabilities 1 - rate (M,) float32."""
+    key: torch.Tensor
+    thr: torch.Tensor
+    keep: torch.Tensor
 
 
 def set_dx_form(name: str) -> None:
@@ -85,6 +100,13 @@ def set_activation_fusion(on: bool) -> None:
     now on, or as its own elementwise layer."""
     global fuse_activation
     fuse_activation = bool(on)
+
+
+def set_dropout_fusion(on: bool) -> None:
+    """Whether the engine runs the dropout after a fused activation in the same kernels from now on, or as its own
+    elementwise layer."""
+    global fuse_dropout
+    fuse_dropout = bool(on)
 
 
 def activation_codes(names, device: torch.device | str, table: dict[str, int] = ACTIVATION_CODES
@@ -188,29 +210,52 @@ if triton is not None:
         return r < n_rows, (r // HW).to(tl.int64) * M + m, r % HW
 
     @triton.jit
-    def _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, write, O: tl.constexpr, HW: tl.constexpr,
-                  GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr, WRITE_GZ: tl.constexpr):
+    def _member(act_ptr, key_ptr, thr_ptr, keep_ptr, m, ACT: tl.constexpr, DROP: tl.constexpr):
+        """Member m's (activation code, dropout key, threshold, keep probability); placeholders where off."""
+        code, key, thr, keep = 0, 0, 0, 1.0
+        if ACT:
+            code = tl.load(act_ptr + m)
+        if DROP:
+            key, thr, keep = tl.load(key_ptr + m), tl.load(thr_ptr + m), tl.load(keep_ptr + m)
+        return code, key, thr, keep
+
+    @triton.jit
+    def _dropped(v, key, thr, keep, image, pix, o, O: tl.constexpr, HW: tl.constexpr):
+        """(R, BO) v / keep where the engine's dropout keeps element (image, o, pix) of a member's (B, O, Ho, Wo)
+        output (`zoo.engine._dropout`'s indices), else 0."""
+        elem = (image.to(tl.int64) * (O * HW) + pix)[:, None] + o[None, :] * HW
+        return tl.where(kept_tl(key, thr, elem), v / keep, 0.0)
+
+    @triton.jit
+    def _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, key, thr, keep, M, write, O: tl.constexpr,
+                  HW: tl.constexpr, GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr, WRITE_GZ: tl.constexpr,
+                  DROP: tl.constexpr):
         """(R, BO) fp32 gradient at the conv's output z of rows (unit, pix): gz as read, or with ACT the gradient at
         y = act(z) times the activation's derivative from y, then written to gzo (y's layout) where WRITE_GZ and
-        `write` (one program of those that read the rows)."""
+        `write` (one program of those that read the rows). With DROP (and ACT) the output was drop(y) = y / keep
+        where kept: gz is the gradient there, so kept rows take gz / keep and y = output * keep, the rest 0."""
         g = tl.load(gz_ptr + _offsets(unit, pix, o, O, HW, GCL), mask=_row_mask(rok, o, O), other=0.0)
         g = g.to(tl.float32)
+        if DROP:
+            g = _dropped(g, key, thr, keep, unit // M, pix, o, O, HW)
         if ACT:
             yo = _offsets(unit, pix, o, O, HW, YCL)
-            g = _act_grad(g, tl.load(y_ptr + yo, mask=_row_mask(rok, o, O), other=0.0).to(tl.float32), code)
+            y = tl.load(y_ptr + yo, mask=_row_mask(rok, o, O), other=0.0).to(tl.float32)
+            g = _act_grad(g, y * keep if DROP else y, code)
             if WRITE_GZ:
                 if write:
                     tl.store(gzo_ptr + yo, g.to(gzo_ptr.dtype.element_ty), mask=_row_mask(rok, o, O))
         return g
 
     @triton.jit
-    def _fwd_kernel(x_ptr, w_ptr, b_ptr, act_ptr, z_ptr, M, XM, n_rows, C: tl.constexpr, H: tl.constexpr,
-                    W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr, KS: tl.constexpr,
-                    S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr, BLOCK: tl.constexpr,
-                    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr, XCL: tl.constexpr,
-                    ZCL: tl.constexpr, ACT: tl.constexpr):
+    def _fwd_kernel(x_ptr, w_ptr, b_ptr, act_ptr, key_ptr, thr_ptr, keep_ptr, z_ptr, M, XM, n_rows, img0,
+                    C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr,
+                    Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr,
+                    BO: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    PREC: tl.constexpr, XCL: tl.constexpr, ZCL: tl.constexpr, ACT: tl.constexpr, DROP: tl.constexpr):
         """z = conv_S(x, w[m]) + b[m] for a tile of output pixels of member m: patch (R, K) @ w[m]^T (K, O),
-        or with ACT its activation act[m](z) (z itself is not stored). The input has XM = M members, or XM = 1
+        or with ACT its activation act[m](z) (z itself is not stored), and with DROP the engine's dropout of that
+        (rounded to z's dtype first, as the activation layer's output would be). The input has XM = M members, or XM = 1
         when every member reads the same images (evaluation). XCL / ZCL: x / z channels-last; a channels-last
         x is read one tap (R, C) at a time."""
         m = tl.program_id(0)
@@ -236,17 +281,22 @@ if triton is not None:
                              mask=(k < K)[:, None] & (o < O)[None, :], other=0.0)  # (BLOCK_K, BO)
                 acc += tl.dot(a.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision=PREC)
         acc += tl.load(b_ptr + m * O + o, mask=o < O, other=0.0)[None, :]
+        code, key, thr, keep = _member(act_ptr, key_ptr, thr_ptr, keep_ptr, m, ACT, DROP)
         if ACT:
-            acc = _act(acc, tl.load(act_ptr + m))
+            acc = _act(acc, code)
+        if DROP:
+            acc = _dropped(acc.to(z_ptr.dtype.element_ty).to(tl.float32), key, thr, keep, img0 + image, pix, o, O,
+                           Ho * Wo)  # img0: this launch's first image in the batch
         out = _offsets(image * M + m, pix, o, O, Ho * Wo, ZCL)  # (B, M, O, Ho, Wo)
         tl.store(z_ptr + out, acc.to(z_ptr.dtype.element_ty), mask=_row_mask(rok, o, O))
 
     @triton.jit
-    def _dw_kernel(x_ptr, gz_ptr, y_ptr, act_ptr, gzo_ptr, dw_ptr, db_ptr, M, n_rows, C: tl.constexpr,
-                   H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr,
-                   KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr,
-                   BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-                   GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr, WRITE_GZ: tl.constexpr):
+    def _dw_kernel(x_ptr, gz_ptr, y_ptr, act_ptr, key_ptr, thr_ptr, keep_ptr, gzo_ptr, dw_ptr, db_ptr, M, n_rows,
+                   C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr,
+                   Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr,
+                   BO: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PREC: tl.constexpr, GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr,
+                   WRITE_GZ: tl.constexpr, DROP: tl.constexpr):
         """Partial weight gradient of member m over every n_split-th row block, K chunk kc, for a contiguous x
         (a channels-last one runs `_dw_taps_kernel`):
         dw[split, m, o, k] = sum over rows of gz[row, o] * patch[row, k]. K chunks on grid axis 0, so a
@@ -258,17 +308,15 @@ if triton is not None:
         kc, m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_split = tl.num_programs(2)
         o = tl.arange(0, BO)
-        code = 0
-        if ACT:
-            code = tl.load(act_ptr + m)
+        code, key, thr, keep = _member(act_ptr, key_ptr, thr_ptr, keep_ptr, m, ACT, DROP)
         acc = tl.zeros((BLOCK_K, BO), tl.float32)
         # gz summed elementwise over row blocks and reduced across threads once at the end (a reduction per
         # row block made the kernel ~1.5x slower on an H200, benchmarks/NOTES.md)
         gsum = tl.zeros((BLOCK, BO), tl.float32)
         for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
             rok, unit, pix = _rows(r0, n_rows, M, m, Ho * Wo, BLOCK)
-            g = _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, kc == 0, O, Ho * Wo, GCL, ACT, YCL,
-                          WRITE_GZ)  # (R, BO)
+            g = _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, key, thr, keep, M, kc == 0, O,
+                          Ho * Wo, GCL, ACT, YCL, WRITE_GZ, DROP)  # (R, BO)
             a = _patch(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, kc * BLOCK_K, C, H, W, KS, S, PAD, K,
                        BLOCK_K)
             acc += tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), input_precision=PREC)
@@ -280,11 +328,12 @@ if triton is not None:
             tl.store(db_ptr + part + o, tl.sum(gsum, axis=0), mask=o < O)
 
     @triton.jit
-    def _dw_taps_kernel(x_ptr, gz_ptr, y_ptr, act_ptr, gzo_ptr, dw_ptr, db_ptr, M, n_rows, C: tl.constexpr,
-                        H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr,
-                        KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr,
-                        BLOCK: tl.constexpr, TP: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-                        GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr, WRITE_GZ: tl.constexpr):
+    def _dw_taps_kernel(x_ptr, gz_ptr, y_ptr, act_ptr, key_ptr, thr_ptr, keep_ptr, gzo_ptr, dw_ptr, db_ptr, M, n_rows,
+                        C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr,
+                        Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr,
+                        BO: tl.constexpr, BLOCK: tl.constexpr, TP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                        PREC: tl.constexpr, GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr,
+                        WRITE_GZ: tl.constexpr, DROP: tl.constexpr):
         """`_dw_kernel` for a channels-last x with every tap in one program: each row block's gz (and with ACT y,
         the activation's derivative and the gz write) is read once and multiplied by the KS^2 taps' (R, C) input
         tiles, where one program per tap read gz (and y) KS^2 times. dw for tap t accumulates in acc[t] of a
@@ -292,15 +341,13 @@ if triton is not None:
         m, split = tl.program_id(0), tl.program_id(1)
         n_split = tl.num_programs(1)
         o, c, taps = tl.arange(0, BO), tl.arange(0, C), tl.arange(0, TP)
-        code = 0
-        if ACT:
-            code = tl.load(act_ptr + m)
+        code, key, thr, keep = _member(act_ptr, key_ptr, thr_ptr, keep_ptr, m, ACT, DROP)
         acc = tl.zeros((TP, C, BO), tl.float32)
         gsum = tl.zeros((BLOCK, BO), tl.float32)
         for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
             rok, unit, pix = _rows(r0, n_rows, M, m, Ho * Wo, BLOCK)
-            g = _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, True, O, Ho * Wo, GCL, ACT, YCL,
-                          WRITE_GZ)  # (R, BO)
+            g = _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, key, thr, keep, M, True, O,
+                          Ho * Wo, GCL, ACT, YCL, WRITE_GZ, DROP)  # (R, BO)
             gd = g.to(DOT_DTYPE)
             for t in tl.static_range(KS * KS):
                 a = _tap(x_ptr, unit * (C * H * W), pix // Wo, pix % Wo, rok, t, C, H, W, KS, S, PAD)
@@ -314,11 +361,12 @@ if triton is not None:
         tl.store(db_ptr + part + o, tl.sum(gsum, axis=0), mask=o < O)
 
     @triton.jit
-    def _dw_joint_kernel(x_ptr, gz_ptr, y_ptr, act_ptr, gzo_ptr, dw_ptr, db_ptr, M, n_rows, C: tl.constexpr,
-                         H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr, Wo: tl.constexpr,
-                         KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, BO: tl.constexpr,
-                         BLOCK: tl.constexpr, TP: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr,
-                         GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr, WRITE_GZ: tl.constexpr):
+    def _dw_joint_kernel(x_ptr, gz_ptr, y_ptr, act_ptr, key_ptr, thr_ptr, keep_ptr, gzo_ptr, dw_ptr, db_ptr, M,
+                         n_rows, C: tl.constexpr, H: tl.constexpr, W: tl.constexpr, O: tl.constexpr, Ho: tl.constexpr,
+                         Wo: tl.constexpr, KS: tl.constexpr, S: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr,
+                         BO: tl.constexpr, BLOCK: tl.constexpr, TP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         PREC: tl.constexpr, GCL: tl.constexpr, ACT: tl.constexpr, YCL: tl.constexpr,
+                         WRITE_GZ: tl.constexpr, DROP: tl.constexpr):
         """`_dw_taps_kernel` with every tap's (R, C) input tile side by side in one (R, TP C) operand, column
         j = t C + c (taps past KS^2 masked to zero), and one (TP C, BO) product a row block: no per-tap select
         over a (TP, C, BO) accumulator."""
@@ -326,15 +374,13 @@ if triton is not None:
         n_split = tl.num_programs(1)
         o, j = tl.arange(0, BO), tl.arange(0, TP * C)
         t, c = j // C, j % C
-        code = 0
-        if ACT:
-            code = tl.load(act_ptr + m)
+        code, key, thr, keep = _member(act_ptr, key_ptr, thr_ptr, keep_ptr, m, ACT, DROP)
         acc = tl.zeros((TP * C, BO), tl.float32)
         gsum = tl.zeros((BLOCK, BO), tl.float32)
         for r0 in range(split * BLOCK, n_rows, n_split * BLOCK):
             rok, unit, pix = _rows(r0, n_rows, M, m, Ho * Wo, BLOCK)
-            g = _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, True, O, Ho * Wo, GCL, ACT, YCL,
-                          WRITE_GZ)  # (R, BO)
+            g = _out_grad(gz_ptr, y_ptr, gzo_ptr, unit, pix, rok, o, code, key, thr, keep, M, True, O,
+                          Ho * Wo, GCL, ACT, YCL, WRITE_GZ, DROP)  # (R, BO)
             iy = (pix // Wo)[:, None] * S + (t // KS)[None, :] - PAD  # (R, TP C)
             ix = (pix % Wo)[:, None] * S + (t % KS)[None, :] - PAD
             ok = rok[:, None] & (t < KS * KS)[None, :] & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
@@ -459,10 +505,12 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, ...]:
     return C, H, W, O, out_size(H, KS, stride, padding), out_size(W, KS, stride, padding), KS, stride, padding
 
 
-def _fwd(x, w, b, stride: int, padding: int, cl: bool = False, act: torch.Tensor | None = None) -> torch.Tensor:
+def _fwd(x, w, b, stride: int, padding: int, cl: bool = False, act: torch.Tensor | None = None,
+         drop: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """x (B, M or 1, C, H, W), w (M, O, C, k, k), b (M, O) -> z (B, M, O, Ho, Wo) in x's dtype, stored as
-    `_alloc` says; act[m](z) where `act` (M,) holds activation codes. Grid axis 1 holds at most MAX_GRID_Y row
-    blocks, so large evaluation chunks go in several launches of whole images."""
+    `_alloc` says; act[m](z) where `act` (M,) holds activation codes, and its dropout where `drop` holds the
+    members' (key, threshold, keep) (M,) each. Grid axis 1 holds at most MAX_GRID_Y row blocks, so large
+    evaluation chunks go in several launches of whole images."""
     x, xcl = _readable(x)
     g = _geometry(x.shape, w.shape, stride, padding)
     C, O, Ho, Wo, KS = g[0], g[3], g[4], g[5], g[6]
@@ -474,19 +522,21 @@ def _fwd(x, w, b, stride: int, padding: int, cl: bool = False, act: torch.Tensor
         for a in range(0, B, per_launch):
             xs, zs = x[a: a + per_launch], z[a: a + per_launch]
             n_rows = len(xs) * Ho * Wo
-            launch(_fwd_kernel, (M, triton.cdiv(n_rows, BLOCK_R)), xs, w, b, b if act is None else act, zs, M,
-                   x.shape[1], n_rows, *g, K, max(16, pow2(O)), BLOCK_R, block_k(K), *dot_dtype(x.dtype), xcl, zcl,
-                   act is not None, num_warps=NUM_WARPS, num_stages=stages(x.dtype))
+            launch(_fwd_kernel, (M, triton.cdiv(n_rows, BLOCK_R)), xs, w, b, b if act is None else act,
+                   *(drop or (b, b, b)), zs, M, x.shape[1], n_rows, a, *g, K, max(16, pow2(O)), BLOCK_R, block_k(K),
+                   *dot_dtype(x.dtype), xcl, zcl,
+                   act is not None, drop is not None, num_warps=NUM_WARPS, num_stages=stages(x.dtype))
     return z
 
 
 def _dw(gz, x, w_shape, stride: int, padding: int, y: torch.Tensor | None = None, act: torch.Tensor | None = None,
-        gz_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        gz_out: torch.Tensor | None = None, drop: tuple[torch.Tensor, ...] | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias gradients, (M, O, C, k, k) and (M, O) float32, from gz (B, M, O, Ho, Wo) and x
     (B, M, C, H, W), either stored contiguous or channels-last; row-split partial sums are added in a fixed
     order (deterministic). With `act` (codes, the forward's) gz is the gradient at the output y = act(z):
     the kernel takes the activation's derivative from y, and writes the gradient at z to `gz_out` (stored as y
-    is) where given."""
+    is) where given. With `drop` (the forward's) y and gz are the dropout's output and its gradient."""
     (x, xcl), (gz, gcl) = _readable(x), _readable(gz)
     if act is not None and not (y.is_contiguous() or is_channels_last(y)):
         raise ValueError(f"direct conv: the saved activation output must be contiguous or channels-last, got "
@@ -503,8 +553,9 @@ def _dw(gz, x, w_shape, stride: int, padding: int, y: torch.Tensor | None = None
     n_split = max(1, min(triton.cdiv(n_rows, rows), triton.cdiv(2048, M * n_kc)))  # fill the GPU
     dw = torch.empty(n_split, M, O, K, device=x.device, dtype=torch.float32)
     db = torch.empty(n_split, M, O, device=x.device, dtype=torch.float32)
-    fused = (gz, gz, gz) if act is None else (y, act, gz if gz_out is None else gz_out)
-    flags = (act is not None, act is not None and not y.is_contiguous(), gz_out is not None)
+    # (y, act, key, thr, keep, gzo); placeholders the kernel never reads where off
+    fused = (gz,) * 6 if act is None else (y, act, *(drop or (act,) * 3), gz if gz_out is None else gz_out)
+    flags = (act is not None, act is not None and not y.is_contiguous(), gz_out is not None, drop is not None)
     with on_device(x.device):
         if xcl:
             launch(_dw_joint_kernel if joint else _dw_taps_kernel, (M, n_split), x, gz, *fused, dw, db, M, n_rows,
@@ -556,28 +607,35 @@ def _dx(gz, w, x_shape, stride: int, padding: int, cl: bool = False) -> torch.Te
 # fake functions allocate with `_alloc`, so the strides compile plans with are the ones the kernels write.
 @torch.library.custom_op("weightzoo::direct_conv", mutates_args=())
 def _conv_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int, padding: int,
-             cl: bool, act: Optional[torch.Tensor]) -> torch.Tensor:
-    return _fwd(x, w.contiguous(), b.contiguous(), stride, padding, cl, act)
+             cl: bool, act: Optional[torch.Tensor], key: Optional[torch.Tensor], thr: Optional[torch.Tensor],
+             keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return _fwd(x, w.contiguous(), b.contiguous(), stride, padding, cl, act, _drop(key, thr, keep))
+
+
+def _drop(key, thr, keep) -> tuple[torch.Tensor, ...] | None:
+    return None if key is None else (key, thr, keep)
 
 
 @_conv_op.register_fake
-def _(x, w, b, stride, padding, cl, act):
+def _(x, w, b, stride, padding, cl, act, key, thr, keep):
     O, Ho, Wo = _geometry(x.shape, w.shape, stride, padding)[3:6]
     return _alloc(x, x.shape[0], w.shape[0], O, Ho, Wo, cl)
 
 
 @torch.library.custom_op("weightzoo::direct_conv_dw", mutates_args=())
 def _dw_op(gz: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, y: Optional[torch.Tensor],
-           act: Optional[torch.Tensor], cl: bool, write_gz: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           act: Optional[torch.Tensor], key: Optional[torch.Tensor], thr: Optional[torch.Tensor],
+           keep: Optional[torch.Tensor], cl: bool, write_gz: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dw (M, O, C, k, k), db (M, O)) float32, and where `write_gz` the gradient at the pre-activation (stored as
-    `_alloc` says; else an empty tensor). `y` and `act`: the forward's output and activation codes, or None."""
+    `_alloc` says; else an empty tensor). `y`, `act` and (key, thr, keep): the forward's output, activation codes
+    and dropout, or None."""
     out = _gz_out(gz, cl, write_gz)
-    dw, db = _dw(gz, x, w.shape, stride, padding, y, act, out if write_gz else None)
+    dw, db = _dw(gz, x, w.shape, stride, padding, y, act, out if write_gz else None, _drop(key, thr, keep))
     return dw, db, out
 
 
 @_dw_op.register_fake
-def _(gz, x, w, stride, padding, y, act, cl, write_gz):
+def _(gz, x, w, stride, padding, y, act, key, thr, keep, cl, write_gz):
     return (w.new_empty(w.shape, dtype=torch.float32), w.new_empty(w.shape[:2], dtype=torch.float32),
             _gz_out(gz, cl, write_gz))
 
@@ -599,33 +657,45 @@ def _(gz, w, x, stride, padding, cl):
 
 
 def _setup(ctx, inputs, output):
-    x, w, _, stride, padding, cl, act = inputs
-    ctx.save_for_backward(x, w, None if act is None else output, act)
+    x, w, _, stride, padding, cl, act, key, thr, keep = inputs
+    ctx.save_for_backward(x, w, None if act is None else output, act, key, thr, keep)
     ctx.geometry = (stride, padding, cl)
 
 
 def _backward(ctx, gy):
-    """gy: the gradient at the op's output (the activation's output y where the activation is fused)."""
-    x, w, y, act = ctx.saved_tensors
+    """gy: the gradient at the op's output (the activation's output y, or its dropout, where those are fused)."""
+    x, w, y, act, key, thr, keep = ctx.saved_tensors
     stride, padding, cl = ctx.geometry
     need_dx = ctx.needs_input_grad[0]
-    dw, db, gz = _dw_op(gy, x, w, stride, padding, y, act, cl, need_dx and act is not None)
+    dw, db, gz = _dw_op(gy, x, w, stride, padding, y, act, key, thr, keep, cl, need_dx and act is not None)
     dw, db = dw.to(w.dtype), db.to(w.dtype)
     dx = _dx_op(gy if act is None else gz, w, x, stride, padding, cl) if need_dx else None
-    return dx, dw, db, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None, None
 
 
 _conv_op.register_autograd(_backward, setup_context=_setup)
 
 
 def direct_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int = 1, padding: int = 0,
-                act: torch.Tensor | None = None) -> torch.Tensor:
+                act: torch.Tensor | None = None, dropout: Dropout | None = None) -> torch.Tensor:
     """x (B, M or 1, C, H, W), w (M, O, C, k, k), b (M, O) -> (B, M, O, Ho, Wo) = conv2d per member, in x's
     dtype (bf16: tensor cores, fp32 accumulation; fp32: exact fp32 products), stored as `layout` says (its
     input gradient too). `act` (M,) int32 activation codes (`activation_codes`): each member's activation of
-    its conv output instead, fused into the kernels. The caller checks `_triton.available(x.device)` and
-    expands a shared input when gradients are needed."""
-    if act is not None and (act.shape != (w.shape[0],) or act.dtype != torch.int32):
-        raise ValueError(f"direct conv: act must be ({w.shape[0]},) int32 activation codes, got "
-                         f"{tuple(act.shape)} {act.dtype}")
-    return _conv_op(x, w, b, stride, padding, layout == "channels_last", act)
+    its conv output instead, fused into the kernels; `dropout` (`Dropout`, with `act` only) the engine's hashed
+    dropout of that too, its mask redrawn from the hash in the backward. The caller checks
+    `_triton.available(x.device)` and expands a shared input when gradients are needed."""
+    M = w.shape[0]
+    if act is not None and (act.shape != (M,) or act.dtype != torch.int32):
+        raise ValueError(f"direct conv: act must be ({M},) int32 activation codes, got {tuple(act.shape)} {act.dtype}")
+    if dropout is not None:
+        _check_dropout(dropout, M, act)
+    key, thr, keep = dropout or (None, None, None)
+    return _conv_op(x, w, b, stride, padding, layout == "channels_last", act, key, thr, keep)
+
+
+def _check_dropout(dropout: Dropout, M: int, act: torch.Tensor | None) -> None:
+    if act is None:
+        raise ValueError("direct conv: a fused dropout needs the fused activation (act) before it")
+    for name, t, dtype in zip(Dropout._fields, dropout, (torch.int64, torch.int64, torch.float32)):
+        if t.shape != (M,) or t.dtype != dtype:
+            raise ValueError(f"direct conv: dropout.{name} must be ({M},) {dtype}, got {tuple(t.shape)} {t.dtype}")

@@ -34,6 +34,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._directconv import ACTIVATION_CODES, activation_codes
+from ._rng import kept_tl
 from ._triton import dot_dtype, launch, on_device, pow2, tl, triton
 
 # rows (image, token) a step of a program, (forward, backward). Compiled for sm_90a the backward spills 332 B at
@@ -75,20 +76,10 @@ if triton is not None:
         return v.to(DT).to(tl.float32)
 
     @triton.jit
-    def _hash32(seed, tag: tl.constexpr, idx):
-        """`zoo._rng.hash32` on int64 tensors: the same integers as the engine's dropout masks."""
-        c = tl.full((1,), 0, tl.int64)  # int64 constants: the literals would type as (u)int32
-        h = (seed * (c + 0x9E3779B1) + (c + (tag + 16) * 0x85EBCA77) + idx * (c + 0x2545F491)) & (c + 0xFFFFFFFF)
-        h = (((h >> 16) ^ h) * (c + 0x45D9F3B)) & (c + 0xFFFFFFFF)
-        h = (((h >> 16) ^ h) * (c + 0x45D9F3B)) & (c + 0xFFFFFFFF)
-        return (h >> 16) ^ h
-
-    @triton.jit
     def _kept(key, thr, r, n_cols, col):
-        """(R, C) the engine's dropout mask (`zoo.engine._dropout`) of rows r (image * T + token) and columns col of
-        a member's (B, T, n_cols) activation: element index r * n_cols + col, hash >= thr = ceil(rate 2^32)."""
-        elem = r.to(tl.int64)[:, None] * n_cols + col[None, :]
-        return _hash32(key, 0, elem ^ 0x5BD1E995) >= thr
+        """(R, C) the engine's dropout mask of rows r (image * T + token) and columns col of a member's
+        (B, T, n_cols) activation: element index r * n_cols + col."""
+        return kept_tl(key, thr, r.to(tl.int64)[:, None] * n_cols + col[None, :])
 
     @triton.jit
     def _act(z, code):

@@ -159,14 +159,15 @@ def _fusable(m: nn.Conv2d, pool: nn.Module | None = None) -> bool:
     return ok and m.padding_mode == "zeros"
 
 
-def _conv_pool(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx, pool: int = 1,
-               act: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton conv (+ max-pool, or + the members' activations `act`) on (B, M, C, H, W); in bf16 under
-    autocast, as torch's conv would be."""
+def _conv_pool(m: nn.Conv2d, p: str, x: torch.Tensor, ctx: _Ctx, pool: int = 1, act: torch.Tensor | None = None,
+               dropout: _directconv.Dropout | None = None) -> torch.Tensor:
+    """Triton conv (+ max-pool, or + the members' activations `act`, and their dropout) on (B, M, C, H, W); in
+    bf16 under autocast, as torch's conv would be."""
     w, b = ctx.params[p + "weight"], ctx.params[p + "bias"]
     if ctx.bf16:
         x = x.to(torch.bfloat16)
-    return conv_pool(x, w, b, m.stride[0], m.padding[0], pool, act)  # it makes x contiguous where it must
+    # it makes x contiguous where it must
+    return conv_pool(x, w, b, m.stride[0], m.padding[0], pool, act, dropout)
 
 
 def _fuses_activation(m: nn.Module, nxt: nn.Module | None, x: torch.Tensor, ctx: _Ctx) -> bool:
@@ -242,6 +243,15 @@ def _dropout(m: nn.Dropout, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
     u = hash32(_member_view(key, x.dim()), 0, elem ^ 0x5BD1E995)  # (B, M, ...) uniform in [0, 2^32)
     keep = _member_view(1.0 - ctx.dropout, x.dim())
     return x * (u >= _member_view(ctx.dropout.double() * 2**32, x.dim())) / keep
+
+
+def _conv_dropout(ctx: _Ctx) -> _directconv.Dropout | None:
+    """The next dropout layer's masks for a direct conv's kernels, keyed as `_dropout` keys them (the layer
+    count advances); None while dropout is off (the layer is the identity then)."""
+    if ctx.dropout is None:
+        return None
+    return _directconv.Dropout(_next_dropout_key(ctx), torch.ceil(ctx.dropout.double() * 2**32).long(),
+                               (1.0 - ctx.dropout).float())
 
 
 @rule(nn.LayerNorm)
@@ -377,8 +387,10 @@ def _sequential(m: nn.Sequential, p: str, x: torch.Tensor, ctx: _Ctx) -> torch.T
             i += 2
             continue
         if _fuses_activation(child, nxt, x, ctx):  # conv -> activation in one kernel (its derivative in dw)
-            x = _conv_pool(child, f"{p}{name}.", x, ctx, act=ctx.act_codes)
-            i += 2
+            after = children[i + 2][1] if i + 2 < len(children) else None
+            drop = _conv_dropout(ctx) if isinstance(after, nn.Dropout) and _directconv.fuse_dropout else None
+            x = _conv_pool(child, f"{p}{name}.", x, ctx, act=ctx.act_codes, dropout=drop)
+            i += 3 if drop is not None else 2
             continue
         x = run_layer(child, f"{p}{name}.", x, ctx)
         i += 1
