@@ -142,12 +142,15 @@ def block_launches(which: str, warps: int, rows: int, drop: bool) -> list[tuple[
     return [(f"{which} {'forward' if i == 0 else 'backward'} {label}", k, a, kw) for i, (k, a, kw) in enumerate(rec)]
 
 
-def conv_launches(arch: str, dw_form: str) -> list[tuple[str, object, tuple, dict]]:
+def conv_launches(arch: str, dw_form: str, dropout: bool = False) -> list[tuple[str, object, tuple, dict]]:
     """(name, kernel, args, kwargs) of each direct-conv launch of one training step of `arch`'s convs (or of the
     one layer `arch` names, as in `directconv_kernels.LAYERS`): forward with
     the activation, weight gradient in `dw_form` (writing the pre-activation gradient where a layer has an input
-    gradient), input gradient in the module's form."""
+    gradient), input gradient in the module's form; with `dropout`, the engine's dropout fused after the activation."""
     act = _directconv.activation_codes(["tanh"] * M, "meta")
+    drop = _directconv.Dropout(*(torch.empty(M, device="meta", dtype=t) for t in (torch.int64, torch.int64,
+                                                                                   torch.float32)))
+    drop = drop if dropout else None
     out = []
     for name, (C, H, O, k, s, p) in LAYERS.items():
         if not (name == arch or name.startswith(arch + ".")):
@@ -157,8 +160,8 @@ def conv_launches(arch: str, dw_form: str) -> list[tuple[str, object, tuple, dic
         gz = torch.empty(B, M, Ho, Ho, O, device="meta", dtype=torch.bfloat16).permute(0, 1, 4, 2, 3)
         w, b = torch.empty(M, O, C, k, k, device="meta"), torch.empty(M, O, device="meta")
         with _knobs(_directconv, dw_form=dw_form), recording() as rec:
-            y = _directconv._fwd(x, w, b, s, p, True, act)
-            _directconv._dw(gz, x, w.shape, s, p, y, act, torch.empty_like(gz) if C > 1 else None)
+            y = _directconv._fwd(x, w, b, s, p, True, act, drop)
+            _directconv._dw(gz, x, w.shape, s, p, y, act, torch.empty_like(gz) if C > 1 else None, drop)
             if C > 1:  # a first layer gets no input gradient in training
                 _directconv._dx(gz, w, x.shape, s, p, True)
         out += [(f"{name} {kern.fn.__name__}", kern, a, kw) for kern, a, kw in rec]
@@ -174,7 +177,8 @@ def main() -> None:
                     help="architectures (or single layers, e.g. cnn_gap.conv2) whose direct convs to compile")
     ap.add_argument("--dw", default=",".join(_directconv.DW_FORMS),
                     help="the convs' channels-last weight-gradient forms (zoo._directconv.DW_FORMS)")
-    ap.add_argument("--dropout", action="store_true", help="the blocks' kernels with their dropout masks")
+    ap.add_argument("--dropout", action="store_true",
+                    help="the kernels with their dropout masks (the convs: fused after the activation)")
     args = ap.parse_args()
     if triton is None:
         raise SystemExit("needs Triton")
@@ -184,7 +188,7 @@ def main() -> None:
                 for w in (int(v) for v in args.warps.split(",")) for r in (int(v) for v in args.rows.split(","))
                 for launch in block_launches(which, w, r, args.dropout)]
     launches += [launch for arch in args.convs.split(",") if "conv" in kinds
-                 for i, form in enumerate(args.dw.split(",")) for launch in conv_launches(arch, form)
+                 for i, form in enumerate(args.dw.split(",")) for launch in conv_launches(arch, form, args.dropout)
                  if i == 0 or "_dw_" in launch[0]]  # the other kernels once
     print(f"sm_90a, 4,096 members, batch 64, bf16 products, Triton {triton.__version__}\n")
     print("| kernel | warps | registers | spilled bytes | shared KiB | programs an SM (registers) |\n"
