@@ -57,9 +57,10 @@ def test_zoo_throughput_times_each_mlp_backward_row_block(tmp_path):
 def test_zoo_throughput_checks_the_dropout_paths_against_each_other(tmp_path):
     """--recipe zoo --dropout layer,fused --check 2: smallcnn's random-zoo members (dropout drawn per member)
     timed with their dropout as its own layer and fused into the conv kernels, and 2 members trained one epoch
-    each way agree. Without the second mode the check is refused (the plain loop cannot reproduce hashed dropout).
-    The run is the command's plumbing, outside Triton's interpreter (an epoch there takes minutes), where both modes
-    run the same layers; the fused kernels against the layers: test_convpool.py."""
+    each way agree within the recipe's spread (the first way again on PyTorch's grouped conv). Without the second
+    mode the check is refused (the plain loop cannot reproduce hashed dropout). The run is the command's plumbing,
+    outside Triton's interpreter (an epoch there takes minutes), where both modes run the same layers; the fused
+    kernels against the layers: test_convpool.py."""
     args = ["benchmarks/zoo_throughput.py", "--dataset", "digits", "--resize", "28", "--archs", "smallcnn",
             "--members", "4", "--steps", "1", "--solo-steps", "2", "--variants", "fp32+fused", "--recipe", "zoo",
             "--zoo-config", "configs/zoo/mnist_smallcnn_random.yaml", "--check", "2", "--batch", "64"]
@@ -69,7 +70,8 @@ def test_zoo_throughput_checks_the_dropout_paths_against_each_other(tmp_path):
     assert [r.get("path") for r in rows] == ["plain loop", "fp32+fused drop=layer", "fp32+fused drop=fused", None]
     check = rows[-1]
     assert check["modes"] == ["layer", "fused"] and check["agree"] and check["max_diff"] == 0.0
-    assert [len(a) for a in check["test_acc"].values()] == [2, 2]
+    assert list(check["test_acc"]) == ["layer fused", "fused fused", "layer grouped"]
+    assert [len(a) for a in check["test_acc"].values()] == [2, 2, 2]
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 2 and "--dropout layer,fused to check the two dropout paths" in r.stderr
 
