@@ -221,14 +221,19 @@ def test_fake_functions_give_the_kernels_strides(layout):
     gz = torch.randn(2, 2, 16, 5, 5, generator=g).to(DEVICE)
     ops = torch.ops.weightzoo
     act = torch.tensor([2, 1], dtype=torch.int32, device=DEVICE)  # tanh, relu
+    drop = (torch.tensor([7, 9], device=DEVICE), torch.tensor([2**31, 0], device=DEVICE),
+            torch.tensor([0.5, 1.0], device=DEVICE))  # key, threshold, keep: rates 0.5 and 0
+    no_drop = (None, None, None)
     cl = layout == "channels_last"
     for store in (lambda t: t, _channels_last):
         x = store(x0)
-        y = ops.direct_conv(x, w, b, 2, 1, cl, act)  # what the fused backward reads: stored as the layout says
-        for op, args in [(ops.direct_conv, (x, w, b, 2, 1, cl, None)), (ops.direct_conv, (x, w, b, 2, 1, cl, act)),
+        y = ops.direct_conv(x, w, b, 2, 1, cl, act, *drop)  # what the fused backward reads: stored as the layout says
+        for op, args in [(ops.direct_conv, (x, w, b, 2, 1, cl, None, *no_drop)),
+                         (ops.direct_conv, (x, w, b, 2, 1, cl, act, *no_drop)),
+                         (ops.direct_conv, (x, w, b, 2, 1, cl, act, *drop)),
                          (ops.direct_conv_dx, (store(gz), w, x, 2, 1, cl)),
-                         (ops.direct_conv_dw, (store(gz), x, w, 2, 1, None, None, cl, False)),
-                         (ops.direct_conv_dw, (store(gz), x, w, 2, 1, y, act, cl, True))]:
+                         (ops.direct_conv_dw, (store(gz), x, w, 2, 1, None, None, *no_drop, cl, False)),
+                         (ops.direct_conv_dw, (store(gz), x, w, 2, 1, y, act, *drop, cl, True))]:
             assert torch.library.opcheck(op, args, test_utils="test_faketensor") == {"test_faketensor": "SUCCESS"}
 
 
@@ -493,7 +498,7 @@ def test_activations_without_a_fused_form_run_as_their_own_layer(digits28, monke
         xb, y, _, key = pop._batch(pop.epoch_order(1), 1, 0)
         with recording() as launches:
             pop._loss(pop.flat.detach(), xb, y, key)
-        return pop, [f[-1] for f in _flags(launches)]
+        return pop, [f[3] for f in _flags(launches)]  # the forward kernels' ACT
 
     pop, flags = act_flags(["gelu", "tanh"])
     assert pop.net.act_codes is None and flags == [False] * 3
