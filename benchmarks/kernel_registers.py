@@ -148,9 +148,8 @@ def conv_launches(arch: str, dw_form: str, dropout: bool = False) -> list[tuple[
     the activation, weight gradient in `dw_form` (writing the pre-activation gradient where a layer has an input
     gradient), input gradient in the module's form; with `dropout`, the engine's dropout fused after the activation."""
     act = _directconv.activation_codes(["tanh"] * M, "meta")
-    drop = _directconv.Dropout(*(torch.empty(M, device="meta", dtype=t) for t in (torch.int64, torch.int64,
-                                                                                   torch.float32)))
-    drop = drop if dropout else None
+    dtypes = (torch.int64, torch.int64, torch.float32)  # key, threshold, keep
+    drop = _directconv.Dropout(*(torch.empty(M, device="meta", dtype=t) for t in dtypes)) if dropout else None
     out = []
     for name, (C, H, O, k, s, p) in LAYERS.items():
         if not (name == arch or name.startswith(arch + ".")):

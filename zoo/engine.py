@@ -250,8 +250,13 @@ def _conv_dropout(ctx: _Ctx) -> _directconv.Dropout | None:
     count advances); None while dropout is off (the layer is the identity then)."""
     if ctx.dropout is None:
         return None
-    return _directconv.Dropout(_next_dropout_key(ctx), torch.ceil(ctx.dropout.double() * 2**32).long(),
-                               (1.0 - ctx.dropout).float())
+    return _directconv.Dropout(_next_dropout_key(ctx), *_keep_limits(ctx))
+
+
+def _keep_limits(ctx: _Ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M,) int64 thresholds and (M,) keep probabilities of the kernels' dropout: u >= rate 2^32 for integer
+    hashes u is u >= ceil(rate 2^32), the threshold `_dropout` compares against."""
+    return torch.ceil(ctx.dropout.double() * 2**32).long(), 1.0 - ctx.dropout
 
 
 @rule(nn.LayerNorm)
@@ -436,8 +441,7 @@ def _block_dropout(ctx: _Ctx, n: int) -> _mlp.Dropout | None:
     if ctx.dropout is None:
         return None
     keys = torch.stack([_next_dropout_key(ctx) for _ in range(n)])
-    # u >= rate 2^32 for integer hashes u is u >= ceil(rate 2^32)
-    return _mlp.Dropout(keys, torch.ceil(ctx.dropout.double() * 2**32).long(), 1.0 - ctx.dropout)
+    return _mlp.Dropout(keys, *_keep_limits(ctx))
 
 
 @rule(Residual)
