@@ -302,7 +302,7 @@ def _knobs(ap: argparse.ArgumentParser, args) -> list[tuple[str, list, Callable]
     ]
 
 
-def main():
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--data-root", default="data/datasets")
@@ -360,7 +360,11 @@ def main():
                     help=f"inductor settings to compile under ({', '.join(INDUCTOR)}), comma-separated (checks and "
                          "profile: the last)")
     ap.add_argument("--block-r", type=int, default=0, help="rows per Triton conv program (default: the module's)")
-    args = ap.parse_args()
+    return ap
+
+
+def _configure(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list:
+    """Set the module's recipe globals from the options and check them; returns the knobs to sweep."""
     if args.block_r:
         _convpool.BAND_R = args.block_r
     global RECIPE, EVAL_SAMPLES, HYP_ACTS, ZOO_CONFIG
@@ -372,57 +376,79 @@ def main():
                  f"or --dropout layer,fused to check the two dropout paths against each other")
     if ZOO_CONFIG is not None and not Path(ZOO_CONFIG).is_file():
         ap.error(f"--zoo-config: no such file {ZOO_CONFIG}")
-    knobs = _knobs(ap, args)
+    return _knobs(ap, args)
+
+
+def _time_arch(arch: str, args: argparse.Namespace, knobs: list, dev: torch.device) -> list[dict]:
+    """The plain loop, then every knob / variant / population size of one architecture, then its checks and
+    profiles (under the last of each knob); returns the result rows."""
     inductor = knobs[-1][1]
-    dev = torch.device(args.device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        print(torch.cuda.get_device_name(), "torch", torch.__version__)
     rows = []
-    for arch in args.archs.split(","):
-        data = load_dataset(args.dataset, args.data_root, resize=args.resize, device=dev)
-        spe = len(data.y_train) // args.batch
-        solo = time_solo(arch, data, args.batch, args.solo_steps)
-        solo_rate = 1 / (solo * spe)
-        print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
-        rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
-        for *values, variant in itertools.product(*(vals for _, vals, _ in knobs), args.variants.split(",")):
-            for (_, _, choose), value in zip(knobs, values):
-                choose(value)
-            ind = values[-1]
-            path = variant + "".join(f" {label}={value}" for (label, vals, _), value in zip(knobs, values)
-                                     if len(vals) > 1)
-            for m in (int(v) for v in args.members.split(",")):
-                try:
-                    with torch._inductor.config.patch(INDUCTOR[ind]):
-                        t, t_order, peak, t_eval = time_engine(arch, data, m, args.batch, args.steps,
-                                                               *VARIANTS[variant])
-                except torch.OutOfMemoryError:
-                    print(f"{arch} {path} {m}: out of memory", flush=True)
-                    torch.cuda.empty_cache()
-                    continue
-                rate = m / (t * spe + t_order)  # the per-epoch shuffle counted once per epoch
-                rows.append({"arch": arch, "path": path, "members": m, "rate": rate, "ms_step": t * 1e3,
-                             "order_s": t_order, "peak_gib": peak, "ratio": rate / solo_rate, "eval_s": t_eval})
-                print(f"{arch} {path} M={m}: {t * 1e3:.1f} ms/step, order {t_order:.2f} s/epoch, "
-                      f"{rate:.1f} model-epochs/s ({rate / solo_rate:.0f}x), peak {peak:.1f} GiB"
-                      + (f", one evaluation {t_eval:.2f} s" if EVAL_SAMPLES else ""), flush=True)
-                torch.cuda.empty_cache() if dev.type == "cuda" else None
-        last = args.variants.split(",")[-1]
-        with torch._inductor.config.patch(INDUCTOR[inductor[-1]]):
-            for variant in ("fp32", last) if args.check and RECIPE == "adam_tanh" else ():
-                rows.append(report_agreement(arch, variant, agreement(arch, data, args.check, args.batch,
-                                                                      *VARIANTS[variant])))
-            if args.check and RECIPE != "adam_tanh":
-                rows.append(dropout_agreement(arch, data, args.check, args.batch, last, args.dropout.split(",")))
-            for m in (int(v) for v in args.members.split(",")) if args.profile else ():
-                print(f"{arch}, {m} members, {last}, inductor={inductor[-1]}:")
-                print(profile(arch, data, m, args.batch, *VARIANTS[last]))
+    data = load_dataset(args.dataset, args.data_root, resize=args.resize, device=dev)
+    spe = len(data.y_train) // args.batch
+    solo = time_solo(arch, data, args.batch, args.solo_steps)
+    solo_rate = 1 / (solo * spe)
+    print(f"{arch}: plain loop {solo * 1e3:.2f} ms/step = {solo_rate:.3f} model-epochs/s", flush=True)
+    rows.append({"arch": arch, "path": "plain loop", "members": 1, "rate": solo_rate, "ms_step": solo * 1e3})
+    for *values, variant in itertools.product(*(vals for _, vals, _ in knobs), args.variants.split(",")):
+        for (_, _, choose), value in zip(knobs, values):
+            choose(value)
+        ind = values[-1]
+        path = variant + "".join(f" {label}={value}" for (label, vals, _), value in zip(knobs, values)
+                                 if len(vals) > 1)
+        for m in (int(v) for v in args.members.split(",")):
+            try:
+                with torch._inductor.config.patch(INDUCTOR[ind]):
+                    t, t_order, peak, t_eval = time_engine(arch, data, m, args.batch, args.steps,
+                                                           *VARIANTS[variant])
+            except torch.OutOfMemoryError:
+                print(f"{arch} {path} {m}: out of memory", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            rate = m / (t * spe + t_order)  # the per-epoch shuffle counted once per epoch
+            rows.append({"arch": arch, "path": path, "members": m, "rate": rate, "ms_step": t * 1e3,
+                         "order_s": t_order, "peak_gib": peak, "ratio": rate / solo_rate, "eval_s": t_eval})
+            print(f"{arch} {path} M={m}: {t * 1e3:.1f} ms/step, order {t_order:.2f} s/epoch, "
+                  f"{rate:.1f} model-epochs/s ({rate / solo_rate:.0f}x), peak {peak:.1f} GiB"
+                  + (f", one evaluation {t_eval:.2f} s" if EVAL_SAMPLES else ""), flush=True)
+            torch.cuda.empty_cache() if dev.type == "cuda" else None
+    return rows + _checks(arch, data, args, inductor[-1])
+
+
+def _checks(arch: str, data, args: argparse.Namespace, inductor: str) -> list[dict]:
+    """The agreement checks (--check) and profiles (--profile) of one architecture under the last variant."""
+    rows = []
+    last = args.variants.split(",")[-1]
+    with torch._inductor.config.patch(INDUCTOR[inductor]):
+        for variant in ("fp32", last) if args.check and RECIPE == "adam_tanh" else ():
+            rows.append(report_agreement(arch, variant, agreement(arch, data, args.check, args.batch,
+                                                                  *VARIANTS[variant])))
+        if args.check and RECIPE != "adam_tanh":
+            rows.append(dropout_agreement(arch, data, args.check, args.batch, last, args.dropout.split(",")))
+        for m in (int(v) for v in args.members.split(",")) if args.profile else ():
+            print(f"{arch}, {m} members, {last}, inductor={inductor}:")
+            print(profile(arch, data, m, args.batch, *VARIANTS[last]))
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
     print("\n| arch | path | members | model-epochs/s | ms/step | ratio | peak GiB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         if "rate" in r:
             print(f"| {r['arch']} | {r['path']} | {r['members']} | {r['rate']:.2f} | {r['ms_step']:.2f} | "
                   f"{r.get('ratio', 1):.0f} | {r.get('peak_gib', float('nan')):.1f} |")
+
+
+def main():
+    ap = _parser()
+    args = ap.parse_args()
+    knobs = _configure(ap, args)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    rows = [row for arch in args.archs.split(",") for row in _time_arch(arch, args, knobs, dev)]
+    _print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
