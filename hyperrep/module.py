@@ -3,9 +3,12 @@ decoded network's function (optional): the reconstructed weights, run by the pop
 batch of probe images, should give the original member's outputs."""
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 
 from zoo import BatchedNet, Layout, ModelSpec
 from zoo.engine import runs
@@ -14,6 +17,19 @@ from .augment import add_noise, erase_tokens
 from .config import FitConfig
 from .model import AEShape, HyperAE, layer_weights, masked_mse, sane_loss
 from .tokens import Tokenizer
+
+
+def one_cycle(step: float, total: int, warmup: float = 0.3, div: float = 25.0, final_div: float = 1e4) -> float:
+    """The learning-rate factor at `step` (fractional) of `total` steps: torch's OneCycleLR with its defaults,
+    cosine from 1 / div up to 1 over the first `warmup` of the steps, then cosine down to 1 / (div * final_div)."""
+    start, end = 1.0 / div, 1.0 / (div * final_div)
+    peak = warmup * total - 1
+    if step <= peak:
+        lo, hi, pct = start, 1.0, step / peak
+    else:
+        lo, hi, pct = 1.0, end, (step - peak) / max(total - 1 - peak, 1e-9)
+    pct = min(max(pct, 0.0), 1.0)
+    return hi + (lo - hi) / 2 * (math.cos(math.pi * pct) + 1)
 
 
 class HyperRepModule(L.LightningModule):
@@ -111,10 +127,24 @@ class HyperRepModule(L.LightningModule):
                       batch_size=len(batch[0]), sync_dist=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.cfg.lr,
-                                                    total_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def on_train_start(self):
+        self.total_steps = int(self.trainer.estimated_stepping_batches)  # the step budget, epochs or max_steps
+        self.timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)  # set by max_time
+
+    def on_train_batch_start(self, batch, _):
+        """One-cycle learning rate over the fit's budget: its steps, or its time limit (`max_minutes`) where that
+        ends the fit first, so a time-bounded fit anneals too instead of stopping near its peak lr."""
+        step, total = float(self.trainer.global_step), self.total_steps
+        if self.timer is not None and self.timer.time_remaining() is not None:
+            elapsed = self.timer.time_elapsed()  # seconds, resumed fits' earlier ones included
+            used = torch.tensor(elapsed / max(elapsed + self.timer.time_remaining(), 1e-9), device=self.device)
+            if self.trainer.world_size > 1:  # every rank must use the same lr: the slowest clock's
+                used = self.trainer.strategy.reduce(used, reduce_op="max")
+            step = max(step, float(used) * (total - 1))
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = self.cfg.lr * one_cycle(step, total)
 
     # ---- inference: whole models, covered by windows ----
     def windows(self, n_tokens: int) -> list[slice]:

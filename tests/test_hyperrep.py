@@ -149,6 +149,33 @@ def test_fit_stops_at_its_time_limit_and_records_the_epochs_done(tiny_zoo, tmp_p
     assert meta["config"]["max_minutes"] == 0.0001
 
 
+def test_one_cycle_is_torchs_one_cycle_schedule():
+    from hyperrep.module import one_cycle
+
+    for total in (1, 2, 7, 100):
+        opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1e-3)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total)
+        for step in range(total):
+            assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * one_cycle(step, total), rel=1e-9, abs=1e-15)
+            opt.step()
+            if step < total - 1:
+                sched.step()
+
+
+def test_a_time_bounded_fit_anneals_its_learning_rate_within_the_limit(tiny_zoo, tmp_path):
+    """max_minutes ends the fit long before its 200 epochs: the one-cycle schedule follows the clock, so the lr
+    rises to its peak and is annealed by the time the fit stops (before, it stopped in the warm-up)."""
+    out = tmp_path / "run"
+    cfg = load_config(FitConfig, None, TINY_FIT + [f"zoo={tiny_zoo}", f"out={out}", "epochs=200", "max_minutes=0.05",
+                                                   "log_every=1", "lr=0.001"])
+    _, meta = load_run(fit_run(cfg))
+    assert meta["epochs_done"] < 200
+    lr = pd.read_csv(out / "logs" / "version_0" / "metrics.csv")["lr"].dropna().to_numpy()
+    assert len(lr) > 20, len(lr)
+    assert lr.max() > 0.8e-3 and lr[-1] < 0.1e-3, (lr.max(), lr[-1])  # peaked, then annealed
+    assert lr.argmax() < 0.6 * len(lr)
+
+
 def test_fit_resumes_from_last_checkpoint(tiny_zoo, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = load_config(FitConfig, None, TINY_FIT + [f"zoo={tiny_zoo}", f"out={out}"])
@@ -225,7 +252,8 @@ def test_ddp_on_two_processes(tiny_zoo, tmp_path):
 
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "hyperrep.fit", "--zoo", str(tiny_zoo), "--out", str(out),
-                        "accelerator=cpu", "devices=2", *TINY_FIT[:1], "epochs=1", *TINY_FIT[1:]],
+                        "accelerator=cpu", "devices=2", *TINY_FIT[:1], "epochs=1", *TINY_FIT[1:],
+                        "max_minutes=10"],  # the ranks share the time-based lr (a max over their clocks)
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("hyper-representation written to") == 1  # rank 0 exports
