@@ -137,12 +137,12 @@ class HyperRepModule(L.LightningModule):
         """One-cycle learning rate over the fit's budget: its steps, or its time limit (`max_minutes`) where that
         ends the fit first, so a time-bounded fit anneals too instead of stopping near its peak lr."""
         step, total = float(self.trainer.global_step), self.total_steps
-        if self.timer is not None and self.timer.time_remaining() is not None:
+        if self.timer is not None:
             elapsed = self.timer.time_elapsed()  # seconds, resumed fits' earlier ones included
-            used = torch.tensor(elapsed / max(elapsed + self.timer.time_remaining(), 1e-9), device=self.device)
+            used = elapsed / max(elapsed + self.timer.time_remaining(), 1e-9)  # a float: no device sync a step
             if self.trainer.world_size > 1:  # every rank must use the same lr: the slowest clock's
-                used = self.trainer.strategy.reduce(used, reduce_op="max")
-            step = max(step, float(used) * (total - 1))
+                used = float(self.trainer.strategy.reduce(torch.tensor(used, device=self.device), reduce_op="max"))
+            step = max(step, used * (total - 1))
         for group in self.trainer.optimizers[0].param_groups:
             group["lr"] = self.cfg.lr * one_cycle(step, total)
 
